@@ -1,0 +1,1 @@
+"""kontext_trt.export"""
