@@ -1,0 +1,110 @@
+"""Subcommands of the runtime: synth, edit, demo."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from kontext_trt.runtime.errors import KontextError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register synth, edit and demo."""
+    p = sub.add_parser("synth", help="write a synthetic checkpoint in the real HF (or BFL) layout")
+    p.add_argument("out", type=Path)
+    p.add_argument("--preset", choices=("tiny", "slim"), default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", dest="fmt", choices=("diffusers", "bfl"), default="diffusers")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=run_synth)
+
+    p = sub.add_parser("edit", help="edit an image (or generate from text alone) with a prompt")
+    add_model_arguments(p)
+    p.add_argument("--image", type=Path, help="input image; omit for text-to-image")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch on one image")
+    p.add_argument("--out", type=Path, required=True, help="output PNG (batch: OUT-0.png, OUT-1.png, ...)")
+    add_sampling_arguments(p)
+    p.set_defaults(func=run_edit)
+
+    p = sub.add_parser("demo", help="synthesize the tiny checkpoint and edit a drawn sample image")
+    p.add_argument("--out", type=Path, default=Path("out/demo"))
+    p.add_argument("--steps", type=int, default=28)
+    p.set_defaults(func=run_demo)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model/--backend/--dtype/--device, shared by edit and bench."""
+    p.add_argument("--model", type=Path, help="checkpoint folder (diffusers layout or BFL single files)")
+    p.add_argument("--backend", choices=("torch",), default="torch")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """Sampling options shared by edit and demo."""
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=2.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--no-auto-resize", dest="auto_resize", action="store_false")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--true-cfg", type=float, default=1.0, help="> 1 with --negative-prompt enables true CFG")
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    """kontext-trt synth."""
+    from kontext_trt.runtime.synth import write_synthetic_checkpoint
+
+    out = write_synthetic_checkpoint(args.out, preset=args.preset, seed=args.seed, fmt=args.fmt, force=args.force)
+    print(out)
+    return 0
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    """kontext-trt edit."""
+    from kontext_trt.runtime import flow, image
+    from kontext_trt.runtime.pipeline import load_kontext
+
+    image.check_writable(args.out)
+    request = flow.EditRequest(
+        prompts=args.prompt, image=image.load_image(args.image) if args.image else None,
+        width=args.width, height=args.height, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        auto_resize=args.auto_resize, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg)
+    flow.check_request(request)
+    if args.model is None:
+        raise KontextError("no model given: pass --model CHECKPOINT_DIR (or run `kontext-trt synth DIR` for a test one)")
+    k = load_kontext(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    start = time.perf_counter()
+    result = flow.edit(k, request)
+    for path in flow.save_images(result, args.out):
+        print(path)
+    print(f"{result.width}x{result.height}, {args.steps} steps in {time.perf_counter() - start:.2f}s")
+    print(k.times.table())
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """kontext-trt demo: synth tiny (once), draw a sample image, edit it, print where the PNG went."""
+    from kontext_trt.runtime import flow, image
+    from kontext_trt.runtime.pipeline import load_kontext
+    from kontext_trt.runtime.synth import write_synthetic_checkpoint
+    from kontext_trt.runtime.timing import progress
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = args.out / "tiny-checkpoint"
+    if not (model / "model_index.json").exists():
+        with progress(f"writing the synthetic tiny checkpoint to {model}"):
+            write_synthetic_checkpoint(model, preset="tiny", seed=0, force=True)
+    source = args.out / "input.png"
+    image.sample_image().save(source)
+    with progress("loading the checkpoint (torch backend, fp32, cpu)"):
+        k = load_kontext(model, backend="torch", dtype="fp32", device="cpu")
+    request = flow.EditRequest(prompts=["make the house blue and add snow on the roof"],
+                               image=image.load_image(source), steps=args.steps)
+    with progress(f"editing {source} ({args.steps} steps)"):
+        result = flow.edit(k, request)
+    out = flow.save_images(result, args.out / "edited.png")[0]
+    print(f"input  {source}\noutput {out} ({result.width}x{result.height})")
+    print(k.times.table())
+    return 0

@@ -1,0 +1,228 @@
+"""The Kontext flow-matching loop, once, over any backend's five stages (named tensors in and out)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from kontext_trt.runtime import image as im
+from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.latents import draw_noise, latent_ids, pack_latents, text_ids, unpack_latents
+from kontext_trt.runtime.schedule import ShiftConfig, flow_schedule
+from kontext_trt.runtime.text import CLIP_LEN, T5_LEN, tokenize
+from kontext_trt.runtime.timing import StageTimes
+
+Stage = Callable[..., dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class KontextConfig:
+    """What the loop needs to know of a checkpoint beyond its stages."""
+
+    latent_channels: int = 16
+    vae_scale: float = 0.3611
+    vae_shift: float = 0.1159
+    guidance_embeds: bool = True
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (written into export and engine manifests)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KontextConfig":
+        """The inverse of to_dict."""
+        return cls(**{**data, "shift": ShiftConfig(**data["shift"])})
+
+    @classmethod
+    def from_checkpoint(cls, ckpt) -> "KontextConfig":
+        """Read latent channels, VAE scale/shift, guidance and the shift line from a checkpoint's configs."""
+        sched = ckpt.scheduler_config
+        return cls(
+            latent_channels=ckpt.vae_config["latent_channels"],
+            vae_scale=ckpt.vae_config["scaling_factor"],
+            vae_shift=ckpt.vae_config["shift_factor"],
+            guidance_embeds=bool(ckpt.transformer_config.get("guidance_embeds", False)),
+            shift=ShiftConfig(sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096),
+                              sched.get("base_shift", 0.5), sched.get("max_shift", 1.15)),
+        )
+
+
+@dataclass
+class Kontext:
+    """A ready pipeline: five stages, the two tokenizers, the config and where the loop's tensors live."""
+
+    stages: dict[str, Stage]
+    clip_tokenizer: object
+    t5_tokenizer: object
+    config: KontextConfig
+    device: torch.device = torch.device("cpu")
+    times: StageTimes = field(default_factory=StageTimes)
+    info: dict = field(default_factory=dict)  # backend, dtype, checkpoint fingerprint: goes into PNG metadata
+
+    def run(self, stage: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Call one stage, timing it."""
+        with self.times(stage, self.device):
+            return self.stages[stage](**inputs)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Encoded prompts: T5 hidden states (B, 512, Dt) and CLIP pooled (B, Dc), float32 on the loop device."""
+
+    text: torch.Tensor
+    pooled: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Context:
+    """An encoded input image: packed, scaled latents (1, M, 64) and their ids (M, 3) with index 1."""
+
+    tokens: torch.Tensor
+    ids: torch.Tensor
+    width: int
+    height: int
+
+
+@dataclass
+class EditRequest:
+    """One edit (or text-to-image when image is None); a batch is several prompts on one image."""
+
+    prompts: list[str]
+    image: Image.Image | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int = 28
+    guidance: float = 2.5
+    seed: int = 0
+    auto_resize: bool = True
+    negative_prompt: str | None = None
+    true_cfg: float = 1.0
+
+
+@dataclass
+class EditResult:
+    """Output images, the final packed latents (B, N, 64) float32, and the size."""
+
+    images: list[Image.Image]
+    latents: torch.Tensor
+    width: int
+    height: int
+    metadata: dict
+
+
+def encode_prompts(k: Kontext, prompts: list[str]) -> Prompt:
+    """CLIP pooled (77 tokens) and T5 hidden states (512 tokens) for a list of prompts."""
+    clip_ids = tokenize(k.clip_tokenizer, prompts, CLIP_LEN, "CLIP").to(k.device)
+    t5_ids = tokenize(k.t5_tokenizer, prompts, T5_LEN, "T5").to(k.device)
+    pooled = k.run("clip", input_ids=clip_ids)["pooled_embeddings"]
+    text = k.run("t5", input_ids=t5_ids)["text_embeddings"]
+    return Prompt(text=text.float(), pooled=pooled.float())
+
+
+def encode_context(k: Kontext, image: Image.Image, auto_resize: bool = True) -> Context:
+    """Resize the input image (bucket or own size, floored to 16), VAE-encode its mean, shift, scale, pack."""
+    width, height = im.context_size(*image.size, auto_resize=auto_resize)
+    im.check_size(width, height)
+    pixels = im.image_to_tensor(image, width, height).to(k.device)
+    mean = k.run("vae_encoder", images=pixels)["latent"].float()
+    latents = (mean - k.config.vae_shift) * k.config.vae_scale
+    h, w = latents.shape[-2:]
+    return Context(pack_latents(latents), latent_ids(h, w, index=1).to(k.device), width, height)
+
+
+def denoise(k: Kontext, x: torch.Tensor, ids: torch.Tensor, prompt: Prompt, sigmas: torch.Tensor,
+            guidance: float, context: Context | None = None, negative: Prompt | None = None,
+            true_cfg: float = 1.0) -> torch.Tensor:
+    """Euler steps over sigmas in float32: x += (s_next - s) * v, v the transformer's first N tokens."""
+    batch, n = x.shape[:2]
+    guidance_t = torch.full((batch,), guidance, dtype=torch.float32, device=k.device)
+    txt_ids = text_ids(prompt.text.shape[1]).to(k.device)
+    ctx = None if context is None else context.tokens.expand(batch, -1, -1)
+
+    def velocity(p: Prompt, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = k.run("transformer", hidden_states=hidden, encoder_hidden_states=p.text,
+                    pooled_projections=p.pooled, timestep=t, img_ids=ids, txt_ids=txt_ids, guidance=guidance_t)
+        return out["latent"][:, :n].float()
+
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        hidden = x if ctx is None else torch.cat([x, ctx], dim=1)
+        t = s.expand(batch).to(k.device)
+        v = velocity(prompt, hidden, t)
+        if negative is not None and true_cfg > 1:
+            v_neg = velocity(negative, hidden, t)
+            v = v_neg + true_cfg * (v - v_neg)
+        x = x + (s_next - s) * v
+    return x
+
+
+def decode(k: Kontext, x: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Unpack (B, N, 64) latents, undo scale and shift, VAE-decode to (B, 3, H, W) in [-1, 1]."""
+    latents = unpack_latents(x, 2 * (height // 16), 2 * (width // 16))
+    latents = latents / k.config.vae_scale + k.config.vae_shift
+    return k.run("vae_decoder", latent=latents)["images"].float()
+
+
+def check_request(req: EditRequest) -> None:
+    """Refuse requests the loop cannot run, with one line each."""
+    if not req.prompts:
+        raise KontextError("no prompt given: pass --prompt \"what to change\"")
+    if req.steps < 1:
+        raise KontextError(f"steps must be at least 1, got {req.steps}")
+    if (req.width is None) != (req.height is None):
+        raise KontextError("give both --width and --height, or neither")
+    if req.width is not None:
+        im.check_size(req.width, req.height)
+
+
+def output_size(req: EditRequest, context: Context | None) -> tuple[int, int]:
+    """Explicit size if given; else the resized input size (BFL's behaviour); else 1024x1024."""
+    if req.width is not None:
+        return req.width, req.height
+    if context is not None:
+        return context.width, context.height
+    return 1024, 1024
+
+
+def edit(k: Kontext, req: EditRequest, prompt: Prompt | None = None, context: Context | None = None) -> EditResult:
+    """Run one request end to end; prompt and context may come from a cache (see session.py)."""
+    check_request(req)
+    if context is None and req.image is not None:
+        context = encode_context(k, req.image, req.auto_resize)
+    prompt = prompt or encode_prompts(k, req.prompts)
+    negative = None
+    if req.negative_prompt is not None and req.true_cfg > 1:
+        negative = encode_prompts(k, [req.negative_prompt] * len(req.prompts))
+    width, height = output_size(req, context)
+    batch = len(req.prompts)
+    noise = draw_noise(batch, k.config.latent_channels, width, height, req.seed)
+    x = pack_latents(noise).to(k.device)
+    ids = latent_ids(noise.shape[2], noise.shape[3], index=0).to(k.device)
+    if context is not None:
+        ids = torch.cat([ids, context.ids], dim=0)
+    sigmas = flow_schedule(req.steps, x.shape[1], k.config.shift).to(k.device)
+    guidance = req.guidance if k.config.guidance_embeds else 0.0
+    x = denoise(k, x, ids, prompt, sigmas, guidance, context, negative, req.true_cfg)
+    images = im.tensor_to_images(decode(k, x, width, height))
+    return EditResult(images, x, width, height, metadata(k, req, width, height))
+
+
+def metadata(k: Kontext, req: EditRequest, width: int, height: int) -> dict:
+    """What produced an image: prompt, seed, steps, guidance, size, backend and checkpoint."""
+    return {"prompt": req.prompts[0] if len(req.prompts) == 1 else json.dumps(req.prompts),
+            "negative_prompt": req.negative_prompt, "true_cfg": req.true_cfg, "seed": req.seed,
+            "steps": req.steps, "guidance": req.guidance, "width": width, "height": height,
+            "auto_resize": req.auto_resize, "edited": req.image is not None, **k.info}
+
+
+def save_images(result: EditResult, out: str | Path) -> list[Path]:
+    """Write out.png for one image, out-0.png, out-1.png ... for a batch, each with its metadata."""
+    out = Path(out)
+    if len(result.images) == 1:
+        return [im.save_png(result.images[0], out, result.metadata)]
+    return [im.save_png(img, out.with_name(f"{out.stem}-{i}{out.suffix}"), {**result.metadata, "batch_index": i})
+            for i, img in enumerate(result.images)]

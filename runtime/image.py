@@ -1,0 +1,114 @@
+"""Input images: Kontext resolution buckets, resizing, [-1, 1] tensors, and PNG output with metadata."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from kontext_trt.runtime.errors import KontextError
+
+# (width, height) pairs Kontext was trained on.
+KONTEXT_BUCKETS: tuple[tuple[int, int], ...] = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024),
+    (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688), (1568, 672),
+)
+MULTIPLE = 16  # VAE 8x times the 2x2 packing
+MIN_SIDE, MAX_SIDE = 64, 2048
+
+
+def pick_bucket(width: int, height: int) -> tuple[int, int]:
+    """The Kontext bucket whose aspect ratio is closest to width/height (ties: the smaller bucket)."""
+    aspect = width / height
+    _, w, h = min((abs(aspect - bw / bh), bw, bh) for bw, bh in KONTEXT_BUCKETS)
+    return w, h
+
+
+def context_size(width: int, height: int, auto_resize: bool = True) -> tuple[int, int]:
+    """The size an input image is resized to: its bucket (auto-resize) or its own size, floored to 16."""
+    if auto_resize:
+        width, height = pick_bucket(width, height)
+    return width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
+
+
+def check_size(width: int, height: int) -> None:
+    """Refuse an output size that is not a multiple of 16 or lies outside [64, 2048]."""
+    for name, side in (("width", width), ("height", height)):
+        if side % MULTIPLE:
+            raise KontextError(f"{name} {side} is not a multiple of 16: use {side // MULTIPLE * MULTIPLE} or "
+                               f"{(side // MULTIPLE + 1) * MULTIPLE}")
+        if not MIN_SIDE <= side <= MAX_SIDE:
+            raise KontextError(f"{name} {side} is out of range: use a value from {MIN_SIDE} to {MAX_SIDE}")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB, or fail with one line naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise KontextError(f"image {path} does not exist: pass an existing PNG/JPEG/WebP file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise KontextError(f"image {path} is unreadable ({exc.__class__.__name__}): pass a valid PNG/JPEG/WebP file") from None
+
+
+def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """Resize with LANCZOS to (width, height) and map to a (1, 3, H, W) float32 tensor in [-1, 1]."""
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
+
+
+def tensor_to_images(images: torch.Tensor) -> list[Image.Image]:
+    """Map (B, 3, H, W) in [-1, 1] to uint8 PIL images: (x/2 + 1/2) clamped, times 255, rounded."""
+    pixels = (images.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in (pixels * 255).round().astype(np.uint8)]
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail early, with one line, when an output file cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise KontextError(f"output folder {parent} does not exist: create it or choose another --out")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise KontextError(f"output {path} is not writable: choose another --out")
+    return path
+
+
+def save_png(image: Image.Image, path: str | Path, metadata: dict) -> Path:
+    """Write a PNG atomically (temp file, then rename) with the generation parameters as text chunks."""
+    path = check_writable(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("kontext-trt", json.dumps(metadata, sort_keys=True))
+    info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in metadata.items()))
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def sample_image(width: int = 896, height: int = 640, seed: int = 0) -> Image.Image:
+    """A procedurally drawn scene (sky, sun, hills, a house) to edit when the user brings no image."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    sky = np.stack([110 + 80 * y / height, 160 + 60 * y / height, 235 - 30 * y / height], -1)
+    img = sky.copy()
+    sun = (x - 0.75 * width) ** 2 + (y - 0.22 * height) ** 2 < (0.08 * height) ** 2
+    img[sun] = (250, 215, 90)
+    ridge = 0.62 * height + 0.06 * height * np.sin(x / width * 7 + rng.uniform(0, 6))
+    img[y > ridge] = np.stack([60 + 40 * np.sin(x / 37), 140 + 20 * np.cos(y / 23), 70 + 0 * x], -1)[y > ridge]
+    x0, x1, y0, y1 = int(0.2 * width), int(0.42 * width), int(0.5 * height), int(0.8 * height)
+    img[y0:y1, x0:x1] = (200, 60, 50)
+    roof = (y < y0) & (y > y0 - 0.5 * (x1 - x0) + np.abs(x - (x0 + x1) / 2)) & (x > x0) & (x < x1)
+    img[roof] = (90, 50, 40)
+    img += rng.normal(0, 4, img.shape)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))

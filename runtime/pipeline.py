@@ -1,0 +1,34 @@
+"""Assemble a Kontext pipeline from a checkpoint and a backend."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.flow import Kontext, KontextConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_device(device: str) -> torch.device:
+    """torch.device for a --device value, refusing cuda where no GPU is visible."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KontextError("--device cuda was given but no CUDA GPU is visible: use --device cpu")
+    return dev
+
+
+def load_kontext(model: str | Path, backend: str = "torch", dtype: str = "bf16", device: str = "cpu") -> Kontext:
+    """Load a checkpoint's stages on a backend, with its tokenizers and loop config."""
+    from kontext_trt.runtime import checkpoint as ck
+    from kontext_trt.runtime.torch_stages import torch_stages
+
+    if backend != "torch":
+        raise KontextError(f"unknown backend {backend!r}: use torch")
+    dev = resolve_device(device)
+    ckpt = ck.open_checkpoint(model)
+    clip_tok, t5_tok = ck.load_tokenizers(ckpt)
+    info = {"backend": backend, "dtype": dtype, "checkpoint": ck.checkpoint_fingerprint(ckpt)[:16]}
+    return Kontext(torch_stages(ckpt, DTYPES[dtype], str(dev)), clip_tok, t5_tok,
+                   KontextConfig.from_checkpoint(ckpt), dev, info=info)

@@ -1,0 +1,66 @@
+"""Multi-turn editing: each output becomes the next input; prompt encodings and input latents are cached."""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import replace
+
+from PIL import Image
+
+from kontext_trt.runtime.flow import Context, EditRequest, EditResult, Kontext, Prompt, edit, encode_context, encode_prompts
+
+
+class LruCache(OrderedDict):
+    """A dict that keeps the most recently used `size` entries."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get_or_make(self, key, make):
+        """The cached value for key, made (and cached) on a miss."""
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = make()
+        if len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+def image_key(image: Image.Image, auto_resize: bool) -> str:
+    """Content hash of an image (and the resize mode), the key of the input-latent cache."""
+    return hashlib.sha256(image.tobytes() + f"{image.size}{auto_resize}".encode()).hexdigest()
+
+
+class EditSession:
+    """Refine one image through several instructions; `edit(prompt)` is one call per turn."""
+
+    def __init__(self, k: Kontext, image: Image.Image | None = None, cache_size: int = 32, **defaults) -> None:
+        self.k, self.image, self.defaults = k, image, defaults
+        self.prompts: LruCache = LruCache(cache_size)
+        self.contexts: LruCache = LruCache(cache_size)
+        self.history: list[tuple[str, Image.Image]] = []
+
+    def prompt(self, prompts: list[str]) -> Prompt:
+        """Encoded prompts, from the cache when this exact list was seen before."""
+        return self.prompts.get_or_make(tuple(prompts), lambda: encode_prompts(self.k, prompts))
+
+    def context(self, image: Image.Image, auto_resize: bool) -> Context:
+        """Encoded input image, from the cache when these pixels were seen before."""
+        return self.contexts.get_or_make(image_key(image, auto_resize),
+                                         lambda: encode_context(self.k, image, auto_resize))
+
+    def run(self, req: EditRequest) -> EditResult:
+        """Run a request through the caches."""
+        context = None if req.image is None else self.context(req.image, req.auto_resize)
+        return edit(self.k, req, self.prompt(req.prompts), context)
+
+    def edit(self, prompt: str | list[str], **overrides) -> EditResult:
+        """Edit the current image (text-to-image on the first turn if none), then make the output current."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        req = replace(EditRequest(prompts=prompts, image=self.image), **{**self.defaults, **overrides})
+        result = self.run(req)
+        self.image = result.images[0]
+        self.history.append((prompts[0], self.image))
+        return result
