@@ -1,7 +1,6 @@
 """The Kontext flow-matching loop, once, over any backend's five stages (named tensors in and out)."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -213,8 +212,7 @@ def edit(k: Kontext, req: EditRequest, prompt: Prompt | None = None, context: Co
 
 def metadata(k: Kontext, req: EditRequest, width: int, height: int) -> dict:
     """What produced an image: prompt, seed, steps, guidance, size, backend and checkpoint."""
-    return {"prompt": req.prompts[0] if len(req.prompts) == 1 else json.dumps(req.prompts),
-            "negative_prompt": req.negative_prompt, "true_cfg": req.true_cfg, "seed": req.seed,
+    return {"prompts": req.prompts, "negative_prompt": req.negative_prompt, "true_cfg": req.true_cfg, "seed": req.seed,
             "steps": req.steps, "guidance": req.guidance, "width": width, "height": height,
             "auto_resize": req.auto_resize, "edited": req.image is not None, **k.info}
 
@@ -222,7 +220,8 @@ def metadata(k: Kontext, req: EditRequest, width: int, height: int) -> dict:
 def save_images(result: EditResult, out: str | Path) -> list[Path]:
     """Write out.png for one image, out-0.png, out-1.png ... for a batch, each with its metadata."""
     out = Path(out)
-    if len(result.images) == 1:
-        return [im.save_png(result.images[0], out, result.metadata)]
-    return [im.save_png(img, out.with_name(f"{out.stem}-{i}{out.suffix}"), {**result.metadata, "batch_index": i})
-            for i, img in enumerate(result.images)]
+    common = {key: value for key, value in result.metadata.items() if key != "prompts"}
+    paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
+                                                   for i in range(len(result.images))]
+    return [im.save_png(img, path, {**common, "prompt": prompt})
+            for img, path, prompt in zip(result.images, paths, result.metadata["prompts"])]

@@ -1,0 +1,84 @@
+"""The CLI: edits that work end to end, and one clear line with exit code 2 for each bad input."""
+import json
+
+import pytest
+from PIL import Image
+
+from kontext_trt.runtime import image as im
+from kontext_trt.runtime.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def sample(tmp_path):
+    path = tmp_path / "in.png"
+    im.sample_image(96, 64).save(path)
+    return path
+
+
+def test_edit_writes_png_with_metadata(capsys, tiny_ckpt, sample, tmp_path):
+    out = tmp_path / "out.png"
+    code, stdout, _ = run(capsys, "edit", "--model", tiny_ckpt, "--image", sample, "--prompt", "add a moon",
+                          "--out", out, "--steps", 2, "--seed", 4, "--no-auto-resize")
+    assert code == 0 and str(out) in stdout
+    meta = json.loads(Image.open(out).text["kontext-trt"])
+    assert meta["prompt"] == "add a moon" and meta["seed"] == 4 and meta["steps"] == 2
+    assert (meta["width"], meta["height"]) == (96, 64) and meta["backend"] == "torch"
+    assert len(meta["checkpoint"]) == 16
+
+
+def test_batch_writes_one_file_per_prompt(capsys, tiny_ckpt, tmp_path):
+    out = tmp_path / "t2i.png"
+    code, _, _ = run(capsys, "edit", "--model", tiny_ckpt, "--prompt", "a cat", "--prompt", "a dog",
+                     "--out", out, "--steps", 1, "--width", 64, "--height", 64)
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t2i-0.png", "t2i-1.png"]
+    assert json.loads(Image.open(tmp_path / "t2i-1.png").text["kontext-trt"])["prompt"] == "a dog"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--steps", "0"], "steps must be at least 1"),
+    (["--width", "100", "--height", "64"], "not a multiple of 16"),
+    (["--width", "4096", "--height", "64"], "out of range"),
+    (["--width", "64"], "both --width and --height"),
+])
+def test_bad_sampling_arguments(capsys, tiny_ckpt, sample, tmp_path, extra, message):
+    code, _, err = run(capsys, "edit", "--model", tiny_ckpt, "--image", sample, "--prompt", "x",
+                       "--out", tmp_path / "o.png", *extra)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_unreadable_image(capsys, tiny_ckpt, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\x00" * 10)
+    code, _, err = run(capsys, "edit", "--model", tiny_ckpt, "--image", bad, "--prompt", "x", "--out", tmp_path / "o.png")
+    assert code == 2 and "bad.jpg is unreadable" in err and err.count("\n") == 1
+
+
+def test_unwritable_output(capsys, tiny_ckpt, sample, tmp_path):
+    code, _, err = run(capsys, "edit", "--model", tiny_ckpt, "--image", sample, "--prompt", "x",
+                       "--out", tmp_path / "missing" / "o.png")
+    assert code == 2 and "does not exist" in err
+
+
+def test_long_prompt_warns_and_truncates(capsys, tiny_ckpt, tmp_path):
+    prompt = " ".join(["replace the red house with a tall glass tower"] * 80)
+    code, _, err = run(capsys, "edit", "--model", tiny_ckpt, "--prompt", prompt, "--out", tmp_path / "o.png",
+                       "--steps", 1, "--width", 64, "--height", 64)
+    assert code == 0
+    assert "longer than T5's 512 tokens" in err and "longer than CLIP's 77 tokens" in err
+
+
+def test_cuda_without_gpu(capsys, tiny_ckpt, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    code, _, err = run(capsys, "edit", "--model", tiny_ckpt, "--prompt", "x", "--out", tmp_path / "o.png",
+                       "--device", "cuda")
+    assert code == 2 and "no CUDA GPU" in err

@@ -1,0 +1,25 @@
+"""The install itself: one namespace, one console script, exactly one ONNX Runtime, a CPU torch kept."""
+import importlib.metadata as md
+import shutil
+import subprocess
+
+
+def test_one_onnxruntime_distribution():
+    installed = {d.metadata["Name"].lower() for d in md.distributions()}
+    runtimes = sorted(name for name in installed if name.startswith("onnxruntime") and "ep-" not in name)
+    assert len(runtimes) == 1, runtimes
+
+
+def test_namespace_maps_the_top_level_folders():
+    import kontext_trt.benchmarks, kontext_trt.engines, kontext_trt.enroot, kontext_trt.export  # noqa: E401
+    import kontext_trt.quant, kontext_trt.runtime  # noqa: E401
+    top_level = md.distribution("kontext-trt").read_text("top_level.txt")
+    assert top_level is None or top_level.split() in ([], ["kontext_trt"])
+
+
+def test_console_script_lists_subcommands():
+    exe = shutil.which("kontext-trt")
+    assert exe, "kontext-trt is not on PATH"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("synth", "edit", "demo"):
+        assert command in out
