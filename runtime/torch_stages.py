@@ -82,7 +82,7 @@ class TorchStage:
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         args = [self._cast(name, inputs[name]) for name in self.input_names]
-        with torch.inference_mode():
+        with torch.no_grad():
             outputs = self.module(*args)
         return dict(zip(self.output_names, outputs))
 
