@@ -1,0 +1,30 @@
+"""Subcommand of the export folder: kontext-trt export."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kontext_trt.runtime.stages import STAGE_NAMES
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register export."""
+    p = sub.add_parser("export", help="export a checkpoint's stages to ONNX (TensorRT-ready, checked in onnxruntime)")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint folder (diffusers layout or BFL single files)")
+    p.add_argument("--out", type=Path, required=True, help="export folder: one subfolder per stage + manifest.json")
+    p.add_argument("--stages", default=",".join(STAGE_NAMES), help=f"comma-separated subset of {','.join(STAGE_NAMES)}")
+    p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16",
+                   help="bf16 for TensorRT, fp32 for the onnxruntime backend; fp16 is refused for t5")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 23: attention as one Attention op)")
+    p.add_argument("--force", action="store_true", help="replace an export of a different checkpoint in --out")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """kontext-trt export."""
+    from kontext_trt.export.export import DEFAULT_OPSET, export_checkpoint
+
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    path = export_checkpoint(args.model, args.out, stages, args.dtype, args.opset or DEFAULT_OPSET, args.force)
+    print(path)
+    return 0

@@ -1,0 +1,159 @@
+"""Export a checkpoint's stages to ONNX: one stage in memory at a time, each written atomically, then the manifest.
+
+Exporter: torch.onnx.export(dynamo=True), i.e. torch.export. It is the maintained exporter (the TorchScript one
+is deprecated), it checks the dynamic dims symbolically (a dim the model specialises fails the export instead of
+being silently baked in), it writes weights to external data without a protobuf copy, and at opset >= 23 it emits
+scaled_dot_product_attention as the ONNX Attention op, which TensorRT parses straight into IAttention.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kontext_trt.export import onnx_file
+from kontext_trt.export.manifest import TOKENIZERS, new_manifest, read_manifest, stage_entry, tool_versions, write_manifest
+from kontext_trt.export.rope import fp32_rope
+from kontext_trt.export.specs import stage_dims
+from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.stages import STAGE_NAMES
+from kontext_trt.runtime.timing import progress
+from kontext_trt.runtime.torch_stages import ClipModule, T5Module, TransformerModule, VaeDecoderModule, VaeEncoderModule
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_OPSET = 23  # the first opset with the Attention op (TensorRT: IAttention)
+MIN_OPSET, MAX_OPSET = 18, 23  # torch.export emits opset >= 18; TensorRT(-RTX) parses up to 23
+EXTERNAL_THRESHOLD = 2 * 1024 ** 3  # protobuf's 2 GiB limit: heavier stages keep weights in model.onnx.data
+
+
+def export_checkpoint(model: str | Path, out: str | Path, stages: tuple[str, ...] = STAGE_NAMES, dtype: str = "bf16",
+                      opset: int = DEFAULT_OPSET, force: bool = False,
+                      external_threshold: int = EXTERNAL_THRESHOLD) -> Path:
+    """Export `stages` of the checkpoint at `model` into `out` (one folder per stage) and return the manifest path."""
+    from kontext_trt.runtime import checkpoint as ck
+    from kontext_trt.runtime.flow import KontextConfig
+
+    check_request(stages, dtype, opset)
+    out = prepare_folder(Path(out))
+    ckpt = ck.open_checkpoint(model)
+    fingerprint = ck.checkpoint_fingerprint(ckpt)
+    manifest = read_manifest(out)
+    if manifest is not None and manifest["checkpoint"]["fingerprint"] != fingerprint:
+        if not force:
+            raise KontextError(f"{out} holds an export of another checkpoint ({manifest['checkpoint']['path']}); "
+                               f"choose another --out or pass --force to replace it")
+        for stage in manifest["stages"]:
+            shutil.rmtree(out / stage, ignore_errors=True)
+        manifest = None
+    manifest = manifest or new_manifest(ckpt.root, fingerprint, KontextConfig.from_checkpoint(ckpt).to_dict())
+    manifest.update(tools=tool_versions())
+    with progress(f"copying the tokenizers to {out}"):
+        copy_tokenizers(ckpt, out)
+    write_manifest(out, manifest)
+    for stage in stages:
+        with progress(f"exporting {stage} ({dtype}, opset {opset}) to {out / stage}"):
+            manifest["stages"][stage] = export_stage(ckpt, stage, dtype, opset, out, external_threshold)
+        write_manifest(out, manifest)
+    return out / "manifest.json"
+
+
+def export_stage(ckpt, stage: str, dtype: str, opset: int, out: Path, external_threshold: int) -> dict:
+    """Load one stage, trace, free it, clean and check the graph, then swap out/stage in; its manifest entry."""
+    for stale in out.glob(f".{stage}.*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = temp_folder(out, stage)
+    try:
+        module = load_stage(ckpt, stage, DTYPES[dtype])
+        onnx_file.trace(module, stage, ckpt.transformer_config, DTYPES[dtype], opset, tmp)
+        del module
+        gc.collect()
+        model, external = onnx_file.clean(tmp, stage, external_threshold)
+        onnx_file.save(model, tmp, external)
+        entry = stage_entry(stage, external, onnx_file.weight_bytes(model), dtype, opset,
+                            onnx_file.describe(model.graph.input), onnx_file.describe(model.graph.output),
+                            stage_dims(stage))
+        replace_folder(tmp, out / stage)
+        return entry
+    except OSError as error:
+        raise KontextError(f"{stage}: writing the ONNX failed ({error}); nothing was left in {out}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_stage(ckpt, stage: str, dtype: torch.dtype) -> nn.Module:
+    """Only this stage's module, in dtype: the VAE half a stage does not use is dropped straight away."""
+    from kontext_trt.runtime import checkpoint as ck
+
+    if stage == "clip":
+        return ClipModule(ck.load_clip(ckpt, dtype))
+    if stage == "t5":
+        t5 = ck.load_t5(ckpt, dtype)
+        t5.set_attn_implementation("eager")  # torch.export of T5's sdpa path fails on a dynamic batch (a view)
+        return T5Module(t5)
+    if stage == "transformer":
+        return TransformerModule(fp32_rope(ck.load_transformer(ckpt, dtype)))
+    vae = ck.load_vae(ckpt, dtype)
+    if stage == "vae_encoder":
+        del vae.decoder, vae.post_quant_conv
+        return VaeEncoderModule(vae)
+    del vae.encoder, vae.quant_conv
+    return VaeDecoderModule(vae)
+
+
+def check_request(stages: tuple[str, ...], dtype: str, opset: int) -> None:
+    """Refuse unknown stages, dtypes and opsets, and fp16 for T5, with one line each."""
+    unknown = [s for s in stages if s not in STAGE_NAMES]
+    if unknown or not stages:
+        raise KontextError(f"unknown stage {unknown[0] if unknown else '(none)'!r}: choose from {','.join(STAGE_NAMES)}")
+    if dtype not in DTYPES:
+        raise KontextError(f"unknown dtype {dtype!r}: use {' or '.join(DTYPES)}")
+    if dtype == "fp16" and "t5" in stages:
+        raise KontextError("T5 overflows in fp16: export t5 in bf16 or fp32 (or leave it out of --stages)")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise KontextError(f"opset {opset} is not supported: use {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
+
+
+def prepare_folder(out: Path) -> Path:
+    """Create the output folder, or fail with one line if it cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise KontextError(f"cannot create the output folder {out} ({error.strerror}): choose another --out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise KontextError(f"output folder {out} is not writable: choose another --out")
+    return out
+
+
+def copy_tokenizers(ckpt, out: Path) -> None:
+    """Save the checkpoint's two tokenizers into out/tokenizer and out/tokenizer_2, atomically."""
+    from kontext_trt.runtime import checkpoint as ck
+
+    for tokenizer, name in zip(ck.load_tokenizers(ckpt), (TOKENIZERS["clip"], TOKENIZERS["t5"])):
+        tmp = temp_folder(out, name)
+        try:
+            tokenizer.save_pretrained(tmp)
+            replace_folder(tmp, out / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def temp_folder(out: Path, name: str) -> Path:
+    """A fresh hidden out/.name.PID.tmp folder to build `name` in."""
+    tmp = out / f".{name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Move a finished folder into place, replacing (then deleting) any previous one."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)

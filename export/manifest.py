@@ -1,0 +1,86 @@
+"""DIR/manifest.json: what an export folder holds. The engines build and the onnxruntime backend read it.
+
+Fields (plain JSON; every path is relative to DIR):
+
+    format_version   int, FORMAT_VERSION; bumped on incompatible changes
+    checkpoint       {"path": the checkpoint folder exported, "fingerprint": runtime.checkpoint.checkpoint_fingerprint}
+    kontext          runtime.flow.KontextConfig.to_dict(): latent channels, VAE scale/shift, guidance, shift line
+    tokenizers       {"clip": "tokenizer", "t5": "tokenizer_2"}: folders copied from the checkpoint
+    tools            versions of torch, onnx, onnxslim, diffusers, transformers and kontext-trt that exported
+    stages           {stage name: entry}, only the stages exported so far, each entry:
+        file           "transformer/model.onnx"
+        external_data  true when the weights lie in model.onnx.data beside model.onnx (one file)
+        weight_bytes   bytes of all initializers
+        dtype          "fp32" | "bf16" | "fp16": the dtype the graph was traced in (weights and activations)
+        precision      numeric format of the weights: "fp32" | "bf16" | "fp16" (quantization adds "fp8", "nvfp4")
+        opset          ONNX opset of the default domain
+        inputs         [{"name", "dtype" ("float32", "bfloat16", "int64", ...), "shape": [int | dim name],
+                         "profile": {"min": [int], "opt": [int], "max": [int]}}]: concrete shapes for TensorRT
+        outputs        [{"name", "dtype", "shape": [int | dim name | "8*dim" | "dim/8"]}]
+        dims           {dim name: {"min", "opt", "max", "multiple_of"}} for every dynamic input dim (see specs.py)
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+from kontext_trt.export.specs import DimRange, eval_dim
+from kontext_trt.runtime.errors import KontextError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZERS = {"clip": "tokenizer", "t5": "tokenizer_2"}
+TOOLS = ("torch", "onnx", "onnxslim", "diffusers", "transformers", "kontext-trt")
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of an export folder, None if there is none; a KontextError if it is unreadable."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise KontextError(f"{path}: not valid JSON ({error}); re-export with `kontext-trt export --force`") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise KontextError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}; "
+                           f"re-export with `kontext-trt export --force`")
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: dict) -> Path:
+    """Write DIR/manifest.json atomically (temp file, then rename)."""
+    path = Path(folder) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def new_manifest(checkpoint_path: Path, fingerprint: str, kontext: dict) -> dict:
+    """A manifest with no stages yet."""
+    return {"format_version": FORMAT_VERSION,
+            "checkpoint": {"path": str(Path(checkpoint_path).resolve()), "fingerprint": fingerprint},
+            "kontext": kontext, "tokenizers": dict(TOKENIZERS), "tools": tool_versions(), "stages": {}}
+
+
+def stage_entry(stage: str, external: bool, weight_bytes: int, dtype: str, opset: int, inputs: list[dict],
+                outputs: list[dict], dims: dict[str, DimRange]) -> dict:
+    """One stages[...] entry; each input gets its min/opt/max profile from the dim ranges."""
+    for value in inputs:
+        value["profile"] = {key: [eval_dim(d, {name: getattr(r, key) for name, r in dims.items()})
+                                  for d in value["shape"]] for key in ("min", "opt", "max")}
+    return {"file": f"{stage}/model.onnx", "external_data": external, "weight_bytes": weight_bytes,
+            "dtype": dtype, "precision": dtype, "opset": opset, "inputs": inputs, "outputs": outputs,
+            "dims": {name: asdict(r) for name, r in dims.items()}}
+
+
+def tool_versions() -> dict[str, str]:
+    """Installed versions of the tools that shape an export."""
+    return {name: metadata.version(name) for name in TOOLS}

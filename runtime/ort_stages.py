@@ -1,0 +1,111 @@
+"""The onnxruntime backend: each stage is an exported ONNX file (see export/), same named I/O as the torch adapters.
+
+CPU EP here; on CUDA, the CUDA EP with IO binding: inputs are bound in place from torch CUDA tensors and outputs
+are wrapped zero-copy from ORT's buffers (then cloned), so no tensor crosses the PCIe bus between stages.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.stages import STAGE_IO, STAGE_NAMES
+
+TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
+                "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
+TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.int64: "<i8", torch.int32: "<i4", torch.bool: "|b1"}
+
+
+class OrtStage:
+    """Adapter: named torch tensors in, named torch tensors out, over one ONNX file in an InferenceSession."""
+
+    def __init__(self, name: str, path: str | Path, device: torch.device | str = "cpu") -> None:
+        self.name, self.device = name, torch.device(device)
+        self.input_names, self.output_names = STAGE_IO[name]
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as error:  # onnxruntime raises its own pybind11 types
+            raise KontextError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0][:160]}); the "
+                               f"onnxruntime backend runs fp32 exports (--dtype fp32), bf16 is for TensorRT") from None
+        types = {v.name: v.type for v in [*self.session.get_inputs(), *self.session.get_outputs()]}
+        unsupported = sorted({t for t in types.values() if t not in TORCH_DTYPES})
+        if unsupported:
+            raise KontextError(f"{path}: {unsupported[0]} I/O cannot cross from torch to onnxruntime; the "
+                               f"onnxruntime backend runs fp32 exports (--dtype fp32), bf16 is for TensorRT")
+        names = tuple(v.name for v in self.session.get_inputs()), tuple(v.name for v in self.session.get_outputs())
+        if set(names[0]) != set(self.input_names) or set(names[1]) != set(self.output_names):
+            raise KontextError(f"{path}: I/O {names} is not the {name} stage's {STAGE_IO[name]}; re-export it")
+        self.dtypes = {name: TORCH_DTYPES[t] for name, t in types.items()}
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        feeds = {name: inputs[name].to(self.device, self.dtypes[name]).contiguous() for name in self.input_names}
+        if self.device.type == "cuda":
+            return self._run_bound(feeds)
+        outputs = self.session.run(list(self.output_names), {name: t.numpy() for name, t in feeds.items()})
+        return {name: torch.from_numpy(out) for name, out in zip(self.output_names, outputs)}
+
+    def _run_bound(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """CUDA: bind torch buffers as inputs, let ORT allocate outputs on the GPU, wrap and clone them."""
+        binding, index = self.session.io_binding(), self.device.index or 0
+        for name, t in feeds.items():
+            binding.bind_input(name, "cuda", index, np.dtype(TYPESTR[t.dtype]), tuple(t.shape), t.data_ptr())
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", index)
+        torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)
+        return {name: _wrap_cuda(value, self.dtypes[name], self.device).clone()
+                for name, value in zip(self.output_names, binding.get_outputs())}
+
+
+class _CudaArray:
+    """__cuda_array_interface__ over an ORT CUDA buffer, so torch can view it without a copy."""
+
+    def __init__(self, value: ort.OrtValue, dtype: torch.dtype) -> None:
+        self.__cuda_array_interface__ = {"shape": tuple(value.shape()), "typestr": TYPESTR[dtype],
+                                         "data": (value.data_ptr(), False), "version": 2, "strides": None}
+
+
+def _wrap_cuda(value: ort.OrtValue, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A torch view of an ORT CUDA output."""
+    return torch.as_tensor(_CudaArray(value, dtype), device=device)
+
+
+def ort_stages(folder: str | Path, manifest: dict, device: str = "cpu") -> dict[str, OrtStage]:
+    """All five stages of an export folder as OrtStage adapters."""
+    missing = [name for name in STAGE_NAMES if name not in manifest["stages"]]
+    if missing:
+        raise KontextError(f"{folder}: stage {missing[0]} was not exported; run "
+                           f"`kontext-trt export --model CHECKPOINT --out {folder} --stages {missing[0]}`")
+    stages = {}
+    for name in STAGE_NAMES:
+        path = Path(folder) / manifest["stages"][name]["file"]
+        if not path.is_file():
+            raise KontextError(f"{path}: missing; re-export with `kontext-trt export --out {folder} --stages {name}`")
+        stages[name] = OrtStage(name, path, device)
+    return stages
+
+
+def load_ort_kontext(folder: str | Path, device: torch.device):
+    """A Kontext pipeline over an export folder alone: its ONNX stages, tokenizers and manifest config."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    from kontext_trt.export.manifest import read_manifest
+    from kontext_trt.runtime.flow import Kontext, KontextConfig
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise KontextError(f"{folder}: no manifest.json, so not an export folder; "
+                           f"run `kontext-trt export --model CHECKPOINT --out {folder}`")
+    clip_tok = CLIPTokenizer.from_pretrained(folder / manifest["tokenizers"]["clip"], local_files_only=True)
+    t5_tok = T5TokenizerFast.from_pretrained(folder / manifest["tokenizers"]["t5"], local_files_only=True)
+    dtypes = sorted({entry["dtype"] for entry in manifest["stages"].values()})
+    info = {"backend": "onnxruntime", "dtype": ",".join(dtypes), "checkpoint": manifest["checkpoint"]["fingerprint"][:16]}
+    return Kontext(ort_stages(folder, manifest, str(device)), clip_tok, t5_tok,
+                   KontextConfig.from_dict(manifest["kontext"]), device, info=info)
