@@ -46,3 +46,26 @@ def sku_for_device_name(device_name: str) -> Sku | None:
         if any(pattern in device_name for pattern in sku.nvml_names):
             return sku
     return None
+
+
+# The oldest compute capability with tensor-core support for each engine precision (NVIDIA support matrices).
+PRECISION_MIN_SM: dict[str, int] = {"fp32": 0, "fp16": 0, "bf16": 80, "fp8": 89, "nvfp4": 100}
+ARCHITECTURES = ((120, "Blackwell RTX"), (100, "Blackwell"), (90, "Hopper"), (89, "Ada"), (80, "Ampere"),
+                 (75, "Turing"))
+
+
+def architecture(sm: int) -> str:
+    """The GPU architecture name for a compute capability such as 89."""
+    return next((name for first, name in ARCHITECTURES if sm >= first), "pre-Turing")
+
+
+def precision_refusal(precision: str, sm: int) -> str | None:
+    """Why an engine of this precision cannot run on compute capability sm, or None when it can."""
+    need = PRECISION_MIN_SM.get(precision)
+    if need is None:
+        return f"unknown precision {precision}: use one of {', '.join(PRECISION_MIN_SM)}"
+    if sm >= need:
+        return None
+    fallback = {"nvfp4": "fp8 or bf16", "fp8": "bf16", "bf16": "fp16"}[precision]
+    return (f"{precision} needs compute capability sm{need} ({architecture(need)}) or newer and sm{sm} "
+            f"({architecture(sm)}) lacks it: build {fallback} for this GPU or drop sm{sm} from --target")

@@ -1,0 +1,93 @@
+"""GPU detection through NVML, SKU resolution, the ONNX folder reader, and `kontext-trt check`."""
+import shutil
+import sys
+import types
+
+import pytest
+
+from kontext_trt.engines import cache, check, device, trt_api
+from kontext_trt.engines.check import compare_runners, random_feed
+from kontext_trt.engines.onnx_dir import read_onnx_dir
+from kontext_trt.runtime.cli import main
+from kontext_trt.runtime.errors import KontextError
+
+
+def fake_nvml(name: str, cc: tuple[int, int], total: int) -> types.ModuleType:
+    nvml = types.ModuleType("pynvml")
+    nvml.NVMLError = type("NVMLError", (Exception,), {})
+    nvml.nvmlInit = nvml.nvmlShutdown = lambda: None
+    nvml.nvmlDeviceGetCount = lambda: 1
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: i
+    nvml.nvmlDeviceGetName = lambda h: name
+    nvml.nvmlDeviceGetCudaComputeCapability = lambda h: cc
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=total)
+    return nvml
+
+
+def test_detect_and_resolve(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml("NVIDIA L40S", (8, 9), 48 * 2**30))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpu, why = device.detect_gpu()
+    assert gpu == device.Gpu("NVIDIA L40S", 89, 48.0) and why == ""
+    assert device.resolve_sku("auto", gpu).tag == "l40s-sm89"
+    assert device.resolve_sku("rtx5090", gpu).tag == "rtx5090-sm120"  # by hand, for another machine
+    with pytest.raises(KontextError, match="'NVIDIA T4' .* is not in the SKU table: pass --sku NAME"):
+        device.resolve_sku("auto", device.Gpu("NVIDIA T4", 75, 16))
+    with pytest.raises(KontextError, match="unknown SKU rtx9090"):
+        device.resolve_sku("rtx9090", None)
+
+
+def test_no_gpu_with_sku_auto():
+    with pytest.raises(KontextError) as info:
+        device.resolve_sku("auto", None, "NVML is not available")
+    assert "none was found (NVML is not available)" in str(info.value) and "--sku rtx4090" in str(info.value)
+
+
+def test_check_without_gpu_exits_2(built, engine_onnx, monkeypatch, capsys):
+    monkeypatch.setattr(device, "detect_gpu", lambda: (None, "no NVIDIA driver on this host"))
+    assert main(["check", "--engines", str(built), "--onnx", str(engine_onnx)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs an NVIDIA GPU; none found (no NVIDIA driver on this host)" in err
+
+
+def test_comparator_report(engine_onnx):
+    """The comparison check runs for each engine, exercised here with ONNX Runtime on both sides."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    clip = read_onnx_dir(engine_onnx).pick("clip", None)
+    runners = [OnnxrtRunner(SessionFromOnnx(str(clip.path), providers=["CPUExecutionProvider"]), name=n)
+               for n in ("onnxrt", "engine")]
+    rows = compare_runners(runners, random_feed({"input_ids": [2, 77]}, clip.dtypes), atol=1e-3, rtol=1e-3)
+    assert {r["output"] for r in rows} == {"text_embeddings", "pooled_embeddings"}
+    assert all(r["passed"] and r["max_abs"] == 0.0 and r["mean_abs"] == 0.0 for r in rows)
+
+
+def test_check_wiring(built, engine_onnx, monkeypatch):
+    """check_engines feeds each engine's opt shapes; ONNX Runtime stands in for the engine runner on this host."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    onnx = read_onnx_dir(engine_onnx)
+    monkeypatch.setattr(check, "PROVIDERS", ["CPUExecutionProvider"])
+    monkeypatch.setattr(trt_api, "polygraphy_runner", lambda api, plan: OnnxrtRunner(
+        SessionFromOnnx(str(onnx.pick(plan.stem, None).path), providers=check.PROVIDERS), name="engine"))
+    found = cache.open_set(next(built.glob("rtx4090-sm89/*/fp32")))
+    subset = cache.Engines(found.folder, found.manifest, {s: found.plans[s] for s in ("clip", "t5")}, None)
+    rows = check.check_engines(subset, onnx, trt_api.load_api("tensorrt-rtx"))
+    assert [(r["stage"], r["output"], r["max_abs"], r["passed"]) for r in rows] == [
+        ("clip", "text_embeddings", 0.0, True), ("clip", "pooled_embeddings", 0.0, True),
+        ("t5", "text_embeddings", 0.0, True)]
+    assert "t5           text_embeddings" in check.format_rows(rows)
+
+
+def test_folder_without_manifest(engine_onnx, tmp_path):
+    """A folder like BFL's published ONNX (no manifest, its own layout): stages and precision from the graphs."""
+    for stage, sub in (("transformer", "transformer.opt/fp32"), ("vae_decoder", "vae.opt")):
+        (tmp_path / sub).mkdir(parents=True)
+        for f in (engine_onnx / stage).iterdir():
+            shutil.copy(f, tmp_path / sub / f.name)
+    found = read_onnx_dir(tmp_path)
+    assert found.manifest is None and found.fingerprint is None and set(found.stages) == {"transformer", "vae_decoder"}
+    t = found.pick("transformer", None)
+    assert t.precision == "fp32" and t.shapes["txt_ids"] == (512, 3) and t.path.parent.name == "fp32"
+    with pytest.raises(KontextError, match=r"no bf16 transformer ONNX .* \(found fp32\)"):
+        found.pick("transformer", "bf16")
