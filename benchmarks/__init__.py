@@ -1,1 +1,1 @@
-"""kontext_trt.benchmarks"""
+"""Latency, memory and roofline benchmarks: `kontext-trt bench run|compare` and transformer_step.py."""

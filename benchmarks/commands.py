@@ -1,0 +1,102 @@
+"""Subcommands `bench run` (measure, write JSON + Markdown + PNGs) and `bench compare A.json B.json`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from kontext_trt.runtime.errors import KontextError
+
+GRAPH_MODES = {"off": [False], "on": [True], "both": [False, True]}
+
+
+def size_list(text: str) -> list[tuple[int, int]]:
+    """'1024x1024,832x1248' -> [(1024, 1024), (832, 1248)] (width x height)."""
+    try:
+        return [(int(w), int(h)) for w, h in (item.lower().split("x") for item in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sizes are WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {text!r}") from None
+
+
+def int_list(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4], each at least 1."""
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,2,4, got {text!r}")
+    return values
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register `bench run` and `bench compare`."""
+    from kontext_trt.benchmarks.bench import BACKENDS
+
+    bench = sub.add_parser("bench", help="latency and memory benchmarks: per-stage percentiles, roofline, plots")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bsub.add_parser("run", help="measure the loop over sizes x batches (x CUDA graphs) and write the results")
+    p.add_argument("--engines", type=Path, help="folder of TensorRT engines (instead of --backend)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--model", type=Path, help="checkpoint folder; with --onnx or --engines it still gives the FLOP "
+                   "model its transformer config (no roofline figures without it)")
+    p.add_argument("--onnx", type=Path, help="exported ONNX folder, for --backend onnxruntime")
+    p.add_argument("--sizes", type=size_list, default=[(1024, 1024)], help="output sizes WxH, comma-separated; "
+                   "the input image has the same size")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--batch", type=int_list, default=[1], help="batch sizes, comma-separated")
+    p.add_argument("--warmup", type=int, default=2, help="untimed edits per configuration")
+    p.add_argument("--iters", type=int, default=10, help="timed edits per configuration")
+    p.add_argument("--cuda-graphs", choices=tuple(GRAPH_MODES), default="off")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=Path("out/bench"))
+    p.set_defaults(func=run_bench_command)
+
+    p = bsub.add_parser("compare", help="B/A ratios of p50 latencies per stage and end to end")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.set_defaults(func=run_compare_command)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse combinations the benchmark cannot run, with one line each."""
+    from kontext_trt.runtime.image import check_size
+
+    if args.engines is None and args.backend == "torch" and args.model is None:
+        raise KontextError("nothing to measure: pass --model CHECKPOINT_DIR, --backend onnxruntime --onnx DIR "
+                           "or --engines DIR")
+    if (args.onnx is not None) != (args.backend == "onnxruntime"):
+        raise KontextError("--backend onnxruntime and --onnx DIR (made by `kontext-trt export`) go together")
+    if args.cuda_graphs != "off" and (args.device != "cuda" or args.warmup < 1):
+        raise KontextError("--cuda-graphs on|both needs --device cuda and --warmup 1 or more (capture is warm-up)")
+    if args.steps < 1 or args.iters < 1 or args.warmup < 0:
+        raise KontextError("--steps and --iters must be at least 1 and --warmup at least 0")
+    for width, height in args.sizes:
+        check_size(width, height)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    """kontext-trt bench run."""
+    from kontext_trt.benchmarks.bench import Target, run_bench
+    from kontext_trt.benchmarks.harness import run_configs
+    from kontext_trt.benchmarks.report import markdown, write_all
+
+    check_arguments(args)
+    target = Target(args.backend, args.model, args.dtype, args.device, args.onnx, args.engines)
+    configs = run_configs(args.sizes, args.batch, args.steps, GRAPH_MODES[args.cuda_graphs])
+    results = run_bench(target, configs, args.warmup, args.iters)
+    paths = write_all(results, args.out)
+    print(markdown(results))
+    for path in paths:
+        print(path)
+    return 0
+
+
+def run_compare_command(args: argparse.Namespace) -> int:
+    """kontext-trt bench compare."""
+    from kontext_trt.benchmarks.report import compare, load_results
+
+    print(compare(load_results(args.a), load_results(args.b)), end="")
+    return 0

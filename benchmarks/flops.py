@@ -1,0 +1,54 @@
+"""Analytic FLOP model of one FLUX/Kontext transformer step, from its diffusers config and token counts.
+
+Counts the matrix-multiply work (2 FLOP per multiply-add) that tensor cores do: every nn.Linear of the
+embedders, the 19 double-stream and 38 single-stream blocks, the adaLN modulations and the output
+projection, and attention's two products (QK^T and PV: 4 * L^2 * hidden per block and sample). Elementwise
+work (RoPE, RMS/LayerNorm, softmax, GELU, gating, residuals) is left out, as torch's FlopCounterMode and
+the usual MFU convention leave it out; it is below 1% of the total at real sizes (softmax ~1% of attention).
+The sequence inside every block is [text T | target N | context M], L = T + N + M.
+"""
+from __future__ import annotations
+
+# diffusers' FluxTransformer2DModel defaults: the real FLUX.1 widths.
+DEFAULTS = {"patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19, "num_single_layers": 38,
+            "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+            "pooled_projection_dim": 768, "guidance_embeds": True}
+TIMESTEP_CHANNELS = 256  # sinusoidal width fed to the timestep and guidance MLPs
+MLP_RATIO = 4
+
+
+def linear(n_in: int, n_out: int, rows: int) -> int:
+    """FLOP of a dense layer applied to `rows` vectors."""
+    return 2 * n_in * n_out * rows
+
+
+def transformer_flops(config: dict, target_tokens: int, context_tokens: int = 0, text_tokens: int = 512,
+                      batch: int = 1) -> dict[str, int]:
+    """FLOP of one transformer forward, split into embed, double, single, attention, out and total."""
+    c = {**DEFAULTS, **{k: v for k, v in config.items() if k in DEFAULTS}}
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    channels_in = c["in_channels"]
+    channels_out = c["patch_size"] ** 2 * (c["out_channels"] or channels_in)
+    image = target_tokens + context_tokens
+    seq = text_tokens + image
+    time_mlps = 2 if c["guidance_embeds"] else 1
+    embed = (linear(channels_in, d, image) + linear(c["joint_attention_dim"], d, text_tokens)
+             + time_mlps * (linear(TIMESTEP_CHANNELS, d, 1) + linear(d, d, 1))
+             + linear(c["pooled_projection_dim"], d, 1) + linear(d, d, 1))
+    # double block: adaLN-Zero (6d) for each stream; q, k, v, out and a 4x MLP for each stream on its own tokens
+    double = 2 * linear(d, 6 * d, 1) + linear(d, d, 4 * seq) + 2 * linear(d, MLP_RATIO * d, seq)
+    # single block: adaLN (3d); q, k, v and the MLP in on all tokens; out projection from [attn | mlp] = 5d
+    single = (linear(d, 3 * d, 1) + linear(d, d, 3 * seq) + linear(d, MLP_RATIO * d, seq)
+              + linear((1 + MLP_RATIO) * d, d, seq))
+    attention = 4 * seq * seq * d
+    out = linear(d, 2 * d, 1) + linear(d, channels_out, image)
+    parts = {"embed": embed, "double": c["num_layers"] * double, "single": c["num_single_layers"] * single,
+             "attention": (c["num_layers"] + c["num_single_layers"]) * attention, "out": out}
+    parts = {name: batch * value for name, value in parts.items()}
+    return {**parts, "total": sum(parts.values())}
+
+
+def achieved(flops: float, seconds: float, peak_tflops: float | None) -> dict:
+    """Achieved TFLOP/s and the fraction of a dense peak (MFU; None without a peak, as on CPU)."""
+    tflops = flops / seconds / 1e12
+    return {"tflops": tflops, "peak_tflops": peak_tflops, "mfu": tflops / peak_tflops if peak_tflops else None}

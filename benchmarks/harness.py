@@ -1,0 +1,144 @@
+"""Run the flow loop (runtime.flow.edit) over configurations and summarise its per-stage times.
+
+Per stage the samples are the loop's own timings (`Kontext.times`): one per call, so the transformer gives
+`steps` samples per edit (per-step latency) and every other stage one. On CUDA the stage timer records CUDA
+events (no host sync between stages), on CPU it reads perf_counter. End to end is wall clock around
+`edit`, synchronised on CUDA. Warm-up edits are run first, reported, and left out of every statistic.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from kontext_trt.benchmarks.flops import achieved, transformer_flops
+from kontext_trt.benchmarks.memory import memory_report, reset_peaks
+from kontext_trt.runtime import image as im
+from kontext_trt.runtime.cudagraphs import graphed
+from kontext_trt.runtime.flow import EditRequest, Kontext, edit
+from kontext_trt.runtime.stages import STAGE_NAMES
+from kontext_trt.runtime.text import T5_LEN
+from kontext_trt.runtime.timing import StageTimes
+
+PROMPT = "make the house blue and add snow on the roof"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One measured configuration: output size (= input image size), batch, steps, CUDA graphs."""
+
+    width: int
+    height: int
+    batch: int
+    steps: int
+    cuda_graphs: bool
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and plots."""
+        return f"{self.width}x{self.height} b{self.batch}" + (" graphs" if self.cuda_graphs else "")
+
+
+def run_configs(sizes: list[tuple[int, int]], batches: list[int], steps: int, graphs: list[bool]) -> list[RunConfig]:
+    """Every combination, sizes outermost."""
+    return [RunConfig(w, h, b, steps, g) for (w, h), b, g in itertools.product(sizes, batches, graphs)]
+
+
+class BenchTimes(StageTimes):
+    """StageTimes that records CUDA events on a CUDA device (no host sync between stages), perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.cuda = device.type == "cuda"
+        self.events: dict[str, list] = defaultdict(list)
+
+    @contextmanager
+    def __call__(self, name: str, device: torch.device | str = "cpu") -> Iterator[None]:
+        if not self.cuda:
+            with super().__call__(name, device):
+                yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.events[name].append((start, end))
+
+    def resolve(self) -> dict[str, list[float]]:
+        """Seconds of each call per stage (on CUDA after one synchronisation)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            for name, pairs in self.events.items():
+                self.seconds[name] = [start.elapsed_time(end) / 1e3 for start, end in pairs]
+        return dict(self.seconds)
+
+
+def summarize(seconds: list[float]) -> dict:
+    """n, mean, min, p50, p95, p99, max in milliseconds."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    return {"n": int(ms.size), "mean": float(ms.mean()), "min": float(ms.min()), "p50": float(p50),
+            "p95": float(p95), "p99": float(p99), "max": float(ms.max())}
+
+
+def one_edit(k: Kontext, req: EditRequest) -> tuple[float, dict[str, list[float]]]:
+    """Wall-clock seconds of one edit and the seconds of each stage call in it."""
+    cuda = k.device.type == "cuda"
+    k.times = BenchTimes(k.device)
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    edit(k, req)
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return wall, k.times.resolve()
+
+
+def roofline(transformer_config: dict | None, tokens: int, batch: int, step_seconds: float,
+             peak: float | None) -> dict | None:
+    """FLOP per transformer step (target = context = tokens) and what the measured step achieves."""
+    if transformer_config is None:
+        return None
+    flops = transformer_flops(transformer_config, tokens, tokens, T5_LEN, batch)["total"]
+    return {"flops_per_step": flops, **achieved(flops, step_seconds, peak)}
+
+
+def run_config(k: Kontext, cfg: RunConfig, warmup: int, iters: int, transformer_config: dict | None = None,
+               peak_tflops: float | None = None) -> dict:
+    """Warm up, time `iters` edits of one configuration and summarise them (see the JSON schema's run)."""
+    req = EditRequest(prompts=[PROMPT] * cfg.batch, image=im.sample_image(cfg.width, cfg.height), steps=cfg.steps,
+                      auto_resize=False)
+    kk = replace(k, stages=graphed(k.stages)) if cfg.cuda_graphs else k
+    reset_peaks(k.device)
+    warm = [one_edit(kk, req)[0] for _ in range(warmup)]
+    walls, calls = [], defaultdict(list)
+    per_edit = defaultdict(list)  # stage -> seconds summed within each edit
+    for _ in range(iters):
+        wall, seconds = one_edit(kk, req)
+        walls.append(wall)
+        for name, values in seconds.items():
+            calls[name] += values
+            per_edit[name].append(sum(values))
+    breakdown = {name: 1e3 * float(np.mean(per_edit[name])) for name in STAGE_NAMES if name in per_edit}
+    breakdown["other"] = max(0.0, 1e3 * float(np.mean(walls)) - sum(breakdown.values()))
+    tokens = (cfg.width // 16) * (cfg.height // 16)
+    return {
+        **asdict(cfg),
+        "tokens": {"target": tokens, "context": tokens, "text": T5_LEN},
+        "warmup": {"iters": warmup, "e2e_ms": [1e3 * w for w in warm]},
+        "iters": iters,
+        "e2e_ms": summarize(walls),
+        "images_per_s": cfg.batch / float(np.mean(walls)),
+        "stages_ms": {name: summarize(calls[name]) for name in STAGE_NAMES if name in calls},
+        "breakdown_ms": breakdown,
+        "roofline": roofline(transformer_config, tokens, cfg.batch, float(np.median(calls["transformer"])),
+                             peak_tflops),
+        "memory": memory_report(k.stages, k.device),
+    }

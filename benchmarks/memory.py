@@ -1,0 +1,68 @@
+"""Memory figures: peak device memory (torch allocator, NVML, per-stage hooks), peak host RSS, engine sizes.
+
+Hook for other backends: a stage object may define `memory_stats() -> dict[str, int]` (bytes), e.g. a
+TensorRT stage returning {"engine_bytes": ..., "device_memory_bytes": context.device_memory_size}; the
+figures are reported per stage under memory.stages.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def reset_peaks(device: torch.device) -> None:
+    """Start a new peak window: the torch CUDA allocator's peaks and the process's peak RSS (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux, or not allowed: VmHWM then keeps the process-lifetime peak
+
+
+def host_peak_rss() -> int | None:
+    """Peak resident set size of this process in bytes since the last reset (Linux VmHWM), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def nvml_used(device: torch.device) -> int | None:
+    """Device memory in use on the GPU (all processes) from NVML, or None without NVML or GPU."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except Exception:  # NVML missing or failing: the figure is simply absent
+        return None
+
+
+def memory_report(stages: dict, device: torch.device) -> dict:
+    """Peaks since reset_peaks, NVML's used bytes now and each stage's memory_stats() where it has one."""
+    cuda = device.type == "cuda"
+    return {
+        "device_peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "device_peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
+        "nvml_used_bytes": nvml_used(device),
+        "host_peak_rss_bytes": host_peak_rss(),
+        "stages": {name: stage.memory_stats() for name, stage in stages.items() if hasattr(stage, "memory_stats")},
+    }
+
+
+def engine_sizes(folder: Path | None) -> dict[str, int] | None:
+    """Bytes of each serialized engine under folder (relative path -> size), or None without --engines."""
+    if folder is None:
+        return None
+    return {str(p.relative_to(folder)): p.stat().st_size
+            for p in sorted(Path(folder).rglob("*")) if p.suffix in ENGINE_SUFFIXES}

@@ -1,0 +1,166 @@
+"""Results on disk: JSON (checked against bench.schema.json), a Markdown table, PNG plots, comparisons."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kontext_trt.benchmarks.harness import RunConfig
+from kontext_trt.runtime.errors import KontextError
+
+SCHEMA_PATH = Path(__file__).with_name("bench.schema.json")
+SCHEMA_VERSION: int = json.loads(SCHEMA_PATH.read_text())["properties"]["schema_version"]["const"]
+STAGE_COLUMNS = (("clip", "clip"), ("t5", "t5"), ("vae_encoder", "vae enc"), ("transformer", "step"),
+                 ("vae_decoder", "vae dec"))
+
+
+def validate(results: dict, source: str = "results") -> None:
+    """Refuse results that do not match bench.schema.json, in one line (skipped without jsonschema)."""
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    try:
+        jsonschema.validate(results, json.loads(SCHEMA_PATH.read_text()))
+    except jsonschema.ValidationError as exc:
+        where = "/".join(map(str, exc.absolute_path)) or "top level"
+        raise KontextError(f"{source} does not match {SCHEMA_PATH.name} at {where}: {exc.message}") from None
+
+
+def load_results(path: Path) -> dict:
+    """Read and validate a results JSON, with one clear line for a file that is not one."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KontextError(f"cannot read benchmark results {path}: {exc}") from exc
+    if results.get("schema_version") != SCHEMA_VERSION:
+        raise KontextError(f"{path} has schema_version {results.get('schema_version')!r}, this build reads "
+                           f"{SCHEMA_VERSION}: re-run the benchmark with this build")
+    validate(results, str(path))
+    return results
+
+
+def machine(results: dict) -> str:
+    """One line naming the hardware: GPU and driver, else CPU model and cores."""
+    s = results["system"]
+    if s["gpu"]:
+        return f"{s['gpu']['name']} (driver {s['gpu']['driver']}, CUDA {s['cuda']})"
+    load = "" if s["load_average"] is None else f", load {s['load_average']:.1f}"
+    cores = f"{s['cpu_cores_usable']} of {s['cpu_cores']} cores usable"
+    return f"{s['cpu']}, {cores}, torch threads {s['torch_threads']}{load}"
+
+
+def header(results: dict) -> str:
+    """Machine, backend, precision, settings and commit in one line."""
+    t, git = results["target"], results["system"]["git"]
+    commit = (git["commit"] or "unknown")[:10] + ("+dirty" if git["dirty"] else "")
+    return (f"{machine(results)}; {t['backend']} backend, {t['precision']}, {t['device']}; model {t['model']}; "
+            f"{results['settings']['warmup']} warm-up + {results['settings']['iters']} timed edits; "
+            f"commit {commit}; {results['created']}")
+
+
+def label(run: dict, sep: str = " ") -> str:
+    """A run's configuration as RunConfig.label writes it: `1024x1024 b1 graphs`."""
+    cfg = RunConfig(run["width"], run["height"], run["batch"], run["steps"], run["cuda_graphs"])
+    return cfg.label.replace(" ", sep, 1)
+
+
+def gib(n: int | None) -> str:
+    """Bytes as GiB with 2 decimals, or a dash."""
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def markdown(results: dict) -> str:
+    """A Markdown table: one row per configuration, p50 per stage, e2e percentiles, roofline and memory."""
+    head = (["config", "steps", "e2e p50 ms", "e2e p95 ms", "img/s"] + [f"{c} p50 ms" for _, c in STAGE_COLUMNS]
+            + ["step p95 ms", "TFLOP/s", "MFU", "dev peak GiB", "host RSS GiB"])
+    rows = [head, ["---"] * len(head)]
+    for run in results["runs"]:
+        roof, mem = run["roofline"], run["memory"]
+        rows.append([label(run), str(run["steps"]), f"{run['e2e_ms']['p50']:.1f}", f"{run['e2e_ms']['p95']:.1f}",
+                     f"{run['images_per_s']:.2f}"]
+                    + [f"{run['stages_ms'][s]['p50']:.1f}" for s, _ in STAGE_COLUMNS]
+                    + [f"{run['stages_ms']['transformer']['p95']:.1f}",
+                       "-" if roof is None else f"{roof['tflops']:.3f}",
+                       "-" if roof is None or roof["mfu"] is None else f"{100 * roof['mfu']:.1f}%",
+                       gib(mem["device_peak_allocated_bytes"]), gib(mem["host_peak_rss_bytes"])])
+    return f"{header(results)}\n\n" + "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+
+
+def run_key(run: dict) -> tuple:
+    """What makes two runs comparable: size, batch, steps and CUDA graphs."""
+    return run["width"], run["height"], run["batch"], run["steps"], run["cuda_graphs"]
+
+
+def compare(a: dict, b: dict) -> str:
+    """Markdown: for each configuration in both, B/A of the p50 per stage and end to end (< 1: B is faster)."""
+    runs_a = {run_key(r): r for r in a["runs"]}
+    runs_b = {run_key(r): r for r in b["runs"]}
+    head = ["config", "e2e B/A"] + [f"{c} B/A" for _, c in STAGE_COLUMNS] + ["img/s B/A"]
+    rows = [head, ["---"] * len(head)]
+    for key in [k for k in runs_a if k in runs_b]:
+        ra, rb = runs_a[key], runs_b[key]
+        ratios = [rb["e2e_ms"]["p50"] / ra["e2e_ms"]["p50"]]
+        ratios += [rb["stages_ms"][s]["p50"] / ra["stages_ms"][s]["p50"] for s, _ in STAGE_COLUMNS]
+        ratios += [rb["images_per_s"] / ra["images_per_s"]]
+        rows.append([f"{label(ra)}, {ra['steps']} steps"] + [f"{r:.3f}" for r in ratios])
+    if len(rows) == 2:
+        raise KontextError("the two results share no configuration (size, batch, steps, CUDA graphs)")
+    lines = [f"A: {header(a)}", f"B: {header(b)}", "", *("| " + " | ".join(row) + " |" for row in rows)]
+    only = [f"only in {name}: " + ", ".join(label(runs[k]) for k in sorted(keys))
+            for name, runs, keys in (("A", runs_a, runs_a.keys() - runs_b.keys()),
+                                     ("B", runs_b, runs_b.keys() - runs_a.keys())) if keys]
+    return "\n".join(lines + ([""] + only if only else [])) + "\n"
+
+
+def plot(results: dict, out: Path) -> list[Path]:
+    """Two PNGs: stacked per-stage time per edit for each configuration; latency against resolution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    t = results["target"]
+    runs, title = results["runs"], f"{machine(results)}\n{t['backend']} {t['precision']}, model {t['model']}"
+    labels = [label(r, "\n") for r in runs]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(runs) + 2), 4), dpi=100)
+    bottom = [0.0] * len(runs)
+    for stage in [s for s, _ in STAGE_COLUMNS] + ["other"]:
+        heights = [r["breakdown_ms"].get(stage, 0.0) for r in runs]
+        ax.bar(labels, heights, bottom=bottom, label=stage)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_ylabel("ms per edit (mean)")
+    ax.set_title(f"per-stage time per edit, {runs[0]['steps']} steps; {title}", fontsize=8)
+    ax.legend(fontsize=7)
+    paths = [out / "stages.png"]
+    fig.tight_layout()
+    fig.savefig(paths[0])
+    plt.close(fig)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
+    series = sorted({(r["batch"], r["cuda_graphs"]) for r in runs})
+    for batch, graphs in series:
+        pts = sorted((r for r in runs if (r["batch"], r["cuda_graphs"]) == (batch, graphs)),
+                     key=lambda r: r["width"] * r["height"])
+        megapixels = [r["width"] * r["height"] / 1e6 for r in pts]
+        name = f"b{batch}" + (" graphs" if graphs else "")
+        left.plot(megapixels, [r["e2e_ms"]["p50"] for r in pts], marker="o", label=name)
+        right.plot(megapixels, [r["stages_ms"]["transformer"]["p50"] for r in pts], marker="o", label=name)
+    for ax, what in ((left, "end to end p50 ms"), (right, "transformer step p50 ms")):
+        ax.set_xlabel("output megapixels (input image the same size)")
+        ax.set_ylabel(what)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    paths.append(out / "resolution.png")
+    fig.tight_layout()
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
+def write_all(results: dict, out: Path) -> list[Path]:
+    """Validate, then write results.json, results.md, stages.png and resolution.png into out."""
+    validate(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    return [out / "results.json", out / "results.md", *plot(results, out)]
