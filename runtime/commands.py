@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kontext_trt.runtime.errors import KontextError
+
+if TYPE_CHECKING:
+    from kontext_trt.runtime.flow import EditRequest, Kontext
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -33,11 +38,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model/--backend/--dtype/--device, shared by edit and bench."""
+    """--model/--backend/--onnx/--dtype/--device and the TensorRT options (--engines, memory modes, graphs)."""
     p.add_argument("--model", type=Path, help="checkpoint folder (diffusers layout or BFL single files)")
-    p.add_argument("--backend", choices=("torch",), default="torch")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    p.add_argument("--onnx", type=Path, help="export folder (kontext-trt export) for --backend onnxruntime")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--engines", type=Path, help="engine cache (kontext-trt build): run this GPU's TensorRT engines")
+    p.add_argument("--low-vram", action="store_true", help="with --engines: one engine on the GPU at a time")
+    p.add_argument("--weight-streaming-budget", type=budget_bytes, metavar="BYTES",
+                   help="with --engines: keep this much of the transformer's weights on the GPU (e.g. 8GiB, or auto) "
+                        "and stream the rest from host memory; needs engines built with --weight-streaming")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the transformer step as a CUDA graph (GPU only)")
+
+
+def budget_bytes(text: str) -> int | str:
+    """A --weight-streaming-budget value: 'auto', or bytes with an optional binary unit (8GiB, 512M, 1.5G)."""
+    text = text.strip().lower()
+    if text == "auto":
+        return text
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)i?b?", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write bytes like 8GiB, 512MiB, 1073741824 or auto")
+    return int(float(match[1]) * 1024 ** {"": 0, "k": 1, "m": 2, "g": 3}[match[2]])
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,7 +87,6 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_edit(args: argparse.Namespace) -> int:
     """kontext-trt edit."""
     from kontext_trt.runtime import flow, image
-    from kontext_trt.runtime.pipeline import load_kontext
 
     image.check_writable(args.out)
     request = flow.EditRequest(
@@ -72,16 +94,45 @@ def run_edit(args: argparse.Namespace) -> int:
         width=args.width, height=args.height, steps=args.steps, guidance=args.guidance, seed=args.seed,
         auto_resize=args.auto_resize, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg)
     flow.check_request(request)
-    if args.model is None:
-        raise KontextError("no model given: pass --model CHECKPOINT_DIR (or run `kontext-trt synth DIR` for a test one)")
-    k = load_kontext(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    k = load_edit_pipeline(args, request)
     start = time.perf_counter()
     result = flow.edit(k, request)
     for path in flow.save_images(result, args.out):
         print(path)
     print(f"{result.width}x{result.height}, {args.steps} steps in {time.perf_counter() - start:.2f}s")
     print(k.times.table())
+    if args.engines is not None:
+        from kontext_trt.runtime.trt_stages import memory_summary
+
+        print(memory_summary(k.stages))
     return 0
+
+
+def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontext:
+    """The pipeline `edit` runs on: a checkpoint, an export folder, or the engines for this GPU and this request."""
+    from kontext_trt.runtime.cudagraphs import graphed
+    from kontext_trt.runtime.pipeline import load_kontext
+
+    if args.engines is None:
+        if args.low_vram or args.weight_streaming_budget is not None:
+            raise KontextError("--low-vram and --weight-streaming-budget are TensorRT memory modes: add --engines DIR")
+        if args.cuda_graphs and not args.device.startswith("cuda"):
+            raise KontextError("--cuda-graphs replays on a GPU: add --device cuda (or run engines with --engines DIR)")
+        if args.model is None and args.backend != "onnxruntime":
+            raise KontextError("no model given: pass --model CHECKPOINT_DIR (or run `kontext-trt synth DIR` for a "
+                               "test one)")
+        k = load_kontext(args.model, backend=args.backend, dtype=args.dtype, device=args.device, onnx=args.onnx)
+    else:
+        from kontext_trt.runtime.trt_stages import request_geometry
+
+        if args.backend != "torch":
+            raise KontextError(f"--engines runs the TensorRT backend: drop --backend {args.backend}")
+        k = load_kontext(args.model, backend="tensorrt", dtype=args.dtype, onnx=args.onnx, engines=args.engines,
+                         geometry=request_geometry(request), low_vram=args.low_vram,
+                         weight_budget=args.weight_streaming_budget, cuda_graphs=args.cuda_graphs)
+    if args.cuda_graphs:
+        k.stages = graphed(k.stages)
+    return k
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -97,12 +148,13 @@ def run_demo(args: argparse.Namespace) -> int:
         with progress(f"writing the synthetic tiny checkpoint to {model}"):
             write_synthetic_checkpoint(model, preset="tiny", seed=0, force=True)
     source = args.out / "input.png"
-    image.sample_image().save(source)
+    image.sample_image(512, 384).save(source)
     with progress("loading the checkpoint (torch backend, fp32, cpu)"):
         k = load_kontext(model, backend="torch", dtype="fp32", device="cpu")
+    # The input keeps its own 512x384 size (auto-resize off) so the CPU demo takes seconds, not minutes.
     request = flow.EditRequest(prompts=["make the house blue and add snow on the roof"],
-                               image=image.load_image(source), steps=args.steps)
-    with progress(f"editing {source} ({args.steps} steps)"):
+                               image=image.load_image(source), steps=args.steps, auto_resize=False)
+    with progress(f"editing {source} ({args.steps} steps, 512x384, auto-resize off)"):
         result = flow.edit(k, request)
     out = flow.save_images(result, args.out / "edited.png")[0]
     print(f"input  {source}\noutput {out} ({result.width}x{result.height})")

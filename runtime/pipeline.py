@@ -19,13 +19,27 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def load_kontext(model: str | Path, backend: str = "torch", dtype: str = "bf16", device: str = "cpu") -> Kontext:
-    """Load a checkpoint's stages on a backend, with its tokenizers and loop config."""
+def load_kontext(model: str | Path | None, backend: str = "torch", dtype: str = "bf16", device: str = "cpu",
+                 onnx: Path | None = None, engines: Path | None = None, **trt_options) -> Kontext:
+    """Load a checkpoint's stages on a backend (onnxruntime: an export folder `onnx`; tensorrt: the engine cache
+    `engines`, with trt_stages.load_trt_kontext's options), with tokenizers and config."""
     from kontext_trt.runtime import checkpoint as ck
     from kontext_trt.runtime.torch_stages import torch_stages
 
+    if backend == "tensorrt":
+        from kontext_trt.runtime.trt_stages import load_trt_kontext
+
+        if engines is None:
+            raise KontextError("--backend tensorrt needs --engines DIR (made by `kontext-trt build`)")
+        return load_trt_kontext(engines, dtype, onnx=onnx, model=model, **trt_options)
+    if backend == "onnxruntime":
+        from kontext_trt.runtime.ort_stages import load_ort_kontext
+
+        if onnx is None:
+            raise KontextError("--backend onnxruntime needs --onnx DIR (made by `kontext-trt export`)")
+        return load_ort_kontext(onnx, resolve_device(device))
     if backend != "torch":
-        raise KontextError(f"unknown backend {backend!r}: use torch")
+        raise KontextError(f"unknown backend {backend!r}: use torch, onnxruntime or tensorrt")
     dev = resolve_device(device)
     ckpt = ck.open_checkpoint(model)
     clip_tok, t5_tok = ck.load_tokenizers(ckpt)

@@ -1,0 +1,152 @@
+"""GPU smoke test of the TensorRT backend on the tiny synthetic checkpoint: build, edit, compare, time.
+
+    python -m kontext_trt.benchmarks.gpu_smoke [--work out/gpu-smoke] [--steps 8] [--iters 3] [--atol 1e-3]
+
+On a host with an NVIDIA GPU and TensorRT (TensorRT-RTX on an RTX GPU): writes the tiny checkpoint, exports it to
+fp32 ONNX and builds its engines for this GPU (strict fp32: NVIDIA_TF32_OVERRIDE=0; the transformer with weight
+streaming so that one build serves every mode); all three are reused on a re-run. Then, per memory mode with and
+without CUDA graphs, one warm-up and `iters` timed edits (two prompts on one 128x128 image), printing the max
+|latents - ONNX Runtime (CPU)|, per-stage latency, device memory and what the graph wrapper did.
+Exit 0 when every mode is within --atol of ONNX Runtime, 1 when one is not, 2 without a usable GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kontext_trt.runtime.errors import KontextError
+
+SIZE = 128
+MODES = (  # label, load_trt_kontext options, CUDA graphs
+    ("resident", {}, False),
+    ("resident + graphs", {}, True),
+    ("low-vram", {"low_vram": True}, False),
+    ("low-vram + graphs", {"low_vram": True}, True),
+    ("weight streaming 1/2", {"weight_budget": "half"}, False),
+    ("weight streaming 1/2 + graphs", {"weight_budget": "half"}, True),
+)
+
+
+def prepare(work: Path) -> tuple[Path, Path]:
+    """The tiny checkpoint's fp32 export and this GPU's engines under work (each made once): (onnx, engines)."""
+    from kontext_trt.export.export import export_checkpoint
+    from kontext_trt.export.manifest import read_manifest
+    from kontext_trt.runtime.cli import main
+    from kontext_trt.runtime.stages import STAGE_NAMES
+    from kontext_trt.runtime.synth import write_synthetic_checkpoint
+
+    ckpt, onnx, engines = work / "tiny-checkpoint", work / "onnx", work / "engines"
+    if not (ckpt / "model_index.json").exists():
+        write_synthetic_checkpoint(ckpt, preset="tiny", seed=0, force=True)
+    if set((read_manifest(onnx) or {}).get("stages", {})) != set(STAGE_NAMES):
+        export_checkpoint(ckpt, onnx, dtype="fp32", force=True)
+    os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")  # strict fp32 kernels, as the comparison assumes
+    code = main(["build", "--onnx", str(onnx), "--out", str(engines), "--sizes", f"{SIZE}x{SIZE}", "--batch", "1-2",
+                 "--weight-streaming"])
+    if code != 0:
+        raise KontextError(f"the engine build failed (exit {code}, message above)")
+    return onnx, engines
+
+
+def timed_edits(k, req, iters: int) -> tuple[object, float]:
+    """One warm-up edit (captures graphs, JIT-compiles RTX kernels), then `iters` timed: (last result, mean ms)."""
+    from kontext_trt.runtime.flow import edit
+    from kontext_trt.runtime.timing import StageTimes
+
+    edit(k, req)
+    k.times = StageTimes()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        result = edit(k, req)
+    torch.cuda.synchronize()
+    return result, 1e3 * (time.perf_counter() - start) / iters
+
+
+def run_mode(engines: Path, onnx: Path, req, reference: torch.Tensor, options: dict, graphs: bool,
+             iters: int) -> tuple[float, str]:
+    """Load the engines in one mode, time the edits; (max |latents - reference|, the report lines)."""
+    from kontext_trt.runtime.cudagraphs import graphed
+    from kontext_trt.runtime.pipeline import load_kontext
+    from kontext_trt.runtime.trt_stages import memory_summary, request_geometry
+
+    torch.cuda.reset_peak_memory_stats()
+    k = load_kontext(None, backend="tensorrt", engines=engines, dtype="fp32", onnx=onnx,
+                     geometry=request_geometry(req), cuda_graphs=graphs, **options)
+    trt = dict(k.stages)
+    if graphs:
+        k.stages = graphed(k.stages)
+    result, ms = timed_edits(k, req, iters)
+    diff = (result.latents.cpu() - reference).abs().max().item()
+    lines = [f"max |latents - onnxruntime| {diff:.2e}, {ms:.1f} ms per edit", k.times.table(), memory_summary(trt)]
+    if graphs:
+        lines.append(f"cuda graphs: {k.stages['transformer'].stats()}")
+    trt["transformer"].pool.release()
+    del k, trt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return diff, "\n".join(lines)
+
+
+def streamable_half(engines: Path, onnx: Path, req) -> int:
+    """Half the transformer engine's streamable weights (the weight-streaming modes' budget)."""
+    from kontext_trt.runtime.pipeline import load_kontext
+    from kontext_trt.runtime.trt_stages import request_geometry
+
+    k = load_kontext(None, backend="tensorrt", engines=engines, dtype="fp32", onnx=onnx, geometry=request_geometry(req),
+                     low_vram=True)
+    stage = k.stages["transformer"]
+    stage.pool.admit(stage)
+    half = int(stage.engine.streamable_weights_size) // 2
+    stage.pool.release()
+    return half
+
+
+def smoke(work: Path, steps: int, iters: int, atol: float) -> int:
+    """Build, then run every mode against ONNX Runtime; the exit code."""
+    from kontext_trt.runtime import image as im
+    from kontext_trt.runtime.flow import EditRequest, edit
+    from kontext_trt.runtime.pipeline import load_kontext
+    from kontext_trt.runtime.trt_stages import cuda_gpu
+
+    gpu = cuda_gpu()
+    print(f"GPU: {gpu.name} (sm{gpu.sm}, {gpu.memory_gib:.0f} GiB)")
+    onnx, engines = prepare(work)
+    req = EditRequest(prompts=["make the house blue", "add snow on the roof"], image=im.sample_image(SIZE, SIZE),
+                      steps=steps, seed=7, auto_resize=False)
+    reference = edit(load_kontext(None, backend="onnxruntime", onnx=onnx), req).latents
+    half = streamable_half(engines, onnx, req)
+    failed = []
+    for label, options, graphs in MODES:
+        options = {key: half if value == "half" else value for key, value in options.items()}
+        diff, report = run_mode(engines, onnx, req, reference, options, graphs, iters)
+        print(f"\n== {label}\n{report}")
+        if not diff <= atol:
+            failed.append(label)
+    print(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'all modes'} within {atol:g} of onnxruntime")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: see the module docstring."""
+    p = argparse.ArgumentParser(prog="python -m kontext_trt.benchmarks.gpu_smoke", description=__doc__)
+    p.add_argument("--work", type=Path, default=Path("out/gpu-smoke"))
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--atol", type=float, default=1e-3)
+    args = p.parse_args(argv)
+    try:
+        return smoke(args.work, args.steps, args.iters, args.atol)
+    except KontextError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
