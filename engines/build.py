@@ -58,6 +58,7 @@ def build_engine(onnx_path: Path, profile: profiles.Profile, target: Target,
     net = trt_api.parse_onnx(api, Path(onnx_path))
     trt_api.decompose_fp32_attention(api, net.network)
     config = net.builder.create_builder_config()
+    trt_api.runtime_flags(api, config, flags.weight_streaming)
     trt_api.set_targets(api, config, target.sms, target.device_sm)
     shapes = net.builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.items():
@@ -173,7 +174,7 @@ def _stage_entry(pick: OnnxStage, plan_path: Path, key: str, profile: profiles.P
         "inputs": {n: {"shape": list(pick.shapes[n]), "dtype": pick.dtypes[n]} for n in pick.shapes},
         "profile": {n: dict(zip(("min", "opt", "max"), map(list, s))) for n, s in profile.items()},
         "axes": {a: list(axes[a]) for a in sorted(used)},
-        "flags": {"strongly_typed": True, "opt_level": flags.opt_level, "refit": flags.refit,
+        "flags": {"strongly_typed": True, "tf32": False, "opt_level": flags.opt_level, "refit": flags.refit,
                   "weight_streaming": flags.weight_streaming},
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(seconds, 3), "engine_bytes": len(plan),

@@ -126,6 +126,15 @@ def decompose_fp32_attention(api: TrtApi, network: Any) -> None:
                 layer.attention.decomposable = True
 
 
+def runtime_flags(api: TrtApi, config: Any, weight_streaming: bool) -> None:
+    """fp32 layers stay fp32 (no TF32, which TensorRT turns on by default), and TensorRT-RTX contexts take
+    user-allocated memory so the runtime can capture them in its own CUDA graphs (RTX refuses that together
+    with weight streaming, which allocates at run time)."""
+    config.clear_flag(api.trt.BuilderFlag.TF32)
+    if api.aot and not weight_streaming:
+        config.set_flag(api.trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+
+
 def check_targets(api: TrtApi, sms: tuple[int, ...], device_sm: int | None) -> list:
     """Refuse targets this flavour cannot build for; the ComputeCapability values to set (TensorRT: none)."""
     if api.aot:
