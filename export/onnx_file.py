@@ -1,14 +1,16 @@
 """One stage's ONNX file: trace with torch.export, clean with onnxslim, check, and describe it for the manifest.
 
 The raw export writes its weights to raw.onnx.data; onnxslim then cleans the graph with only the small weights
-loaded (it inspects biases and norms, never the matrices). A stage at or under the external-data threshold is then
-loaded whole and written as one model.onnx (protobuf needs it in memory: ~2x its weights while serialising); onnx_ir
-streams a heavier stage's weights from the raw file into one model.onnx.data, never holding them all.
+loaded (it inspects biases and norms, never the matrices), so no second copy of a stage's weights is ever held:
+a stage at or under the external-data threshold is written as one model.onnx a weight at a time (write_inline),
+a heavier one has its weights streamed by onnx_ir from the raw file into one model.onnx.data.
 """
 from __future__ import annotations
 
 import gc
+import logging
 import math
+import warnings
 from pathlib import Path
 
 import onnx
@@ -33,10 +35,14 @@ def trace(module: torch.nn.Module, stage: str, transformer_config: dict, dtype: 
           folder: Path) -> None:
     """torch.export `module` with the stage's dynamic dims and write folder/raw.onnx + raw.onnx.data."""
     inputs, outputs = STAGE_IO[stage]
-    program = torch.onnx.export(
-        module.eval(), (), kwargs=sample_inputs(stage, transformer_config, dtype), dynamo=True, opset_version=opset,
-        input_names=list(inputs), output_names=list(outputs), dynamic_shapes=dynamic_shapes(stage),
-        optimize=True, verbose=False)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # "no torchvision"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch internals' deprecation chatter
+        warnings.filterwarnings("ignore", message="# The axis name")  # our Dims are shared across inputs on purpose
+        program = torch.onnx.export(
+            module.eval(), (), kwargs=sample_inputs(stage, transformer_config, dtype), dynamo=True,
+            opset_version=opset, input_names=list(inputs), output_names=list(outputs),
+            dynamic_shapes=dynamic_shapes(stage), optimize=True, verbose=False)
     program.save(folder / RAW, external_data=True)
     del program
     forget_last_graph()
@@ -53,7 +59,7 @@ def forget_last_graph() -> None:
     except ImportError:
         return
     for obj in gc.get_objects():
-        if isinstance(obj, SimplePatternMatcher):
+        if issubclass(type(obj), SimplePatternMatcher):  # type(): no attribute access on arbitrary objects
             obj._graph = obj._tracer = obj._current_node = obj._match = None
     gc.collect()
 
@@ -86,15 +92,15 @@ def clean(folder: Path, stage: str, external_threshold: int) -> tuple[onnx.Model
 
 
 def save(model: onnx.ModelProto, folder: Path, external: bool) -> None:
-    """Write folder/model.onnx, weights inline or streamed into one model.onnx.data; drop the raw files; check."""
+    """Check the cleaned graph, write folder/model.onnx (weights inline, or streamed into model.onnx.data), drop the rest."""
+    onnx.save(model, folder / SLIM)  # its big weights still point into raw.onnx.data
+    onnx.checker.check_model(str(folder / SLIM), full_check=True)  # from the path: big weights are not read
     if external:
-        onnx.save(model, folder / SLIM)  # its big weights still point into raw.onnx.data
         ir.save(ir.load(folder / SLIM), folder / MODEL, external_data=DATA)
     else:
         write_inline(model, folder)
     for name in (RAW, f"{RAW}.data", SLIM):
         (folder / name).unlink(missing_ok=True)
-    onnx.checker.check_model(str(folder / MODEL), full_check=True)
 
 
 def write_inline(model: onnx.ModelProto, folder: Path) -> None:

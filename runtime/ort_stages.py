@@ -25,7 +25,8 @@ class OrtStage:
     def __init__(self, name: str, path: str | Path, device: torch.device | str = "cpu") -> None:
         self.name, self.device = name, torch.device(device)
         self.input_names, self.output_names = STAGE_IO[name]
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else ["CPUExecutionProvider"]
+        cuda = [("CUDAExecutionProvider", {"device_id": self.device.index or 0})] if self.device.type == "cuda" else []
+        providers = [*cuda, "CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
