@@ -17,28 +17,8 @@ case ${BASH_SOURCE[0]} in */*) HERE=${BASH_SOURCE[0]%/*} ;; *) HERE=. ;; esac
 REPO=$(cd "$HERE/.." && pwd)
 SRC=/opt/kontext-trt
 
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
-
-# Print a command the way a shell would read it back.
-show() {
-  local word words=()
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then words+=("$word"); else words+=("${word@Q}"); fi
-  done
-  echo "${words[*]}"
-}
-
-# Run a command, or only print it under --dry-run.
-run() {
-  if ((dry_run)); then show "$@"; else "$@"; fi
-}
-
-need() {
-  (($1 >= 2)) || die "$2 needs a value"
-}
+# shellcheck source=enroot/common.sh
+source "${BASH_SOURCE[0]%/*}/common.sh"
 
 dry_run=0
 tag=$TAG

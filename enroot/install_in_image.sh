@@ -15,24 +15,8 @@ EXTRAS=trt
 PINS=/tmp/kontext-trt-image-pins.txt
 PIN_CMD="python -m pip list --format=freeze | grep -iE '^(torch|tensorrt)==' > $PINS"
 
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
-
-# Print a command the way a shell would read it back.
-show() {
-  local word words=()
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then words+=("$word"); else words+=("${word@Q}"); fi
-  done
-  echo "${words[*]}"
-}
-
-# Run a command, or only print it under --dry-run.
-run() {
-  if ((dry_run)); then show "$@"; else "$@"; fi
-}
+# shellcheck source=enroot/common.sh
+source "${BASH_SOURCE[0]%/*}/common.sh"
 
 # Write the image's torch/tensorrt versions as pip constraints; refuse to go on without a pip-visible tensorrt.
 pin_image_packages() {
