@@ -159,7 +159,9 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def tensor_bytes(tensor: TensorProto) -> int:
-    """Bytes of one tensor's data, from its dims and dtype."""
+    """Bytes of one tensor's data as stored, from its dims and dtype (FLOAT4E2M1 packs two values a byte)."""
+    if tensor.data_type == TensorProto.FLOAT4E2M1:
+        return math.ceil(math.prod(tensor.dims) / 2)
     return math.prod(tensor.dims) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 

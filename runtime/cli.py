@@ -10,6 +10,10 @@ from kontext_trt.runtime.errors import KontextError
 # Modules with add_parsers(subparsers): each registers its subcommands and sets `func(args) -> int`.
 COMMAND_MODULES = (
     "kontext_trt.runtime.commands",
+    "kontext_trt.benchmarks.commands",
+    "kontext_trt.engines.commands",
+    "kontext_trt.export.commands",
+    "kontext_trt.quant.commands",
 )
 
 

@@ -29,6 +29,8 @@ class OrtStage:
         providers = [*cuda, "CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # ORT's QDQ fusions mistake FP8 DequantizeLinear -> MatMul for int8 and refuse the graph: keep Q/DQ as written.
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own pybind11 types

@@ -1,0 +1,50 @@
+"""Calibration: ModelOpt max calibration of the recipe's quantizers, driven by the real Kontext edit loop."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+from torch import nn
+
+from kontext_trt.quant.calib_data import Pair
+from kontext_trt.quant.recipe import Recipe, modelopt_config
+from kontext_trt.runtime import flow
+from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.timing import progress
+
+
+def calibrate(k: flow.Kontext, recipe: Recipe, pairs: list[Pair], steps: int,
+              auto_resize: bool) -> dict[str, torch.Tensor]:
+    """Edit every pair (seed = its index) with the transformer stage's module swapped for its ModelOpt-quantized self
+    in calibration mode: quantizers record the amax of what they see over all denoising steps (target and context
+    tokens alike) and leave the outputs untouched. Returns the amax of every quantized input."""
+    import modelopt.torch.quantization as mtq
+
+    holder = k.stages["transformer"].module  # runtime.torch_stages.TransformerModule
+
+    def forward_loop(model: nn.Module) -> None:
+        holder.model = model
+        for i, pair in enumerate(pairs):
+            with progress(f"calibrating {i + 1}/{len(pairs)}: {pair.prompt!r} on {pair.source}, {steps} steps"):
+                flow.edit(k, flow.EditRequest(prompts=[pair.prompt], image=pair.image, steps=steps, seed=i,
+                                              auto_resize=auto_resize))
+
+    with contextlib.redirect_stdout(sys.stderr):  # ModelOpt prints its progress; stdout is for the report
+        model = mtq.quantize(holder.model, modelopt_config(recipe), forward_loop)
+    return collect_amax(model, recipe)
+
+
+def collect_amax(model: nn.Module, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """'<linear>.input' and '<attention>.q/.k/.v' amax (float32, 0-d) read from the calibrated ModelOpt quantizers."""
+    modules = dict(model.named_modules())
+    wanted = {f"{name}.input": (name, "input_quantizer") for name, fmt in recipe.layers.items() if fmt}
+    wanted |= {f"{name}.{q}": (name, f"{q}_bmm_quantizer") for name in recipe.attention_layers for q in "qkv"}
+    amax = {}
+    for key, (name, attr) in wanted.items():
+        value = getattr(modules[name], attr).amax
+        if value is None:
+            raise KontextError(f"{name}.{attr} saw no data during calibration: the calibration edits never reached "
+                               "it; report this with your checkpoint's transformer config")
+        amax[key] = value.detach().float().reshape(())
+    return amax

@@ -1,0 +1,95 @@
+"""`kontext-trt quantize` on the tiny checkpoint: files, quality reports within bounds, calibration reuse, bad input.
+
+Report bounds: measured on this CPU host with the fixtures' settings (the tiny checkpoint's random weights, 2
+calibration edits of 2 steps from calib_jsonl, the 1-edit held-out report at 128x96 with 2 steps, bf16 reference;
+repeated runs agree to the digits shown), then loosened by about 2x in error (~6 dB in PSNR):
+
+| precision (attention) | worst step cosine | worst step rel. error | PSNR dB         | SSIM             |
+|-----------------------|-------------------|-----------------------|-----------------|------------------|
+| fp8 (fp8)             | 0.99905 >= 0.995  | 0.0435 <= 0.10        | 42.37 >= 36     | 0.9992 >= 0.995  |
+| nvfp4 (fp8)           | 0.99472 >= 0.98   | 0.1038 <= 0.20        | 35.03 >= 29     | 0.9957 >= 0.98   |
+"""
+import json
+
+import pytest
+
+from kontext_trt.runtime.cli import main
+
+BOUNDS = {"fp8": {"cosine_min": 0.995, "rel_error_max": 0.10, "psnr_min_db": 36.0, "ssim_min": 0.995},
+          "nvfp4": {"cosine_min": 0.98, "rel_error_max": 0.20, "psnr_min_db": 29.0, "ssim_min": 0.98}}
+
+
+@pytest.mark.parametrize("run, precision", [("fp8_run", "fp8"), ("nvfp4_run", "nvfp4")])
+def test_quantize_writes_state_report_and_onnx(request, run, precision):
+    out, printed = request.getfixturevalue(run)
+    for name in ("quant/recipe.json", "quant/amax.safetensors", "report.json", "report.md", "transformer/model.onnx",
+                 "manifest.json"):
+        assert (out / name).is_file(), name
+    assert not [p.name for p in out.rglob(".*")]  # no temp files left
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["stages"]["transformer"]
+    assert entry["precision"] == precision and entry["dtype"] == ("fp32" if precision == "fp8" else "bf16")
+    assert [i["name"] for i in entry["inputs"]] == ["hidden_states", "encoder_hidden_states", "pooled_projections",
+                                                    "timestep", "img_ids", "txt_ids", "guidance"]
+    recipe = json.loads((out / "quant/recipe.json").read_text())
+    assert (recipe["precision"], recipe["attention"], len(recipe["calibration"]["pairs"])) == (precision, "fp8", 2)
+    assert f"# Quantization report: {precision} (attention fp8) vs bf16" in printed and "| step | sigma |" in printed
+
+
+@pytest.mark.parametrize("run, precision", [("fp8_run", "fp8"), ("nvfp4_run", "nvfp4")])
+def test_quality_report_is_within_bounds(request, run, precision):
+    out, _ = request.getfixturevalue(run)
+    report = json.loads((out / "report.json").read_text())
+    s, bound = report["summary"], BOUNDS[precision]
+    assert s["cosine_min"] >= bound["cosine_min"] and s["rel_error_max"] <= bound["rel_error_max"], s
+    assert s["psnr_min_db"] >= bound["psnr_min_db"] and s["ssim_min"] >= bound["ssim_min"], s
+    assert [r["step"] for r in report["per_step"]] == [0, 1] and report["per_step"][0]["sigma"] == 1.0
+    assert report["quantized_layers"] == 40 and report["linear_layers"] == 50
+
+
+def test_fp8_is_closer_to_bf16_than_nvfp4(fp8_run, nvfp4_run):
+    fp8, fp4 = (json.loads((out / "report.json").read_text())["summary"] for out, _ in (fp8_run, nvfp4_run))
+    assert fp8["cosine_min"] > fp4["cosine_min"] and fp8["psnr_mean_db"] > fp4["psnr_mean_db"]
+
+
+def test_same_request_reuses_the_calibration(fp8_run, tiny_ckpt, calib_jsonl, monkeypatch, capsys):
+    from kontext_trt.quant import quantize as qz
+
+    out, _ = fp8_run
+    req = qz.QuantizeRequest(model=tiny_ckpt, precision="fp8", out=out, calib=calib_jsonl, calib_size=2, calib_steps=2,
+                             attention="fp8", report_size=1, dtype="fp32", auto_resize=False)
+    ckpt, attention, pairs = qz.check_request(req)
+    k = qz.reference_kontext(ckpt, qz.resolve_device("cpu"))
+    monkeypatch.setattr(qz, "calibrate", lambda *a: pytest.fail("calibrated again"))
+    assert qz.ensure_calibration(k, qz.recipe_for(k, ckpt, req, attention, pairs), pairs, req)
+    assert "reusing the calibration" in capsys.readouterr().err
+    req.calib_steps = 3  # another calibration: it would be redone
+    monkeypatch.setattr(qz, "calibrate", lambda *a: (_ for _ in ()).throw(RuntimeError("recalibrating")))
+    with pytest.raises(RuntimeError, match="recalibrating"):
+        qz.ensure_calibration(k, qz.recipe_for(k, ckpt, req, attention, pairs), pairs, req)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("precision", "error: unknown precision 'int3': use fp8 or nvfp4"),
+    ("empty", "error: no calibration data found in"),
+    ("missing", "calibration image"),
+    ("attention", "error: unknown attention precision 'fp16': use fp8 or bf16"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_ckpt, capsys, case, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "gone.png", "prompt": "Add a hat."}) + "\n")
+    args = {"precision": ["--precision", "int3"], "empty": ["--precision", "nvfp4", "--calib", str(tmp_path / "empty")],
+            "missing": ["--precision", "fp8", "--calib", str(tmp_path / "pairs.jsonl")],
+            "attention": ["--precision", "fp8", "--attention", "fp16"]}[case]
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(tiny_ckpt), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not out.exists()
+
+
+def test_quantize_export_needs_a_saved_calibration(tmp_path, tiny_ckpt, capsys):
+    assert main(["quantize-export", "--model", str(tiny_ckpt), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no calibration in {tmp_path}: run `kontext-trt quantize --out " \
+                                              f"{tmp_path}` first"
+    assert not any(tmp_path.iterdir())
