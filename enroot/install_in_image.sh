@@ -4,14 +4,15 @@
 #
 #   install_in_image.sh [--dry-run] SRC      SRC: the repository root as seen inside the image
 #
-# The requirements come from pyproject.toml itself (`pip install SRC[trt]`). The torch and tensorrt the
+# The requirements come from pyproject.toml itself (`pip install SRC[trt,rtx]`). The torch and tensorrt the
 # image already ships are turned into pip constraints first, so pip resolves our other dependencies around
 # NVIDIA's tested builds and never replaces them with PyPI wheels (the image also has its own
 # /etc/pip/constraint.txt since NGC 25.03, which pip reads through PIP_CONSTRAINT where the image sets it).
 set -euo pipefail
 
 USAGE="usage: install_in_image.sh [--dry-run] SRC"
-EXTRAS=trt
+# trt: the datacenter SKUs' TensorRT (from the image); rtx: TensorRT-RTX for the fleet's RTX SKUs (ahead of time).
+EXTRAS=trt,rtx
 PINS=/tmp/kontext-trt-image-pins.txt
 PIN_CMD="python -m pip list --format=freeze | grep -iE '^(torch|tensorrt)==' > $PINS"
 

@@ -1,4 +1,4 @@
-"""The container recipe installs what pyproject's `trt` extra asks for, from the same pinned NGC tag."""
+"""The container recipe installs what pyproject's `trt` and `rtx` extras ask for, from the same pinned NGC tag."""
 from __future__ import annotations
 
 import re
@@ -14,14 +14,14 @@ def name_of(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group()).lower()
 
 
-def test_recipe_installs_pyprojects_trt_extra_around_the_images_tensorrt() -> None:
+def test_recipe_installs_pyprojects_trt_and_rtx_extras_around_the_images_tensorrt() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     install = (ENROOT / "install_in_image.sh").read_text()
     [recipe_extras] = re.findall(r"^EXTRAS=(\S+)$", install, re.MULTILINE)
-    assert recipe_extras == "trt" and "trt" in extras
+    assert recipe_extras.split(",") == ["trt", "rtx"] and {"trt", "rtx"} <= set(extras)
     assert 'pip install --no-cache-dir --constraint "$PINS" "${src}[$EXTRAS]"' in install
-    trt = {name_of(r) for r in extras["trt"]}
+    trt = {name_of(r) for r in extras["trt"] + extras["rtx"]}
     base = {name_of(r) for r in project["dependencies"]}
     [pinned] = re.findall(r"\^\(([a-z|]+)\)==", install)
     pins = set(pinned.split("|"))

@@ -92,6 +92,6 @@ def test_install_in_image_dry_run(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert lines[:3] == [
         "python -m pip list --format=freeze | grep -iE '^(torch|tensorrt)==' > /tmp/kontext-trt-image-pins.txt",
-        "python -m pip install --no-cache-dir --constraint /tmp/kontext-trt-image-pins.txt '/opt/kontext-trt[trt]'",
+        "python -m pip install --no-cache-dir --constraint /tmp/kontext-trt-image-pins.txt '/opt/kontext-trt[trt,rtx]'",
         "mkdir -p /model /onnx /engines",
     ]
