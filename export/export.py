@@ -71,17 +71,24 @@ def export_stage(ckpt, stage: str, dtype: str, opset: int, out: Path, external_t
         onnx_file.trace(module, stage, ckpt.transformer_config, DTYPES[dtype], opset, tmp)
         del module
         gc.collect()
-        model, external = onnx_file.clean(tmp, stage, external_threshold)
-        onnx_file.save(model, tmp, external)
-        entry = stage_entry(stage, external, onnx_file.weight_bytes(model), dtype, opset,
-                            onnx_file.describe(model.graph.input), onnx_file.describe(model.graph.output),
-                            stage_dims(stage))
-        replace_folder(tmp, out / stage)
-        return entry
+        return finish_stage(tmp, out, stage, dtype, opset, external_threshold)
     except OSError as error:
         raise KontextError(f"{stage}: writing the ONNX failed ({error}); nothing was left in {out}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finish_stage(tmp: Path, out: Path, stage: str, dtype: str, opset: int, external_threshold: int,
+                 precision: str | None = None) -> dict:
+    """Clean and check the graph traced into tmp, swap it in as out/stage; its manifest entry."""
+    model, external = onnx_file.clean(tmp, stage, external_threshold)
+    onnx_file.save(model, tmp, external)
+    entry = stage_entry(stage, external, onnx_file.weight_bytes(model), dtype, opset,
+                        onnx_file.describe(model.graph.input), onnx_file.describe(model.graph.output), stage_dims(stage))
+    if precision is not None:
+        entry["precision"] = precision
+    replace_folder(tmp, out / stage)
+    return entry
 
 
 def load_stage(ckpt, stage: str, dtype: torch.dtype) -> nn.Module:

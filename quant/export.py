@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from kontext_trt.export import onnx_file
-from kontext_trt.export.export import (DEFAULT_OPSET, DTYPES, EXTERNAL_THRESHOLD, copy_tokenizers, replace_folder,
+from kontext_trt.export.export import (DEFAULT_OPSET, DTYPES, EXTERNAL_THRESHOLD, copy_tokenizers, finish_stage,
                                       temp_folder)
-from kontext_trt.export.manifest import new_manifest, read_manifest, stage_entry, write_manifest
+from kontext_trt.export.manifest import new_manifest, read_manifest, write_manifest
 from kontext_trt.export.rope import fp32_rope
-from kontext_trt.export.specs import dynamic_shapes, sample_inputs, stage_dims
+from kontext_trt.export.specs import dynamic_shapes, sample_inputs
 from kontext_trt.quant import ops
 from kontext_trt.quant.qmodel import quantize_transformer
 from kontext_trt.quant.state import load_state
@@ -68,13 +68,7 @@ def export_stage(ckpt, recipe, amax: dict, dtype: str, opset: int, out: Path, ex
         quantized = quantize_transformer(ck.load_transformer(ckpt, DTYPES[dtype]), recipe, amax, DTYPES[dtype])
         trace(TransformerModule(fp32_rope(quantized)), ckpt.transformer_config, DTYPES[dtype], opset, tmp)
         del quantized
-        model, external = onnx_file.clean(tmp, STAGE, external_threshold)
-        onnx_file.save(model, tmp, external)
-        entry = stage_entry(STAGE, external, onnx_file.weight_bytes(model), dtype, opset, onnx_file.describe(model.graph.input),
-                            onnx_file.describe(model.graph.output), stage_dims(STAGE))
-        entry["precision"] = recipe.precision
-        replace_folder(tmp, out / STAGE)
-        return entry
+        return finish_stage(tmp, out, STAGE, dtype, opset, external_threshold, recipe.precision)
     except OSError as error:
         raise KontextError(f"{STAGE}: writing the ONNX failed ({error}); nothing was left in {out}") from None
     finally:
