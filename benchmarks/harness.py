@@ -1,7 +1,7 @@
 """Run the flow loop (runtime.flow.edit) over configurations and summarise its per-stage times.
 
 Per stage the samples are the loop's own timings (`Kontext.times`): one per call, so the transformer gives
-`steps` samples per edit (per-step latency) and every other stage one. On CUDA the stage timer records CUDA
+`steps` samples per edit (per-step latency) and every other stage one. On CUDA the loop's timer records CUDA
 events (no host sync between stages), on CPU it reads perf_counter. End to end is wall clock around
 `edit`, synchronised on CUDA. Warm-up edits are run first, reported, and left out of every statistic.
 """
@@ -10,9 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -50,35 +48,6 @@ def run_configs(sizes: list[tuple[int, int]], batches: list[int], steps: int, gr
     return [RunConfig(w, h, b, steps, g) for (w, h), b, g in itertools.product(sizes, batches, graphs)]
 
 
-class BenchTimes(StageTimes):
-    """StageTimes that records CUDA events on a CUDA device (no host sync between stages), perf_counter elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__()
-        self.cuda = device.type == "cuda"
-        self.events: dict[str, list] = defaultdict(list)
-
-    @contextmanager
-    def __call__(self, name: str, device: torch.device | str = "cpu") -> Iterator[None]:
-        if not self.cuda:
-            with super().__call__(name, device):
-                yield
-            return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        yield
-        end.record()
-        self.events[name].append((start, end))
-
-    def resolve(self) -> dict[str, list[float]]:
-        """Seconds of each call per stage (on CUDA after one synchronisation)."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            for name, pairs in self.events.items():
-                self.seconds[name] = [start.elapsed_time(end) / 1e3 for start, end in pairs]
-        return dict(self.seconds)
-
-
 def summarize(seconds: list[float]) -> dict:
     """n, mean, min, p50, p95, p99, max in milliseconds."""
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
@@ -90,7 +59,7 @@ def summarize(seconds: list[float]) -> dict:
 def one_edit(k: Kontext, req: EditRequest) -> tuple[float, dict[str, list[float]]]:
     """Wall-clock seconds of one edit and the seconds of each stage call in it."""
     cuda = k.device.type == "cuda"
-    k.times = BenchTimes(k.device)
+    k.times = StageTimes()
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -98,7 +67,7 @@ def one_edit(k: Kontext, req: EditRequest) -> tuple[float, dict[str, list[float]
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    return wall, k.times.resolve()
+    return wall, k.times.seconds
 
 
 def roofline(transformer_config: dict | None, tokens: int, batch: int, step_seconds: float,

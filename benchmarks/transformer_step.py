@@ -18,12 +18,13 @@ import torch
 
 from kontext_trt.benchmarks.commands import size_list
 from kontext_trt.benchmarks.flops import DEFAULTS, achieved, transformer_flops
-from kontext_trt.benchmarks.harness import BenchTimes, summarize
+from kontext_trt.benchmarks.harness import summarize
 from kontext_trt.benchmarks.memory import reset_peaks
 from kontext_trt.benchmarks.system import gpu_info
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.pipeline import DTYPES, resolve_device
 from kontext_trt.runtime.text import T5_LEN
+from kontext_trt.runtime.timing import StageTimes
 
 
 def preset_config(name: str) -> dict:
@@ -82,11 +83,11 @@ def time_step(preset: str, width: int, height: int, batch: int = 1, context: boo
     reset_peaks(dev)
     for _ in range(warmup):
         stage(**inputs)
-    times = BenchTimes(dev)
+    times = StageTimes()
     for _ in range(iters):
         with times("transformer", dev):
             stage(**inputs)
-    stats = summarize(times.resolve()["transformer"])
+    stats = summarize(times.seconds["transformer"])
     gpu = gpu_info(dev)
     peak = gpu["peak_tflops"].get(dtype) if gpu else None
     flops = transformer_flops(config, target, target if context else 0, T5_LEN, batch)

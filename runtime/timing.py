@@ -1,4 +1,4 @@
-"""Per-stage wall-clock timing and progress lines with elapsed time."""
+"""Per-stage timing (CUDA events on a GPU, perf_counter on the CPU) and progress lines with elapsed time."""
 from __future__ import annotations
 
 import sys
@@ -11,19 +11,39 @@ import torch
 
 
 class StageTimes:
-    """Seconds spent per stage name, one entry per call (CUDA work is synchronised before reading the clock)."""
+    """Seconds spent per stage name, one entry per call.
+
+    On a CUDA device a call records a start and an end event on the current stream and never waits for the host:
+    the denoising loop stays free of synchronisation. The events are read (after one synchronisation) when
+    `seconds` is. On the CPU a call reads perf_counter around itself.
+    """
 
     def __init__(self) -> None:
-        self.seconds: dict[str, list[float]] = defaultdict(list)
+        self.host: dict[str, list[float]] = defaultdict(list)
+        self.events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = defaultdict(list)
 
     @contextmanager
     def __call__(self, name: str, device: torch.device | str = "cpu") -> Iterator[None]:
-        sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
+        if torch.device(device).type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events[name].append((start, end))
+            return
+        start_s = time.perf_counter()
         yield
-        sync()
-        self.seconds[name].append(time.perf_counter() - start)
+        self.host[name].append(time.perf_counter() - start_s)
+
+    @property
+    def seconds(self) -> dict[str, list[float]]:
+        """Seconds of each call per stage, in call order (waits once for the recorded CUDA events)."""
+        if self.events:
+            torch.cuda.synchronize()
+            for name, pairs in self.events.items():
+                self.host[name].extend(start.elapsed_time(end) / 1e3 for start, end in pairs)
+            self.events.clear()
+        return self.host
 
     def totals(self) -> dict[str, float]:
         """Total seconds per stage."""
