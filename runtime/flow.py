@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
@@ -12,10 +11,9 @@ from kontext_trt.runtime import image as im
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.latents import draw_noise, latent_ids, pack_latents, text_ids, unpack_latents
 from kontext_trt.runtime.schedule import ShiftConfig, flow_schedule
+from kontext_trt.runtime.stages import Stage
 from kontext_trt.runtime.text import CLIP_LEN, T5_LEN, tokenize
 from kontext_trt.runtime.timing import StageTimes
-
-Stage = Callable[..., dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)

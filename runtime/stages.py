@@ -16,7 +16,6 @@ dtype its backend wants and may return outputs in its own dtype.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
