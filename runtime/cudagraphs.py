@@ -13,11 +13,13 @@ same tensors every step. Outputs are cloned out of the graph's buffers, so calle
 """
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from kontext_trt.runtime.lru import LruCache
 
 Key = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 Call = Callable[[], dict[str, torch.Tensor]]
@@ -91,9 +93,9 @@ class GraphedStage:
     """A stage whose calls replay CUDA graphs; the same named tensors in and out as the stage it wraps."""
 
     def __init__(self, stage: Callable[..., dict[str, torch.Tensor]], max_graphs: int = 8, backend: Any = None) -> None:
-        self.stage, self.max_graphs = stage, max_graphs
+        self.stage = stage
         self.backend = backend if backend is not None else TorchGraphs()
-        self.graphs: OrderedDict[Key, Graph | None] = OrderedDict()  # None: this signature runs eagerly
+        self.graphs = LruCache(max_graphs, on_evict=self._evicted)
         self.refusals: dict[Key, str] = {}
         self.counts: Counter = Counter()
         self.epoch = self._stage_epoch()
@@ -103,15 +105,7 @@ class GraphedStage:
             self.graphs.clear()
             self.counts["invalidations"] += 1
         key = signature(inputs)
-        if key in self.graphs:
-            self.graphs.move_to_end(key)
-        else:
-            self.graphs[key] = self._capture(key, inputs)
-            self.epoch = self._stage_epoch()  # a warm-up that loaded the engine is this graph's epoch
-            if len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-                self.counts["evictions"] += 1
-        graph = self.graphs[key]
+        graph = self.graphs.get_or_make(key, lambda: self._capture(key, inputs))  # None: this signature runs eagerly
         if graph is None:
             self.counts["eager"] += 1
             return self.stage(**inputs)
@@ -125,6 +119,10 @@ class GraphedStage:
         return {**{k: self.counts[k] for k in ("captures", "replays", "eager", "evictions", "invalidations")},
                 "graphs": sum(g is not None for g in self.graphs.values()),
                 "refusals": sorted(set(self.refusals.values()))}
+
+    def _evicted(self, key: Key, graph: Graph | None) -> None:
+        """Count a graph dropped from the cache (its memory stays in the pool for the next capture)."""
+        self.counts["evictions"] += 1
 
     def _stage_epoch(self) -> Any:
         """The wrapped stage's graph epoch (None for stages whose buffers never move)."""
@@ -144,6 +142,7 @@ class GraphedStage:
                 handle, outputs = self.backend.capture(call)
             except Exception as exc:  # CUDA or the library refused to capture: this signature runs eagerly
                 refusal = f"capture failed: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
+        self.epoch = self._stage_epoch()  # a warm-up that loaded the engine is this graph's epoch
         if refusal is not None:
             self.refusals[key] = refusal
             return None

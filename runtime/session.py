@@ -2,30 +2,12 @@
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from dataclasses import replace
 
 from PIL import Image
 
 from kontext_trt.runtime.flow import Context, EditRequest, EditResult, Kontext, Prompt, edit, encode_context, encode_prompts
-
-
-class LruCache(OrderedDict):
-    """A dict that keeps the most recently used `size` entries."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def get_or_make(self, key, make):
-        """The cached value for key, made (and cached) on a miss."""
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        value = self[key] = make()
-        if len(self) > self.size:
-            self.popitem(last=False)
-        return value
+from kontext_trt.runtime.lru import LruCache
 
 
 def image_key(image: Image.Image, auto_resize: bool) -> str:

@@ -26,6 +26,7 @@ from kontext_trt.engines.skus import Sku
 from kontext_trt.runtime import image as im
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.flow import EditRequest, Kontext, KontextConfig
+from kontext_trt.runtime.lru import LruCache
 from kontext_trt.runtime.stages import STAGE_IO, STAGE_NAMES
 
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
@@ -220,7 +221,7 @@ class TrtStage:
         self.weight_budget, self.cuda_graphs = weight_budget, cuda_graphs
         self.input_names, self.output_names = STAGE_IO[name]
         self.engine: Any = None
-        self.contexts: OrderedDict[tuple, trt_api.Context] = OrderedDict()
+        self.contexts = LruCache(MAX_CONTEXTS, on_evict=self.drop_context)
         self.specs: dict[str, TensorSpec] = {}
         self.native_graphs = False  # TensorRT-RTX captures its own graphs (its contexts are not stream capturable)
         self.events = 0  # loads, unloads, dropped contexts: graphs captured before one are stale
@@ -260,19 +261,22 @@ class TrtStage:
     def context_for(self, shapes: tuple) -> Any:
         """The execution context of these input shapes: made with the shapes set on first use; the least recently
         used one is dropped beyond MAX_CONTEXTS."""
-        if shapes in self.contexts:
-            self.contexts.move_to_end(shapes)
-            return self.contexts[shapes].context
+        return self.contexts.get_or_make(shapes, lambda: self.shaped_context(shapes)).context
+
+    def shaped_context(self, shapes: tuple) -> trt_api.Context:
+        """A new context for these shapes; under CUDA graphs on TensorRT-RTX, one capturing its own graphs if a plain
+        one is not stream capturable."""
         ctx = self.new_context(shapes, self.native_graphs)
         if self.cuda_graphs and self.pool.api.aot and not self.native_graphs \
                 and not ctx.context.is_stream_capturable(self.stream_handle()):
             ctx, self.native_graphs = self.new_context(shapes, native_graphs=True), True
-        self.contexts[shapes], self.new_kernels = ctx, True
-        if len(self.contexts) > MAX_CONTEXTS:
-            self.pool.sync()  # the dropped context may still have work queued
-            self.contexts.popitem(last=False)
-            self.events += 1
-        return ctx.context
+        self.new_kernels = True
+        return ctx
+
+    def drop_context(self, shapes: tuple, ctx: trt_api.Context) -> None:
+        """Let an evicted context go once the device is done with it (it may still have work queued)."""
+        self.pool.sync()
+        self.events += 1
 
     def enqueue(self, ctx: Any) -> None:
         """execute_async_v3 on the pool's stream, ordered after and before torch's current stream (no host wait)."""
