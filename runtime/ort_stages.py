@@ -19,20 +19,24 @@ TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16
 TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.int64: "<i8", torch.int32: "<i4", torch.bool: "|b1"}
 
 
+def ort_session(path: str | Path, device: torch.device = torch.device("cpu")) -> ort.InferenceSession:
+    """An InferenceSession on device's execution provider (CPU as fallback) that runs Q/DQ graphs as written."""
+    cuda = [("CUDAExecutionProvider", {"device_id": device.index or 0})] if device.type == "cuda" else []
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # ORT's QDQ fusions mistake FP8 DequantizeLinear -> MatMul for int8 and refuse the graph: keep Q/DQ as written.
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(str(path), options, providers=[*cuda, "CPUExecutionProvider"])
+
+
 class OrtStage:
     """Adapter: named torch tensors in, named torch tensors out, over one ONNX file in an InferenceSession."""
 
     def __init__(self, name: str, path: str | Path, device: torch.device | str = "cpu") -> None:
         self.name, self.device = name, torch.device(device)
         self.input_names, self.output_names = STAGE_IO[name]
-        cuda = [("CUDAExecutionProvider", {"device_id": self.device.index or 0})] if self.device.type == "cuda" else []
-        providers = [*cuda, "CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # ORT's QDQ fusions mistake FP8 DequantizeLinear -> MatMul for int8 and refuse the graph: keep Q/DQ as written.
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort_session(path, self.device)
         except Exception as error:  # onnxruntime raises its own pybind11 types
             raise KontextError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0][:160]}); the "
                                f"onnxruntime backend runs fp32 exports (--dtype fp32), bf16 is for TensorRT") from None

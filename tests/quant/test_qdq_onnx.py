@@ -9,20 +9,12 @@ import pytest
 import torch
 
 from kontext_trt.runtime.cli import main
+from kontext_trt.runtime.ort_stages import OrtStage, ort_session
 
 # FP8 rounding turns float-order noise into whole E4M3 steps wherever a value sits near a rounding midpoint, and the
 # 4 blocks carry those flips on: the torch model itself moves by ~0.3% (rel. L2) when its inputs are perturbed by
 # 1e-7 relative. ORT against torch measured 0.77% rel. L2, cosine 0.99997 on export's sample inputs; stated bounds:
 FULL_MODEL_REL_L2, FULL_MODEL_COSINE = 0.02, 0.9995
-
-
-def ort_session(path: Path):
-    """An ONNX Runtime CPU session for a Q/DQ graph (ORT 1.24's QDQ fusions mistake FP8 DQ->MatMul for int8)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def quantized_module(ckpt_path, out: Path, dtype: torch.dtype):
@@ -47,7 +39,7 @@ def test_fp8_onnx_runs_in_onnxruntime_like_torch(fp8_run, tiny_ckpt):
     inputs = sample_inputs("transformer", ck.open_checkpoint(tiny_ckpt).transformer_config, torch.float32)
     with torch.no_grad():
         want = quantized_module(tiny_ckpt, out, torch.float32)(**inputs)[0].numpy()
-    got = ort_session(out / "transformer/model.onnx").run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    got = OrtStage("transformer", out / "transformer/model.onnx")(**inputs)["latent"].numpy()  # the runtime's backend
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
     assert rel <= FULL_MODEL_REL_L2 and cosine >= FULL_MODEL_COSINE, (rel, cosine)
