@@ -25,14 +25,17 @@ class Target:
     device: str = "cpu"
     onnx: Path | None = None
     engines: Path | None = None
+    precision: str | None = None  # the engine set's (default: the only one built)
+    sku: str = "auto"
 
     def load(self) -> Kontext:
         """The pipeline, through runtime.pipeline.load_kontext."""
         from kontext_trt.runtime.pipeline import load_kontext
 
-        extra = {key: value for key, value in (("onnx", self.onnx), ("engines", self.engines)) if value is not None}
-        backend = "tensorrt" if self.engines is not None else self.backend
-        return load_kontext(self.model, backend=backend, dtype=self.dtype, device=self.device, **extra)
+        if self.engines is not None:
+            return load_kontext(self.model, backend="tensorrt", onnx=self.onnx, engines=self.engines,
+                                precision=self.precision, sku=self.sku)
+        return load_kontext(self.model, backend=self.backend, dtype=self.dtype, device=self.device, onnx=self.onnx)
 
     def transformer_config(self) -> dict | None:
         """The checkpoint's transformer config (for the FLOP model), or None without --model."""

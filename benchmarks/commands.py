@@ -33,11 +33,13 @@ def int_list(text: str) -> list[int]:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register `bench run` and `bench compare`."""
     from kontext_trt.benchmarks.bench import BACKENDS
+    from kontext_trt.runtime.commands import add_engine_selection
 
     bench = sub.add_parser("bench", help="latency and memory benchmarks: per-stage percentiles, roofline, plots")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser("run", help="measure the loop over sizes x batches (x CUDA graphs) and write the results")
     p.add_argument("--engines", type=Path, help="folder of TensorRT engines (instead of --backend)")
+    add_engine_selection(p)
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--model", type=Path, help="checkpoint folder; with --onnx or --engines it still gives the FLOP "
                    "model its transformer config (no roofline figures without it)")
@@ -67,6 +69,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.engines is None and args.backend == "torch" and args.model is None:
         raise KontextError("nothing to measure: pass --model CHECKPOINT_DIR, --backend onnxruntime --onnx DIR "
                            "or --engines DIR")
+    if args.engines is None and (args.precision is not None or args.sku != "auto"):
+        raise KontextError("--precision and --sku pick an engine set: add --engines DIR (backends take --dtype)")
     if (args.onnx is not None) != (args.backend == "onnxruntime"):
         raise KontextError("--backend onnxruntime and --onnx DIR (made by `kontext-trt export`) go together")
     if args.cuda_graphs != "off" and (args.device != "cuda" or args.warmup < 1):
@@ -84,7 +88,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from kontext_trt.benchmarks.report import markdown, write_all
 
     check_arguments(args)
-    target = Target(args.backend, args.model, args.dtype, args.device, args.onnx, args.engines)
+    target = Target(args.backend, args.model, args.dtype, args.device, args.onnx, args.engines, args.precision,
+                    args.sku)
     configs = run_configs(args.sizes, args.batch, args.steps, GRAPH_MODES[args.cuda_graphs])
     results = run_bench(target, configs, args.warmup, args.iters)
     paths = write_all(results, args.out)

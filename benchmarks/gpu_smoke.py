@@ -77,7 +77,7 @@ def run_mode(engines: Path, onnx: Path, req, reference: torch.Tensor, options: d
     from kontext_trt.runtime.trt_stages import memory_summary, request_geometry
 
     torch.cuda.reset_peak_memory_stats()
-    k = load_kontext(None, backend="tensorrt", engines=engines, dtype="fp32", onnx=onnx,
+    k = load_kontext(None, backend="tensorrt", engines=engines, precision="fp32", onnx=onnx,
                      geometry=request_geometry(req), cuda_graphs=graphs, **options)
     trt = dict(k.stages)
     if graphs:
@@ -99,7 +99,7 @@ def streamable_half(engines: Path, onnx: Path, req) -> int:
     from kontext_trt.runtime.pipeline import load_kontext
     from kontext_trt.runtime.trt_stages import request_geometry
 
-    k = load_kontext(None, backend="tensorrt", engines=engines, dtype="fp32", onnx=onnx, geometry=request_geometry(req),
+    k = load_kontext(None, backend="tensorrt", engines=engines, precision="fp32", onnx=onnx, geometry=request_geometry(req),
                      low_vram=True)
     stage = k.stages["transformer"]
     stage.pool.admit(stage)

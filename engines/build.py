@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kontext_trt.engines import cache, profiles, trt_api
 from kontext_trt.engines.onnx_dir import OnnxStage, read_onnx_dir
-from kontext_trt.engines.skus import Sku, precision_refusal
+from kontext_trt.engines.skus import PRECISION_FALLBACK, Sku, precision_refusal
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.stages import STAGE_NAMES
 from kontext_trt.runtime.timing import progress
@@ -78,7 +78,9 @@ def check_precision(stage: OnnxStage, sms: tuple[int, ...]) -> None:
     for sm in sms:
         reason = precision_refusal(stage.precision, sm)
         if reason:
-            raise KontextError(f"{stage.stage} ONNX {stage.path} is {stage.precision}: {reason}")
+            raise KontextError(f"{stage.stage} ONNX {stage.path} is {stage.precision}: {reason}: build "
+                               f"{PRECISION_FALLBACK.get(stage.precision, 'another precision')} for this GPU or "
+                               f"drop sm{sm} from --target")
 
 
 def stage_key(stage: OnnxStage, profile: profiles.Profile, target: Target, flags: BuildFlags, version: str) -> str:

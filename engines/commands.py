@@ -91,13 +91,13 @@ def run_check(args: argparse.Namespace) -> int:
     sku = device.resolve_sku(args.sku, gpu, why)
     api = trt_api.load_api(sku.flavor if args.backend == "auto" else args.backend)
     base = args.engines / sku.tag / api.folder
-    built = sorted(p.parent.name for p in base.glob(f"*/{cache.MANIFEST}"))
-    precision = args.precision or (built[0] if len(built) == 1 else None)
-    engines = cache.open_set(base / precision) if precision else None
+    precision = cache.pick_precision(base, args.precision)
+    engines = cache.open_set(base / precision)
     if engines is None:
-        raise KontextError(f"no engine set in {base} for precision {precision or '?'} (built: "
-                           f"{', '.join(built) or 'none'}): pass --precision, or build with "
-                           f"kontext-trt build --onnx {args.onnx} --out {args.engines}")
+        built = sorted(p.parent.name for p in base.glob(f"*/{cache.MANIFEST}"))
+        raise KontextError(f"no engine set in {base} for precision {precision} (built: {', '.join(built) or 'none'}): "
+                           f"build it with kontext-trt build --onnx {args.onnx} --out {args.engines} --precision "
+                           f"{precision}")
     rows = check.check_engines(engines, read_onnx_dir(args.onnx), api, args.atol, args.rtol)
     print(check.format_rows(rows))
     return 0 if all(r.get("passed") for r in rows) else 1

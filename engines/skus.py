@@ -50,6 +50,7 @@ def sku_for_device_name(device_name: str) -> Sku | None:
 
 # The oldest compute capability with tensor-core support for each engine precision (NVIDIA support matrices).
 PRECISION_MIN_SM: dict[str, int] = {"fp32": 0, "fp16": 0, "bf16": 80, "fp8": 89, "nvfp4": 100}
+PRECISION_FALLBACK = {"nvfp4": "fp8 or bf16", "fp8": "bf16", "bf16": "fp16"}  # what such a GPU runs instead
 ARCHITECTURES = ((120, "Blackwell RTX"), (100, "Blackwell"), (90, "Hopper"), (89, "Ada"), (80, "Ampere"),
                  (75, "Turing"))
 
@@ -66,6 +67,5 @@ def precision_refusal(precision: str, sm: int) -> str | None:
         return f"unknown precision {precision}: use one of {', '.join(PRECISION_MIN_SM)}"
     if sm >= need:
         return None
-    fallback = {"nvfp4": "fp8 or bf16", "fp8": "bf16", "bf16": "fp16"}[precision]
     return (f"{precision} needs compute capability sm{need} ({architecture(need)}) or newer and sm{sm} "
-            f"({architecture(sm)}) lacks it: build {fallback} for this GPU or drop sm{sm} from --target")
+            f"({architecture(sm)}) lacks it")

@@ -42,14 +42,25 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="checkpoint folder (diffusers layout or BFL single files)")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
     p.add_argument("--onnx", type=Path, help="export folder (kontext-trt export) for --backend onnxruntime")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="torch backend weights and compute")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--engines", type=Path, help="engine cache (kontext-trt build): run this GPU's TensorRT engines")
+    add_engine_selection(p)
     p.add_argument("--low-vram", action="store_true", help="with --engines: one engine on the GPU at a time")
     p.add_argument("--weight-streaming-budget", type=budget_bytes, metavar="BYTES",
                    help="with --engines: keep this much of the transformer's weights on the GPU (e.g. 8GiB, or auto) "
                         "and stream the rest from host memory; needs engines built with --weight-streaming")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the transformer step as a CUDA graph (GPU only)")
+
+
+def add_engine_selection(p: argparse.ArgumentParser) -> None:
+    """--precision and --sku: which engine set of the --engines cache runs."""
+    from kontext_trt.engines.onnx_dir import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, help="with --engines: the engine set's precision (default: the "
+                   "only one built for this GPU)")
+    p.add_argument("--sku", default="auto", help="with --engines: the SKU whose engines run (default: this GPU's, "
+                   "from NVML); another SKU of the same architecture, e.g. h100-sxm engines on an H100 NVL")
 
 
 def budget_bytes(text: str) -> int | str:
@@ -116,6 +127,9 @@ def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontex
     if args.engines is None:
         if args.low_vram or args.weight_streaming_budget is not None:
             raise KontextError("--low-vram and --weight-streaming-budget are TensorRT memory modes: add --engines DIR")
+        if args.precision is not None or args.sku != "auto":
+            raise KontextError("--precision and --sku pick an engine set: add --engines DIR (the torch and "
+                               "onnxruntime backends take --dtype)")
         if args.cuda_graphs and not args.device.startswith("cuda"):
             raise KontextError("--cuda-graphs replays on a GPU: add --device cuda (or run engines with --engines DIR)")
         if args.model is None and args.backend != "onnxruntime":
@@ -127,7 +141,8 @@ def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontex
 
         if args.backend != "torch":
             raise KontextError(f"--engines runs the TensorRT backend: drop --backend {args.backend}")
-        k = load_kontext(args.model, backend="tensorrt", dtype=args.dtype, onnx=args.onnx, engines=args.engines,
+        k = load_kontext(args.model, backend="tensorrt", onnx=args.onnx, engines=args.engines,
+                         precision=args.precision, sku=args.sku,
                          geometry=request_geometry(request), low_vram=args.low_vram,
                          weight_budget=args.weight_streaming_budget, cuda_graphs=args.cuda_graphs)
     if args.cuda_graphs:

@@ -22,7 +22,8 @@ def resolve_device(device: str) -> torch.device:
 def load_kontext(model: str | Path | None, backend: str = "torch", dtype: str = "bf16", device: str = "cpu",
                  onnx: Path | None = None, engines: Path | None = None, **trt_options) -> Kontext:
     """Load a checkpoint's stages on a backend (onnxruntime: an export folder `onnx`; tensorrt: the engine cache
-    `engines`, with trt_stages.load_trt_kontext's options), with tokenizers and config."""
+    `engines` with trt_stages.load_trt_kontext's options, precision included: dtype is the torch backend's), with
+    tokenizers and config."""
     from kontext_trt.runtime import checkpoint as ck
     from kontext_trt.runtime.torch_stages import torch_stages
 
@@ -31,7 +32,7 @@ def load_kontext(model: str | Path | None, backend: str = "torch", dtype: str = 
 
         if engines is None:
             raise KontextError("--backend tensorrt needs --engines DIR (made by `kontext-trt build`)")
-        return load_trt_kontext(engines, dtype, onnx=onnx, model=model, **trt_options)
+        return load_trt_kontext(engines, onnx=onnx, model=model, **trt_options)
     if backend == "onnxruntime":
         from kontext_trt.runtime.ort_stages import load_ort_kontext
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from kontext_trt.engines import cache, device as gpus, profiles, trt_api
-from kontext_trt.engines.skus import Sku
+from kontext_trt.engines.skus import PRECISION_FALLBACK, Sku, precision_refusal
 from kontext_trt.runtime import image as im
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.flow import EditRequest, Kontext, KontextConfig
@@ -426,18 +426,6 @@ def pick_api(root: Path, sku: Sku) -> trt_api.TrtApi:
     return next((api for api in installed if (Path(root) / sku.tag / api.folder).is_dir()), installed[0])
 
 
-def pick_precision(folder: Path, dtype: str | None) -> str:
-    """The precision folder to use: the only one built, else --dtype's."""
-    built = sorted(p.parent.name for p in Path(folder).glob(f"*/{cache.MANIFEST}"))
-    if len(built) == 1:
-        return built[0]
-    if dtype in built:
-        return dtype
-    if built:
-        raise KontextError(f"{folder} holds engine sets in {', '.join(built)}: pass --dtype to pick one")
-    return dtype or "bf16"  # nothing built: find_engines says what to build
-
-
 def default_geometry(folder: Path) -> Geometry:
     """The geometry an engine set covers if it covers anything: its opt size, batch at its low end, an edit when it
     has a VAE encoder."""
@@ -470,15 +458,31 @@ def text_side(manifest: dict, onnx: Path | None, model: Path | None) -> tuple[An
     return (*ck.load_tokenizers(ckpt), KontextConfig.from_checkpoint(ckpt))
 
 
-def load_trt_kontext(engines: Path, dtype: str | None = None, geometry: Geometry | None = None,
+def gpu_sku(name: str, gpu: gpus.Gpu) -> Sku:
+    """The SKU whose engines run on this GPU: NVML's ('auto'), or one named, which must be this GPU's architecture
+    (an engine runs only on the compute capability it was built for)."""
+    sku = gpus.resolve_sku(name, gpu)
+    if sku.sm != gpu.sm:
+        raise KontextError(f"--sku {name} engines are for sm{sku.sm} and this GPU ({gpu.name}) is sm{gpu.sm}: use "
+                           f"--sku auto, or build engines for it with kontext-trt build --sku auto")
+    return sku
+
+
+def load_trt_kontext(engines: Path, precision: str | None = None, sku: str = "auto", geometry: Geometry | None = None,
                      onnx: Path | None = None, model: Path | None = None, low_vram: bool = False,
                      weight_budget: int | str | None = None, cuda_graphs: bool = False) -> Kontext:
-    """A Kontext pipeline over the engine set in `engines` for this GPU and installed TensorRT that covers `geometry`
-    (default: the set's own opt size), or one line saying why not and the build command that makes it."""
+    """A Kontext pipeline over the engine set in `engines` for this GPU (or the SKU named), the installed TensorRT and
+    `precision` (default: the only one built) that covers `geometry` (default: the set's own opt size), or one line
+    saying why not and the build command that makes it."""
     gpu = cuda_gpu()
-    sku = gpus.resolve_sku("auto", gpu)
+    sku = gpu_sku(sku, gpu)
     api = pick_api(engines, sku)
-    precision = pick_precision(Path(engines) / sku.tag / api.folder, dtype)
+    precision = cache.pick_precision(Path(engines) / sku.tag / api.folder, precision)
+    refusal = precision_refusal(precision, gpu.sm)
+    if refusal is not None:
+        fallback = PRECISION_FALLBACK.get(precision, "fp32")
+        raise KontextError(f"{gpu.name} cannot run {precision} engines: {refusal}: run {fallback} engines instead "
+                           f"(--precision {fallback.split()[0]})")
     folder = cache.engine_folder(engines, sku, api.folder, precision)
     g = geometry or default_geometry(folder)
     found = cache.find_engines(engines, sku, api.folder, precision, g.width, g.height, g.batch, g.context)

@@ -99,6 +99,7 @@ def test_load_results_refuses_bad_files_in_one_line(results_dir, tmp_path, chang
     (["--sizes", "100x64"], "not a multiple of 16"),
     (["--onnx", "x"], "--backend onnxruntime and --onnx DIR"),
     (["--backend", "onnxruntime"], "--backend onnxruntime and --onnx DIR"),
+    (["--precision", "fp8"], "--precision and --sku pick an engine set: add --engines DIR"),
 ])
 def test_bad_arguments_fail_with_one_line(capsys, tiny_ckpt, tmp_path, extra, message):
     code, _, err = bench(capsys, tiny_ckpt, tmp_path / "o", *extra)

@@ -43,7 +43,7 @@ def tensorrt_kontext(onnx, root):
         env.setenv("NVIDIA_TF32_OVERRIDE", "0")  # TF32 (on by default) would cost the 1e-4 parity
         assert main(["build", "--onnx", str(onnx), "--out", str(root), "--sizes", "64x64,80x64,96x64",
                      "--batch", "1-2"]) == 0
-    return load_kontext(None, backend="tensorrt", engines=root, dtype="fp32")
+    return load_kontext(None, backend="tensorrt", engines=root, precision="fp32")
 
 
 @pytest.fixture(scope="module")

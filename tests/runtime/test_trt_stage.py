@@ -4,6 +4,7 @@ A CPU host builds TensorRT-RTX plans but cannot deserialize them (the runtime ne
 here is a stand-in exposing ICudaEngine's I/O surface from what this host does know of the built engine: its
 TensorRT-RTX network (tensor names, dtypes, dynamic axes) and the profile the engine manifest records.
 """
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -328,3 +329,37 @@ def test_cli_memory_modes_need_engines(capsys, tiny_ckpt, tmp_path):
     assert code == 2 and "are TensorRT memory modes: add --engines DIR" in capsys.readouterr().err
     code = main(["edit", "--model", str(tiny_ckpt), "--cuda-graphs", "--prompt", "x", "--out", str(tmp_path / "o.png")])
     assert code == 2 and "--cuda-graphs replays on a GPU" in capsys.readouterr().err
+
+
+def test_cli_precision_the_gpu_lacks(capsys, engines, tmp_path, rtx):
+    rtx("NVIDIA GeForce RTX 4090", 89)
+    err = edit_error(capsys, engines, tmp_path, "--precision", "nvfp4")
+    assert "RTX 4090 cannot run nvfp4 engines: nvfp4 needs compute capability sm100" in err
+    assert "(--precision fp8)" in err
+
+
+def test_cli_several_precisions_built(capsys, engines, tmp_path, rtx):
+    rtx("NVIDIA GeForce RTX 4090", 89)
+    root = tmp_path / "engines"
+    shutil.copytree(engines, root)
+    base = root / "rtx4090-sm89" / API.folder
+    shutil.copytree(base / "fp32", base / "fp8")
+    assert f"{base} holds engine sets in fp32, fp8: pass --precision to pick one" in edit_error(capsys, root, tmp_path)
+    assert cache.pick_precision(base, "fp8") == "fp8" and cache.pick_precision(base / "none", None) == "bf16"
+    shutil.rmtree(base / "fp8")
+    assert cache.pick_precision(base, None) == "fp32"
+
+
+def test_cli_sku_of_another_architecture(capsys, engines, tmp_path, rtx):
+    rtx("NVIDIA H100 NVL", 90)
+    assert "is not in the SKU table: pass --sku NAME" in edit_error(capsys, engines, tmp_path)
+    err = edit_error(capsys, engines, tmp_path, "--sku", "rtx4090")
+    assert "--sku rtx4090 engines are for sm89 and this GPU (NVIDIA H100 NVL) is sm90" in err
+    err = edit_error(capsys, engines, tmp_path, "--sku", "h100-sxm")  # same architecture: its engines are looked up
+    assert "no engines for h100-sxm-sm90/" in err
+
+
+def test_cli_engine_selection_needs_engines(capsys, tiny_ckpt, tmp_path):
+    code = main(["edit", "--model", str(tiny_ckpt), "--precision", "fp8", "--prompt", "x",
+                 "--out", str(tmp_path / "o.png")])
+    assert code == 2 and "--precision and --sku pick an engine set: add --engines DIR" in capsys.readouterr().err
