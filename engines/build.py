@@ -5,7 +5,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,6 +24,11 @@ class Target:
     flavor: str
     sms: tuple[int, ...]
     device_sm: int | None = None
+
+
+# --weight-streaming applies here only: the runtime streams the transformer's weights, and on TensorRT-RTX a streaming
+# engine cannot take user-allocated memory, so its contexts could not be captured in the runtime's CUDA graphs.
+STREAMED_STAGES = ("transformer",)
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,8 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
     axes, built = profiles.axis_ranges(req.shapes), []
     for stage, pick in picks.items():
         profile = profiles.stage_profile(stage, pick.shapes, axes)
-        key = stage_key(pick, profile, req.target, flags, api.version)
+        stage_flags = flags if stage in STREAMED_STAGES else replace(flags, weight_streaming=False)
+        key = stage_key(pick, profile, req.target, stage_flags, api.version)
         entry, plan_path = manifest["stages"].get(stage, {}), folder / f"{stage}.plan"
         if entry.get("key") == key and plan_path.is_file() and plan_path.stat().st_size == entry.get("engine_bytes"):
             print(f"{stage}: up to date ({plan_path})", file=sys.stderr)
@@ -148,7 +154,7 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
         start = time.perf_counter()
         with progress(f"building {stage} ({pick.precision}, {api.folder}, {','.join(build['targets'])})"):
             try:
-                plan = build_engine(pick.path, profile, req.target, flags)
+                plan = build_engine(pick.path, profile, req.target, stage_flags)
             except KontextError as exc:
                 if flags.refit and api.aot and not req.gpu:  # seen with TensorRT-RTX 1.7.1: refit builds need CUDA
                     raise KontextError(f"{exc}; {api.folder} could not build a refittable engine without a GPU: "
@@ -158,7 +164,8 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
             inspected = trt_api.inspect_plan(api, plan, req.gpu)
             _check_header(inspected["header"], api.version, build["targets"], stage)
             cache.write_atomic(plan_path, plan)
-        manifest["stages"][stage] = _stage_entry(pick, plan_path, key, profile, axes, flags, seconds, plan, inspected)
+        manifest["stages"][stage] = _stage_entry(pick, plan_path, key, profile, axes, stage_flags, seconds, plan,
+                                                 inspected)
         built.append(stage)
         cache.write_manifest(folder, manifest)
     if manifest != old:

@@ -80,14 +80,16 @@ def test_changed_flags_rebuild(engine_onnx, tmp_path):
     flags = build.BuildFlags(opt_level=2, weight_streaming=True)
     _, done = build.build_set(request(engine_onnx, tmp_path, flags=flags))
     manifest = cache.read_manifest(folder)
-    assert done == ["clip"] and manifest["stages"]["clip"]["flags"]["weight_streaming"]
+    assert done == ["clip"] and manifest["stages"]["clip"]["flags"]["opt_level"] == 2
+    assert not manifest["stages"]["clip"]["flags"]["weight_streaming"]  # only the transformer streams its weights
     assert manifest["command"].endswith("--batch 1 --opt-level 2 --weight-streaming --stages clip")
 
 
 def test_bf16_build_for_blackwell_rtx(bf16_onnx, tmp_path):
     req = build.BuildRequest(onnx_dir=bf16_onnx, out=tmp_path, sku=SKUS["rtx5090"],
                              target=build.Target("tensorrt-rtx", (86, 89, 120)),
-                             shapes=Shapes(((1024, 1024),), static=True), stages=("transformer", "vae_decoder"))
+                             shapes=Shapes(((1024, 1024),), static=True), stages=("transformer", "vae_decoder"),
+                             flags=build.BuildFlags(weight_streaming=True))
     folder, done = build.build_set(req)
     assert folder == tmp_path / "rtx5090-sm120" / RTX / "bf16" and done == ["transformer", "vae_decoder"]
     manifest = cache.read_manifest(folder)
@@ -96,6 +98,7 @@ def test_bf16_build_for_blackwell_rtx(bf16_onnx, tmp_path):
     assert t["profile"]["hidden_states"]["min"] == t["profile"]["hidden_states"]["max"] == [1, 8192, 64]
     assert t["header"]["targets"] == ["sm86", "sm89", "sm120"]  # one portable plan for three GPUs
     assert "--static 1024x1024" in manifest["command"]
+    assert t["flags"]["weight_streaming"] and not manifest["stages"]["vae_decoder"]["flags"]["weight_streaming"]
 
 
 @pytest.mark.parametrize("precision,sm,ok", [
