@@ -135,6 +135,7 @@ class GraphedStage:
         def call() -> dict[str, torch.Tensor]:
             return self.stage(**static)
 
+        before = self._stage_epoch()
         self.backend.warm_up(call)  # the stage's own errors (a shape outside the profile) surface here, uncaught
         refusal = getattr(self.stage, "graph_refusal", lambda: None)()
         if refusal is None:
@@ -142,7 +143,10 @@ class GraphedStage:
                 handle, outputs = self.backend.capture(call)
             except Exception as exc:  # CUDA or the library refused to capture: this signature runs eagerly
                 refusal = f"capture failed: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
-        self.epoch = self._stage_epoch()  # a warm-up that loaded the engine is this graph's epoch
+        if self._stage_epoch() != before:  # the warm-up loaded the engine or dropped another shape's context
+            self.graphs.clear()
+            self.counts["invalidations"] += 1
+        self.epoch = self._stage_epoch()
         if refusal is not None:
             self.refusals[key] = refusal
             return None

@@ -57,6 +57,12 @@ class OrtStage:
         outputs = self.session.run(list(self.output_names), {name: t.numpy() for name, t in feeds.items()})
         return {name: torch.from_numpy(out) for name, out in zip(self.output_names, outputs)}
 
+    def graph_refusal(self) -> str | None:
+        """Why runtime.cudagraphs must not capture this stage: a CUDA run waits on the host, which capture forbids."""
+        if self.device.type == "cuda":
+            return "onnxruntime synchronises with the host around each CUDA run, which a graph capture forbids"
+        return None
+
     def _run_bound(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """CUDA: bind torch buffers as inputs, let ORT allocate outputs on the GPU, wrap and clone them."""
         binding, index = self.session.io_binding(), self.device.index or 0

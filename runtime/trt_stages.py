@@ -24,6 +24,7 @@ import torch
 from kontext_trt.engines import cache, device as gpus, profiles, trt_api
 from kontext_trt.engines.skus import PRECISION_FALLBACK, Sku, precision_refusal
 from kontext_trt.runtime import image as im
+from kontext_trt.runtime.cudagraphs import GRAPHED_STAGES
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.flow import EditRequest, Kontext, KontextConfig
 from kontext_trt.runtime.lru import LruCache
@@ -34,6 +35,7 @@ TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfl
 OOM_MARKERS = ("outofmemory", "cudaerrormemoryallocation", "memoryallocationfailed", "insufficientmemory",
                "failedtoallocate", "couldnotbeallocated")  # matched against the message lower-cased, without spaces
 MAX_CONTEXTS = 8  # execution contexts per engine, one per input shape: a captured graph relies on its context's state
+AUTO_HEADROOM = 2**30  # --weight-streaming-budget auto leaves this much device memory to activations and torch
 
 
 @dataclass(frozen=True)
@@ -166,18 +168,26 @@ class EnginePool:
             stage.unload()
 
     def fit(self, need: int) -> None:
-        """Grow the shared scratch to at least `need` bytes, pointing every resident context at the new allocation."""
+        """Grow the shared scratch to at least `need` bytes, pointing every resident context at the new allocation.
+        The new one is taken while the old one still serves; if both do not fit, the resident engines are unloaded
+        (no context may point at freed memory) and it is taken alone (an out-of-memory error from there on)."""
         if self.scratch is not None and need <= self.scratch_bytes:
             return
         self.sync()
-        if self.scratch is not None:
-            self.scratch = None  # give the old allocation back to the driver before taking the larger one
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        self.scratch = torch.empty(max(need, 1), dtype=torch.uint8, device=self.device)
-        self.moves += 1
+        try:
+            scratch = self.allocate(need)
+        except torch.cuda.OutOfMemoryError:
+            self.scratch = None
+            self.release()
+            torch.cuda.empty_cache()
+            scratch = self.allocate(need)
+        self.scratch, self.moves = scratch, self.moves + 1
         for stage in self.resident.values():
             stage.point_at_scratch()
+
+    def allocate(self, need: int) -> torch.Tensor:
+        """A device byte buffer of at least `need` bytes (torch's allocator: 512-byte aligned)."""
+        return torch.empty(max(need, 1), dtype=torch.uint8, device=self.device)
 
     def advice(self) -> str:
         """Which memory mode to try next after running out of device memory."""
@@ -282,9 +292,12 @@ class TrtStage:
         """execute_async_v3 on the pool's stream, ordered after and before torch's current stream (no host wait)."""
         stream, current = self.pool.stream, torch.cuda.current_stream(self.pool.device)
         stream.wait_stream(current)
-        if not ctx.execute_async_v3(stream.cuda_stream):
+        try:
+            ran = ctx.execute_async_v3(stream.cuda_stream)
+        finally:
+            current.wait_stream(stream)  # joined even on failure: a graph capture in progress must end joined
+        if not ran:
             raise KontextError(f"the {self.name} engine failed to run: {trt_api.take_errors(self.pool.api)}")
-        current.wait_stream(stream)
 
     def load(self) -> None:
         """Deserialize the plan, apply the weight-streaming budget, size the shared scratch (contexts: per shape)."""
@@ -323,7 +336,10 @@ class TrtStage:
             ctx.context.set_device_memory(self.pool.scratch.data_ptr(), self.pool.scratch_bytes)
 
     def stream_weights(self, engine: Any) -> None:
-        """Set the transformer's weight-streaming budget (bytes kept on the device; 'auto': the library's choice)."""
+        """Set the transformer's weight-streaming budget: bytes of its streamable weights kept on the device, at most
+        all of them; 'auto': what fits in the device memory free now, less the engine's scratch and AUTO_HEADROOM
+        (computed here: TensorRT's get_weight_streaming_automatic_budget returns an int32 in its Python binding, which
+        wraps above 2 GiB)."""
         if self.weight_budget is None:
             return
         self.streamable_bytes = int(engine.streamable_weights_size)
@@ -331,10 +347,17 @@ class TrtStage:
             raise KontextError(f"--weight-streaming-budget needs a {self.name} engine built with --weight-streaming; "
                                f"rebuild: {self.rebuild}" + ("" if "--weight-streaming" in self.rebuild
                                                               else " --weight-streaming"))
-        budget = (engine.get_weight_streaming_automatic_budget() if self.weight_budget == "auto"
-                  else min(int(self.weight_budget), self.streamable_bytes))
-        engine.weight_streaming_budget_v2 = int(budget)
-        self.budget_bytes = int(budget)
+        if self.weight_budget == "auto":
+            free, grow = device_memory(self.pool.device)[0], int(engine.device_memory_size_v2) - self.pool.scratch_bytes
+            budget = free - max(0, grow) - AUTO_HEADROOM
+        else:
+            budget = int(self.weight_budget)
+        budget = max(0, min(budget, self.streamable_bytes))
+        engine.weight_streaming_budget_v2 = budget  # the binding drops the setter's verdict: read it back
+        if int(engine.weight_streaming_budget_v2) != budget:
+            raise KontextError(f"{self.plan}: the engine refused a weight-streaming budget of {budget} bytes: "
+                               f"{trt_api.take_errors(self.pool.api)}")
+        self.budget_bytes = budget
 
     def unload(self) -> None:
         """Free the engine and its context once the device is done with them."""
@@ -491,11 +514,11 @@ def load_trt_kontext(engines: Path, precision: str | None = None, sku: str = "au
     pool = EnginePool(api, device, low_vram, weight_budget is not None, found.runtime_cache)
     rebuild = found.manifest.get("command", "kontext-trt build")
     stages = {name: TrtStage(name, found.plans[name], pool, weight_budget if name == "transformer" else None,
-                             cuda_graphs, rebuild)
+                             cuda_graphs and name in GRAPHED_STAGES, rebuild)
               for name in STAGE_NAMES if name in found.plans}
-    if not low_vram:
-        for stage in stages.values():
-            pool.admit(stage)
+    if not low_vram:  # the transformer last: an auto weight-streaming budget sees what the other engines took
+        for name in sorted(stages, key=lambda name: name == "transformer"):
+            pool.admit(stages[name])
     info = {"backend": api.flavor, "dtype": precision, "precision": precision, "engines": str(found.folder),
             "checkpoint": (found.manifest.get("checkpoint_fingerprint") or "")[:16] or None, "memory_mode": pool.mode}
     return Kontext(stages, clip_tok, t5_tok, config, device, info=info)

@@ -100,6 +100,24 @@ def test_epoch_change_drops_every_graph():
                          "refusals": []}
 
 
+def test_epoch_change_during_a_warm_up_drops_the_other_graphs():
+    """A new shape's warm-up can free what older graphs replay (a TensorRT stage dropping another shape's context)."""
+    stage = Stage()
+    g = GraphedStage(stage, backend=FakeGraphs())
+    g(**inputs(1))
+    real_call = Stage.__call__
+
+    def call_dropping_a_context(self, x, t):
+        if x.shape[1] == 2 and self.graph_epoch == 0:
+            self.graph_epoch += 1
+        return real_call(self, x, t)
+    stage.__class__ = type("DroppingStage", (Stage,), {"__call__": call_dropping_a_context})
+    g(**inputs(2))
+    assert list(g.graphs) == [signature(inputs(2))] and g.stats()["invalidations"] == 1
+    g(**inputs(1))  # recaptured against the stage as it is now, not replayed from before
+    assert g.stats()["captures"] == 3 and g.stats()["replays"] == 3
+
+
 def test_refused_or_failed_capture_runs_eagerly():
     stage = Stage(refusal="the execution context is not stream capturable")
     g = GraphedStage(stage, backend=FakeGraphs())

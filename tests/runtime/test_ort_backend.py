@@ -42,6 +42,9 @@ def test_stage_adapter_casts_and_names(tiny_onnx):
     stage = OrtStage("vae_decoder", tiny_onnx / "vae_decoder" / "model.onnx")
     out = stage(latent=torch.randn(1, 16, 8, 12, dtype=torch.float64))
     assert list(out) == ["images"] and out["images"].dtype == torch.float32 and out["images"].shape == (1, 3, 64, 96)
+    assert stage.graph_refusal() is None
+    stage.device = torch.device("cuda")  # a CUDA run host-syncs: the graph wrapper must run it eagerly, not capture
+    assert "onnxruntime synchronises with the host" in stage.graph_refusal()
 
 
 def test_cli_edit_with_onnx_folder_alone(capsys, tiny_onnx, tmp_path):

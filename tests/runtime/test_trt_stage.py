@@ -62,8 +62,6 @@ class FakeEngine:
     def get_tensor_profile_shape(self, name, index):
         return [self.profile[name][key] for key in ("min", "opt", "max")]
 
-    def get_weight_streaming_automatic_budget(self):
-        return self.streamable_weights_size // 2
 
 
 class FakeContext:
@@ -213,9 +211,47 @@ def test_weight_streaming_budget(fake_engines, engines, manifest):
     pool.admit(s)
     assert fake_engines.engines["transformer"].weight_streaming_budget_v2 == 10_000  # clamped to what streams
     assert s.memory_stats()["weight_streaming_budget_bytes"] == 10_000
-    auto = stages(engines, manifest, ts.EnginePool(API, torch.device("cpu")), transformer={"weight_budget": "auto"})
-    auto["transformer"].pool.admit(auto["transformer"])
-    assert auto["transformer"].budget_bytes == 5_000
+
+
+
+@pytest.mark.parametrize("free,budget", [(2**30 + 4096 + 3_000, 3_000), (2**31, 10_000), (2**30, 0)])
+def test_auto_weight_streaming_budget_is_what_fits(fake_engines, engines, manifest, monkeypatch, free, budget):
+    """auto: free device memory less the engine's scratch (4096 here) and AUTO_HEADROOM, within 0..streamable."""
+    monkeypatch.setattr(ts, "device_memory", lambda device: (free, 8 * 2**30))
+    fake_engines.engines["transformer"].streamable_weights_size = 10_000
+    s = stages(engines, manifest, ts.EnginePool(API, torch.device("cpu")), transformer={"weight_budget": "auto"})
+    s["transformer"].pool.admit(s["transformer"])
+    assert s["transformer"].budget_bytes == budget == fake_engines.engines["transformer"].weight_streaming_budget_v2
+
+
+def test_refused_weight_streaming_budget(fake_engines, engines, manifest):
+    engine = fake_engines.engines["transformer"]
+    engine.streamable_weights_size = 10_000
+    type(engine).weight_streaming_budget_v2 = property(lambda self: -1, lambda self, value: None)  # setter ignored
+    try:
+        s = stages(engines, manifest, ts.EnginePool(API, torch.device("cpu")), transformer={"weight_budget": 5_000})
+        with pytest.raises(KontextError, match="the engine refused a weight-streaming budget of 5000 bytes"):
+            s["transformer"].pool.admit(s["transformer"])
+    finally:
+        del type(engine).weight_streaming_budget_v2
+
+
+def test_scratch_growth_out_of_memory_unloads_before_retrying(fake_engines, engines, manifest, monkeypatch):
+    pool = ts.EnginePool(API, torch.device("cpu"))
+    s = stages(engines, manifest, pool)
+    pool.admit(s["vae_decoder"])
+    old, real = pool.scratch, pool.allocate
+    failures = iter([True])
+
+    def allocate(need):
+        if next(failures, False):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(need)
+    monkeypatch.setattr(pool, "allocate", allocate)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    pool.fit(pool.scratch_bytes + 1)  # the larger buffer fits only once the old one and the decoder are gone
+    assert pool.scratch is not old and pool.scratch_bytes == old.numel() + 1
+    assert not pool.resident and s["vae_decoder"].engine is None and not s["vae_decoder"].contexts
 
 
 def test_rtx_context_not_capturable_uses_native_graphs(fake_engines, engines, manifest):
