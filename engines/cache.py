@@ -134,12 +134,17 @@ def _rebuild(root: Path, sku: Sku, flavor_version: str, precision: str, sizes: l
                           "stages": [s for s in STAGE_NAMES if s in {*old.get("stages", ()), *stages}]})
 
 
+def built_precisions(base: Path) -> list[str]:
+    """The precisions with an engine set (a manifest) under <sku>/<flavor>-<version>."""
+    return sorted(p.parent.name for p in Path(base).glob(f"*/{MANIFEST}"))
+
+
 def pick_precision(base: Path, precision: str | None) -> str:
     """The precision folder to use under <sku>/<flavor>-<version>: the one asked for, else the only one built (bf16
     when none is: the lookup then says what to build)."""
-    built = sorted(p.parent.name for p in Path(base).glob(f"*/{MANIFEST}"))
     if precision is not None:
         return precision
+    built = built_precisions(base)
     if len(built) > 1:
         raise KontextError(f"{base} holds engine sets in {', '.join(built)}: pass --precision to pick one")
     return built[0] if built else "bf16"

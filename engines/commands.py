@@ -95,8 +95,8 @@ def run_check(args: argparse.Namespace) -> int:
     precision = cache.pick_precision(base, args.precision)
     engines = cache.open_set(base / precision)
     if engines is None:
-        built = sorted(p.parent.name for p in base.glob(f"*/{cache.MANIFEST}"))
-        raise KontextError(f"no engine set in {base} for precision {precision} (built: {', '.join(built) or 'none'}): "
+        built = ", ".join(cache.built_precisions(base)) or "none"
+        raise KontextError(f"no engine set in {base} for precision {precision} (built: {built}): "
                            f"build it with kontext-trt build --onnx {args.onnx} --out {args.engines} --precision "
                            f"{precision}")
     rows = check.check_engines(engines, read_onnx_dir(args.onnx), api, args.atol, args.rtol)
