@@ -19,7 +19,7 @@ class StageTimes:
     """
 
     def __init__(self) -> None:
-        self.host: dict[str, list[float]] = defaultdict(list)
+        self.measured: dict[str, list[float]] = defaultdict(list)  # seconds read so far (CPU clock or CUDA events)
         self.events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = defaultdict(list)
 
     @contextmanager
@@ -33,7 +33,7 @@ class StageTimes:
             return
         start_s = time.perf_counter()
         yield
-        self.host[name].append(time.perf_counter() - start_s)
+        self.measured[name].append(time.perf_counter() - start_s)
 
     @property
     def seconds(self) -> dict[str, list[float]]:
@@ -41,9 +41,9 @@ class StageTimes:
         if self.events:
             torch.cuda.synchronize()
             for name, pairs in self.events.items():
-                self.host[name].extend(start.elapsed_time(end) / 1e3 for start, end in pairs)
+                self.measured[name].extend(start.elapsed_time(end) / 1e3 for start, end in pairs)
             self.events.clear()
-        return self.host
+        return self.measured
 
     def totals(self) -> dict[str, float]:
         """Total seconds per stage."""
