@@ -42,7 +42,7 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
     from kontext_trt.export.manifest import read_manifest
     from kontext_trt.runtime.cli import main
     from kontext_trt.runtime.stages import STAGE_NAMES
-    from kontext_trt.runtime.synth import write_synthetic_checkpoint
+    from kontext_trt.synth import write_synthetic_checkpoint
 
     ckpt, onnx, engines, streaming = (work / name for name in ("tiny-checkpoint", "onnx", "engines", "engines-ws"))
     if not (ckpt / "model_index.json").exists():

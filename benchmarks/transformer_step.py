@@ -29,7 +29,7 @@ from kontext_trt.runtime.timing import StageTimes
 
 def preset_config(name: str) -> dict:
     """Transformer config: `full` (FLUX.1 widths and depth) or the synthetic `slim`/`tiny` presets."""
-    from kontext_trt.runtime.synth import PRESETS
+    from kontext_trt.synth import PRESETS
 
     return {**DEFAULTS, **({} if name == "full" else PRESETS[name]["transformer"])}
 

@@ -88,7 +88,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_synth(args: argparse.Namespace) -> int:
     """kontext-trt synth."""
-    from kontext_trt.runtime.synth import write_synthetic_checkpoint
+    from kontext_trt.synth import write_synthetic_checkpoint
 
     out = write_synthetic_checkpoint(args.out, preset=args.preset, seed=args.seed, fmt=args.fmt, force=args.force)
     print(out)
@@ -154,7 +154,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """kontext-trt demo: synth tiny (once), draw a sample image, edit it, print where the PNG went."""
     from kontext_trt.runtime import flow, image
     from kontext_trt.runtime.pipeline import load_kontext
-    from kontext_trt.runtime.synth import write_synthetic_checkpoint
+    from kontext_trt.synth import write_synthetic_checkpoint
     from kontext_trt.runtime.timing import progress
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """The tiny preset, seed 0, in the diffusers (HF snapshot) layout."""
-    from kontext_trt.runtime.synth import write_synthetic_checkpoint
+    from kontext_trt.synth import write_synthetic_checkpoint
 
     return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
@@ -20,7 +20,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bfl_ckpt(tmp_path_factory) -> Path:
     """The same weights as BFL single files plus the HF text encoder folders."""
-    from kontext_trt.runtime.synth import write_synthetic_checkpoint
+    from kontext_trt.synth import write_synthetic_checkpoint
 
     return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-bfl", fmt="bfl")
 
@@ -36,6 +36,6 @@ def tiny_onnx(tiny_ckpt, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def slim_ckpt(tmp_path_factory) -> Path:
     """The slim preset (real widths, 1 double + 1 single block, ~1.6 GB on disk), for @pytest.mark.slow tests."""
-    from kontext_trt.runtime.synth import write_synthetic_checkpoint
+    from kontext_trt.synth import write_synthetic_checkpoint
 
     return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "slim", preset="slim")

@@ -16,7 +16,7 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from kontext_trt.runtime import checkpoint as ck
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.synth import write_synthetic_checkpoint
+from kontext_trt.synth import write_synthetic_checkpoint
 
 LOADERS = [ck.load_transformer, ck.load_vae, ck.load_clip, ck.load_t5]
 

@@ -17,7 +17,7 @@ from transformers import CLIPTokenizer, T5TokenizerFast
 from kontext_trt.runtime.bfl_keys import transformer_to_bfl, vae_to_ldm
 from kontext_trt.runtime.checkpoint import read_safetensors
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.synth import write_synthetic_checkpoint
+from kontext_trt.synth import write_synthetic_checkpoint
 
 TEXT_FILES = {
     "text_encoder/config.json", "text_encoder/model.safetensors",
