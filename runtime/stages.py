@@ -16,7 +16,7 @@ dtype its backend wants and may return outputs in its own dtype.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
@@ -38,3 +38,24 @@ class Stage(Protocol):
     """A stage: named tensors in, named tensors out."""
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class SetsWeights(Protocol):
+    """A stage whose weights can be swapped in place (LoRAs: runtime.lora).
+
+    Weights are named as the diffusers model's parameters (transformer_blocks.0.attn.to_q.weight) and given in torch
+    layout ((out, in) for a linear layer), whatever name and layout the backend keeps them under.
+    """
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every swappable weight's shape, by name."""
+        ...
+
+    def base_weight(self, name: str) -> torch.Tensor:
+        """The weight as loaded (before any set_weights)."""
+        ...
+
+    def set_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the named weights; every weight not named goes back to its base."""
+        ...
