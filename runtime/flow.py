@@ -133,11 +133,13 @@ def encode_context(k: Kontext, image: Image.Image, auto_resize: bool = True) -> 
 
 
 def denoise(k: Kontext, x: torch.Tensor, ids: torch.Tensor, prompt: Prompt, sigmas: torch.Tensor,
-            guidance: float, context: Context | None = None, negative: Prompt | None = None,
+            guidance: torch.Tensor, context: Context | None = None, negative: Prompt | None = None,
             true_cfg: float = 1.0) -> torch.Tensor:
-    """Euler steps over sigmas in float32: x += (s_next - s) * v, v the transformer's first N tokens."""
+    """Euler steps over sigmas in float32: x += (s_next - s) * v, v the transformer's first N tokens.
+
+    guidance is (B,) float32, one value per batch item; context tokens are (1 or B, M, 64)."""
     batch, n = x.shape[:2]
-    guidance_t = torch.full((batch,), guidance, dtype=torch.float32, device=k.device)
+    guidance_t = guidance.to(device=k.device, dtype=torch.float32)
     txt_ids = text_ids(prompt.text.shape[1]).to(k.device)
     ctx = None if context is None else context.tokens.expand(batch, -1, -1)
 
@@ -187,25 +189,60 @@ def output_size(req: EditRequest, context: Context | None) -> tuple[int, int]:
 
 def edit(k: Kontext, req: EditRequest, prompt: Prompt | None = None, context: Context | None = None) -> EditResult:
     """Run one request end to end; prompt and context may come from a cache (see session.py)."""
-    check_request(req)
-    if context is None and req.image is not None:
-        context = encode_context(k, req.image, req.auto_resize)
-    prompt = prompt or encode_prompts(k, req.prompts)
+    return edit_batch(k, [req], [prompt], [context])[0]
+
+
+def batch_key(req: EditRequest, context: Context | None) -> tuple:
+    """What requests must share to run as one batch: output size, context size, steps and the true-CFG pass."""
+    cfg = req.true_cfg if req.negative_prompt is not None and req.true_cfg > 1 else None
+    return output_size(req, context), None if context is None else (context.width, context.height), req.steps, cfg
+
+
+def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None] | None = None,
+               contexts: list[Context | None] | None = None) -> list[EditResult]:
+    """Run requests sharing a batch_key through the loop at once, one result per request. Each request keeps its own
+    seed (its noise drawn from its own generator, exactly as when it runs alone) and its own guidance."""
+    for req in reqs:
+        check_request(req)
+    contexts = [c if c is not None or r.image is None else encode_context(k, r.image, r.auto_resize)
+                for r, c in zip(reqs, contexts or [None] * len(reqs))]
+    prompts = [p or encode_prompts(k, r.prompts) for r, p in zip(reqs, prompts or [None] * len(reqs))]
+    keys = {batch_key(r, c) for r, c in zip(reqs, contexts)}
+    if len(keys) != 1:
+        raise KontextError("requests of one batch must share output size, input image size, steps and true CFG")
+    (width, height), _, steps, true_cfg = keys.pop()
+    sizes = [len(r.prompts) for r in reqs]
+    prompt = concat_prompts(prompts)
     negative = None
-    if req.negative_prompt is not None and req.true_cfg > 1:
-        negative = encode_prompts(k, [req.negative_prompt] * len(req.prompts))
-    width, height = output_size(req, context)
-    batch = len(req.prompts)
-    noise = draw_noise(batch, k.config.latent_channels, width, height, req.seed)
+    if true_cfg is not None:
+        negative = concat_prompts([encode_prompts(k, [r.negative_prompt] * len(r.prompts)) for r in reqs])
+    context = concat_contexts(contexts, sizes)
+    noise = torch.cat([draw_noise(n, k.config.latent_channels, width, height, r.seed) for r, n in zip(reqs, sizes)])
     x = pack_latents(noise).to(k.device)
     ids = latent_ids(noise.shape[2], noise.shape[3], index=0).to(k.device)
     if context is not None:
         ids = torch.cat([ids, context.ids], dim=0)
-    sigmas = flow_schedule(req.steps, x.shape[1], k.config.shift).to(k.device)
-    guidance = req.guidance if k.config.guidance_embeds else 0.0
-    x = denoise(k, x, ids, prompt, sigmas, guidance, context, negative, req.true_cfg)
+    sigmas = flow_schedule(steps, x.shape[1], k.config.shift).to(k.device)
+    guidance = torch.tensor([r.guidance if k.config.guidance_embeds else 0.0 for r, n in zip(reqs, sizes)
+                             for _ in range(n)], dtype=torch.float32)
+    x = denoise(k, x, ids, prompt, sigmas, guidance, context, negative, true_cfg or 1.0)
     images = im.tensor_to_images(decode(k, x, width, height))
-    return EditResult(images, x, width, height, metadata(k, req, width, height))
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [EditResult(images[s:s + n], x[s:s + n], width, height, metadata(k, r, width, height))
+            for r, s, n in zip(reqs, starts, sizes)]
+
+
+def concat_prompts(prompts: list[Prompt]) -> Prompt:
+    """Several encoded prompt lists as one batch."""
+    return Prompt(text=torch.cat([p.text for p in prompts]), pooled=torch.cat([p.pooled for p in prompts]))
+
+
+def concat_contexts(contexts: list[Context | None], sizes: list[int]) -> Context | None:
+    """Input images of one size as one batch: each request's tokens repeated for each of its prompts."""
+    if contexts[0] is None:
+        return None
+    tokens = torch.cat([c.tokens.expand(n, -1, -1) for c, n in zip(contexts, sizes)])
+    return Context(tokens, contexts[0].ids, contexts[0].width, contexts[0].height)
 
 
 def metadata(k: Kontext, req: EditRequest, width: int, height: int) -> dict:
