@@ -12,6 +12,7 @@ from pathlib import Path
 from kontext_trt.engines import cache, profiles, trt_api
 from kontext_trt.engines.onnx_dir import OnnxStage, read_onnx_dir
 from kontext_trt.engines.skus import PRECISION_FALLBACK, Sku, precision_refusal
+from kontext_trt.runtime import files
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.stages import STAGE_NAMES
 from kontext_trt.runtime.timing import progress
@@ -119,7 +120,7 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
     precision = req.precision or (picks.get("transformer") or next(iter(picks.values()))).precision
     folder = cache.engine_folder(req.out, req.sku, api.folder, precision)
     folder.mkdir(parents=True, exist_ok=True)
-    cache.remove_stale_temps(folder)
+    files.remove_stale_temps(folder)
     flags = req.flags
     if api.aot and flags.timing_cache is not None:
         print(f"note: {api.flavor} has no build timing cache (it would force a GPU query and change nothing); its "
@@ -163,7 +164,7 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
             seconds = time.perf_counter() - start
             inspected = trt_api.inspect_plan(api, plan, req.gpu)
             _check_header(inspected["header"], api.version, build["targets"], stage)
-            cache.write_atomic(plan_path, plan)
+            files.write_atomic(plan_path, plan)
         manifest["stages"][stage] = _stage_entry(pick, plan_path, key, profile, axes, stage_flags, seconds, plan,
                                                  inspected)
         built.append(stage)

@@ -5,14 +5,13 @@ was asked, what is here, and the `kontext-trt build` command that makes what was
 """
 from __future__ import annotations
 
-import json
-import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from kontext_trt.engines import profiles
 from kontext_trt.engines.skus import SKUS, Sku
+from kontext_trt.runtime import files
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.stages import STAGE_NAMES
 
@@ -47,41 +46,16 @@ def open_set(folder: Path) -> Engines | None:
 
 
 def read_manifest(folder: Path) -> dict | None:
-    """The manifest of an engine folder, or None if there is none (or it is unreadable)."""
+    """The manifest of an engine folder, or None if there is none (or it is unreadable: the build then rebuilds)."""
     try:
-        return json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError):
+        return files.read_json(Path(folder) / MANIFEST)
+    except KontextError:
         return None
-
-
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write to a temporary file beside path, fsync, then rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
     """Write manifest.json atomically."""
-    write_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-
-
-def remove_stale_temps(folder: Path) -> None:
-    """Delete temporary files that builds killed before their rename left behind (their process is gone)."""
-    for tmp in Path(folder).glob(".*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
-            tmp.unlink(missing_ok=True)
-        except PermissionError:
-            pass
+    files.write_json(Path(folder) / MANIFEST, manifest, sort_keys=True)
 
 
 def build_command(build: dict) -> str:

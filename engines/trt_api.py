@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
 
-from kontext_trt.engines.cache import write_atomic
+from kontext_trt.runtime.files import write_atomic
 from kontext_trt.runtime.errors import KontextError
 
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}

@@ -21,14 +21,12 @@ Fields (plain JSON; every path is relative to DIR):
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
 from kontext_trt.export.specs import DimRange, eval_dim
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime import files
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -38,29 +36,12 @@ TOOLS = ("torch", "onnx", "onnxslim", "diffusers", "transformers", "kontext-trt"
 
 def read_manifest(folder: Path) -> dict | None:
     """The manifest of an export folder, None if there is none; a KontextError if it is unreadable."""
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise KontextError(f"{path}: not valid JSON ({error}); re-export with `kontext-trt export --force`") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise KontextError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}; "
-                           f"re-export with `kontext-trt export --force`")
-    return manifest
+    return files.read_json(Path(folder) / MANIFEST, FORMAT_VERSION, "re-export with `kontext-trt export --force`")
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
     """Write DIR/manifest.json atomically (temp file, then rename)."""
-    path = Path(folder) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    try:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return files.write_json(Path(folder) / MANIFEST, manifest, indent=2)
 
 
 def new_manifest(checkpoint_path: Path, fingerprint: str, kontext: dict) -> dict:

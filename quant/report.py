@@ -8,14 +8,13 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from kontext_trt.quant.calib_data import Pair
-from kontext_trt.quant.state import write_atomic
+from kontext_trt.runtime.files import write_atomic, write_json
 from kontext_trt.runtime import flow
 from kontext_trt.runtime.timing import progress
 
@@ -115,6 +114,6 @@ def markdown(report: dict) -> str:
 def write_report(out: Path, report: dict) -> tuple[Path, Path]:
     """DIR/report.json and DIR/report.md, each written atomically."""
     out = Path(out)
-    js = write_atomic(out / REPORT_JSON, lambda t: t.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"))
-    md = write_atomic(out / REPORT_MD, lambda t: t.write_text(markdown(report), encoding="utf-8"))
+    js = write_json(out / REPORT_JSON, report, indent=2)
+    md = write_atomic(out / REPORT_MD, markdown(report))
     return js, md

@@ -9,7 +9,6 @@ Weight scales are not saved: they are the weights' own amax and are recomputed f
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from kontext_trt.quant.recipe import FORMAT_VERSION, Recipe
 from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.files import write_atomic, write_json
 
 FOLDER, RECIPE, AMAX = "quant", "recipe.json", "amax.safetensors"
 
@@ -26,8 +26,7 @@ def save_state(out: Path, recipe: Recipe, amax: dict[str, torch.Tensor]) -> Path
     folder = Path(out) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / AMAX, lambda tmp: save_file({k: v.float().contiguous() for k, v in amax.items()}, str(tmp)))
-    write_atomic(folder / RECIPE, lambda tmp: tmp.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n",
-                                                             encoding="utf-8"))
+    write_json(folder / RECIPE, recipe.to_dict(), indent=2)
     return folder
 
 
@@ -46,14 +45,3 @@ def load_state(out: Path) -> tuple[Recipe, dict[str, torch.Tensor]] | None:
         raise KontextError(f"{folder / RECIPE}: format_version {data.get('format_version')} is not {FORMAT_VERSION}; "
                            "delete the folder and quantize again")
     return Recipe.from_dict(data), amax
-
-
-def write_atomic(path: Path, write) -> Path:
-    """Call write(tmp) on a hidden temp file beside path, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

@@ -27,13 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand; a KontextError becomes one line on stderr and exit code 2."""
+    """Run a subcommand; a KontextError becomes one line on stderr and its exit code (2 bad input, 1 failed write)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KontextError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

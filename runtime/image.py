@@ -10,6 +10,7 @@ import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.files import write_atomic
 
 # (width, height) pairs Kontext was trained on.
 KONTEXT_BUCKETS: tuple[tuple[int, int], ...] = (
@@ -87,13 +88,7 @@ def save_png(image: Image.Image, path: str | Path, metadata: dict) -> Path:
     info = PngImagePlugin.PngInfo()
     info.add_text("kontext-trt", json.dumps(metadata, sort_keys=True))
     info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in metadata.items()))
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def sample_image(width: int = 896, height: int = 640, seed: int = 0) -> Image.Image:
