@@ -51,6 +51,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --engines: keep this much of the transformer's weights on the GPU (e.g. 8GiB, or auto) "
                         "and stream the rest from host memory; needs engines built with --weight-streaming")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the transformer step as a CUDA graph (GPU only)")
+    add_lora_argument(p)
+
+
+def add_lora_argument(p: argparse.ArgumentParser) -> None:
+    """--lora PATH[:SCALE], repeatable: transformer LoRAs fused into the weights (runtime.lora)."""
+    p.add_argument("--lora", action="append", type=parse_lora, default=[], metavar="PATH[:SCALE]",
+                   help="a transformer LoRA (safetensors file, or a folder holding one; diffusers/PEFT, kohya, "
+                        "ai-toolkit keys) with its scale (default 1.0); repeat for several")
 
 
 def add_engine_selection(p: argparse.ArgumentParser) -> None:
@@ -61,6 +69,14 @@ def add_engine_selection(p: argparse.ArgumentParser) -> None:
                    "only one built for this GPU)")
     p.add_argument("--sku", default="auto", help="with --engines: the SKU whose engines run (default: this GPU's, "
                    "from NVML); another SKU of the same architecture, e.g. h100-sxm engines on an H100 NVL")
+
+
+def parse_lora(text: str) -> tuple[Path, float]:
+    """A --lora value, PATH[:SCALE] (scale 1.0 when there is no numeric suffix) -> (path, scale)."""
+    path, _, scale = text.rpartition(":")
+    if path and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", scale):
+        return Path(path), float(scale)
+    return Path(text), 1.0
 
 
 def budget_bytes(text: str) -> int | str:
@@ -135,7 +151,8 @@ def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontex
         if args.model is None and args.backend != "onnxruntime":
             raise KontextError("no model given: pass --model CHECKPOINT_DIR (or run `kontext-trt synth DIR` for a "
                                "test one)")
-        k = load_kontext(args.model, backend=args.backend, dtype=args.dtype, device=args.device, onnx=args.onnx)
+        k = load_kontext(args.model, backend=args.backend, dtype=args.dtype, device=args.device, onnx=args.onnx,
+                        loras=args.lora)
     else:
         from kontext_trt.runtime.trt_stages import request_geometry
 
@@ -144,7 +161,7 @@ def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontex
         k = load_kontext(args.model, backend="tensorrt", onnx=args.onnx, engines=args.engines,
                          precision=args.precision, sku=args.sku,
                          geometry=request_geometry(request), low_vram=args.low_vram,
-                         weight_budget=args.weight_streaming_budget, cuda_graphs=args.cuda_graphs)
+                         weight_budget=args.weight_streaming_budget, cuda_graphs=args.cuda_graphs, loras=args.lora)
     if args.cuda_graphs:
         k.stages = graphed(k.stages)
     return k

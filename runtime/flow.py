@@ -66,6 +66,17 @@ class Kontext:
         with self.times(stage, self.device):
             return self.stages[stage](**inputs)
 
+    def set_loras(self, loras: list[tuple[str | Path, float]]) -> None:
+        """Swap the transformer's LoRAs, [(file or folder, scale), ...]; [] restores the base weights exactly."""
+        from kontext_trt.runtime.cudagraphs import GraphedStage
+        from kontext_trt.runtime.lora import apply_loras
+
+        stage = self.stages["transformer"]
+        applied = apply_loras(stage.stage if isinstance(stage, GraphedStage) else stage, loras)
+        self.info["loras"] = [lora.describe() for lora in applied]
+        if not applied:
+            del self.info["loras"]
+
 
 @dataclass(frozen=True)
 class Prompt:

@@ -20,10 +20,20 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_kontext(model: str | Path | None, backend: str = "torch", dtype: str = "bf16", device: str = "cpu",
-                 onnx: Path | None = None, engines: Path | None = None, **trt_options) -> Kontext:
+                 onnx: Path | None = None, engines: Path | None = None, loras: list[tuple[str | Path, float]] = (),
+                 **trt_options) -> Kontext:
     """Load a checkpoint's stages on a backend (onnxruntime: an export folder `onnx`; tensorrt: the engine cache
     `engines` with trt_stages.load_trt_kontext's options, precision included: dtype is the torch backend's), with
-    tokenizers and config."""
+    tokenizers and config, and the transformer's LoRAs [(file or folder, scale), ...] applied (Kontext.set_loras)."""
+    k = _load_kontext(model, backend, dtype, device, onnx, engines, **trt_options)
+    if loras:
+        k.set_loras(list(loras))
+    return k
+
+
+def _load_kontext(model: str | Path | None, backend: str, dtype: str, device: str, onnx: Path | None,
+                  engines: Path | None, **trt_options) -> Kontext:
+    """load_kontext without the LoRAs."""
     from kontext_trt.runtime import checkpoint as ck
     from kontext_trt.runtime.torch_stages import torch_stages
 

@@ -4,6 +4,8 @@ The same modules are what export/ traces to ONNX, so the torch and exported stag
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -79,12 +81,38 @@ class TorchStage:
     def __init__(self, name: str, module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
         self.name, self.module, self.device, self.dtype = name, module.eval(), torch.device(device), dtype
         self.input_names, self.output_names = STAGE_IO[name]
+        self.base: dict[str, torch.Tensor] = {}  # host copies of the weights set_weights replaced, as loaded
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         args = [self._cast(name, inputs[name]) for name in self.input_names]
         with torch.no_grad():
             outputs = self.module(*args)
         return dict(zip(self.output_names, outputs))
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter's shape, named as in the wrapped diffusers/transformers model."""
+        return {name: tuple(p.shape) for name, p in self._params().items()}
+
+    def base_weight(self, name: str) -> torch.Tensor:
+        """A parameter as loaded: the kept copy if set_weights replaced it, else the live one."""
+        return self.base[name] if name in self.base else self._params()[name].detach()
+
+    def set_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy these values into the parameters in place (addresses, hence CUDA graphs, stay valid); every other
+        parameter replaced before gets its kept base copy back, bit for bit."""
+        params, named = self._params(), set()
+        with torch.no_grad():
+            for name, value in weights:
+                if name not in self.base:
+                    self.base[name] = params[name].detach().to("cpu", copy=True)
+                params[name].copy_(value)
+                named.add(name)
+            for name in [n for n in self.base if n not in named]:
+                params[name].copy_(self.base.pop(name))
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        """The wrapped model's parameters by their own names (without the adapter module's first component)."""
+        return {name.split(".", 1)[1]: p for name, p in self.module.named_parameters()}
 
     def _cast(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         keep = not tensor.is_floating_point() or name in FP32_INPUTS

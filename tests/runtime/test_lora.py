@@ -1,0 +1,136 @@
+"""LoRAs on the torch backend: reading (diffusers and kohya keys), errors, parity with diffusers' fuse_lora, and
+exact swaps (tiny checkpoint, fp32)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxKontextPipeline
+from PIL import Image
+from safetensors.torch import save_file
+
+from kontext_trt.runtime import image as im
+from kontext_trt.runtime.cli import main
+from kontext_trt.runtime.commands import parse_lora
+from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.flow import EditRequest, edit
+from kontext_trt.runtime.lora import read_lora
+from kontext_trt.runtime.pipeline import load_kontext
+
+REQ = dict(prompts=["make it a watercolor"], width=64, height=64, steps=2, seed=5, auto_resize=False)
+
+
+def request() -> EditRequest:
+    return EditRequest(image=im.sample_image(64, 64, seed=2), **REQ)
+
+
+@pytest.fixture(scope="module")
+def torch_k(tiny_ckpt):
+    return load_kontext(tiny_ckpt, backend="torch", dtype="fp32")
+
+
+def diffusers_images(tiny_ckpt, lora, scale: float) -> np.ndarray:
+    """uint8 images of diffusers' FluxKontextPipeline with load_lora_weights + fuse_lora(lora_scale=scale)."""
+    pipe = FluxKontextPipeline.from_pretrained(tiny_ckpt, torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(lora)
+    pipe.fuse_lora(lora_scale=scale)
+    req = request()
+    out = pipe(prompt=req.prompts, image=req.image, height=req.height, width=req.width, max_area=req.width * req.height,
+               num_inference_steps=req.steps, guidance_scale=req.guidance, output_type="np", _auto_resize=False,
+               generator=torch.Generator("cpu").manual_seed(req.seed)).images
+    return (out * 255).round().astype(np.uint8)
+
+
+def test_parse_lora():
+    assert parse_lora("style.safetensors:0.8")[1] == 0.8
+    assert parse_lora("dir/style.safetensors") == (parse_lora("dir/style.safetensors")[0], 1.0)
+    assert parse_lora("c:/x:-1.5e-1")[1] == -0.15
+
+
+def test_kohya_keys_read_as_the_diffusers_lora(tiny_loras):
+    ours, kohya = read_lora(tiny_loras["a"]), read_lora(tiny_loras["kohya_a"])
+    assert set(ours.layers) == set(kohya.layers) and len(ours.layers) == 2 * 12 + 2
+    for module, layer in ours.layers.items():
+        assert layer.scaling == 2.0  # lora_alpha 8 / r 4 from the PEFT metadata save_lora_weights wrote
+        other = kohya.layers[module]  # kohya folds alpha into the factors
+        product = layer.scaling * layer.up @ layer.down
+        assert torch.allclose(other.scaling * other.up @ other.down, product, atol=1e-6)
+
+
+def test_edit_matches_diffusers_fuse_lora(tiny_ckpt, tiny_loras, tmp_path):
+    reference = diffusers_images(tiny_ckpt, str(tiny_loras["a"]), 0.8)
+    request().image.save(tmp_path / "in.png")
+    for lora in (tiny_loras["a"], tiny_loras["kohya_a"]):
+        out = tmp_path / f"{lora.stem}.png"
+        code = main(["edit", "--model", str(tiny_ckpt), "--dtype", "fp32", "--lora", f"{lora}:0.8", "--prompt",
+                     REQ["prompts"][0], "--image", str(tmp_path / "in.png"), "--out", str(out), "--steps", "2",
+                     "--seed", "5", "--width", "64", "--height", "64", "--no-auto-resize"])
+        assert code == 0
+        ours = np.asarray(Image.open(out))
+        assert np.abs(ours.astype(int) - reference[0].astype(int)).max() <= 1
+        name = "pytorch_lora_weights.safetensors" if lora.is_dir() else lora.name
+        assert json.loads(Image.open(out).text["kontext-trt"])["loras"] == [{"file": name, "scale": 0.8}]
+
+
+def test_lora_changes_the_edit_and_swaps_back_exactly(torch_k, tiny_loras):
+    params = {n: p.detach().clone() for n, p in torch_k.stages["transformer"].module.named_parameters()}
+    base = edit(torch_k, request()).latents
+    torch_k.set_loras([(tiny_loras["a"], 1.0)])
+    with_a = edit(torch_k, request()).latents
+    torch_k.set_loras([(tiny_loras["b"], 0.5), (tiny_loras["a"], 0.3)])
+    with_ab = edit(torch_k, request()).latents
+    torch_k.set_loras([])
+    again = edit(torch_k, request()).latents
+    assert (with_a - base).abs().max() > 1e-2 and (with_ab - with_a).abs().max() > 1e-2
+    assert torch.equal(again, base) and "loras" not in torch_k.info
+    for name, p in torch_k.stages["transformer"].module.named_parameters():
+        assert torch.equal(p, params[name]), name
+
+
+def test_several_loras_add_up(torch_k, tiny_loras):
+    stage = torch_k.stages["transformer"]
+    name = "transformer_blocks.0.attn.to_q.weight"
+    base = stage.base_weight(name).clone()
+    a, b = read_lora(tiny_loras["a"]), read_lora(tiny_loras["b"])
+    module = name.removesuffix(".weight")
+    torch_k.set_loras([(tiny_loras["a"], 0.7), (tiny_loras["b"], -0.2)])
+    want = base + 0.7 * 2.0 * a.layers[module].up @ a.layers[module].down \
+        - 0.2 * 2.0 * b.layers[module].up @ b.layers[module].down
+    assert torch.allclose(stage._params()[name], want, atol=1e-6)
+    torch_k.set_loras([])
+    assert torch.equal(stage._params()[name], base)
+
+
+def test_errors(torch_k, tiny_loras, tmp_path):
+    cases = []
+    cases.append(((tmp_path / "none.safetensors", 1.0), "no such LoRA file or folder"))
+    (tmp_path / "two").mkdir()
+    for n in ("x", "y"):
+        save_file({"a": torch.zeros(1)}, tmp_path / "two" / f"{n}.safetensors")
+    cases.append(((tmp_path / "two", 1.0), "holds 2 .safetensors files"))
+    save_file({"foo.bar.weight": torch.zeros(2, 2)}, tmp_path / "unknown.safetensors")
+    cases.append(((tmp_path / "unknown.safetensors", 1.0), "unknown LoRA key layout"))
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4)},
+              tmp_path / "big.safetensors")
+    cases.append(((tmp_path / "big.safetensors", 1.0), "made for another model size"))
+    save_file({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 4),
+               "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 64),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(64, 4)},
+              tmp_path / "te.safetensors")
+    cases.append(((tmp_path / "te.safetensors", 1.0), "text-encoder LoRA weights"))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    cases.append(((tmp_path / "bad.safetensors", 1.0), "not a readable safetensors LoRA"))
+    for spec, message in cases:
+        with pytest.raises(KontextError, match=message) as info:
+            torch_k.set_loras([spec])
+        assert "\n" not in str(info.value)
+
+
+def test_cli_error_is_one_line(capsys, tiny_ckpt, tmp_path):
+    code = main(["edit", "--model", str(tiny_ckpt), "--lora", str(tmp_path / "missing.safetensors:0.5"),
+                 "--prompt", "x", "--out", str(tmp_path / "o.png"), "--steps", "1", "--width", "64", "--height", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no such LoRA file or folder" in err and err.count("\n") == 1
