@@ -1,4 +1,5 @@
-"""Memory figures: peak device memory (torch allocator, NVML, per-stage hooks), peak host RSS, engine sizes.
+"""Memory figures: peak device memory (torch allocator, the driver's used bytes, per-stage hooks), peak host RSS,
+engine sizes.
 
 Hook for other backends: a stage object may define `memory_stats() -> dict[str, int]` (bytes), e.g. a
 TensorRT stage returning {"engine_bytes": ..., "device_memory_bytes": context.device_memory_size}; the
@@ -34,27 +35,22 @@ def host_peak_rss() -> int | None:
     return None
 
 
-def nvml_used(device: torch.device) -> int | None:
-    """Device memory in use on the GPU (all processes) from NVML, or None without NVML or GPU."""
+def device_used(device: torch.device) -> int | None:
+    """Device memory in use on torch's GPU `device` (all processes: total less free, as the CUDA driver reports it),
+    or None off CUDA. The driver's own figure for the very device torch runs on: no NVML index to get wrong."""
     if device.type != "cuda":
         return None
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-    except Exception:  # NVML missing or failing: the figure is simply absent
-        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return int(total - free)
 
 
 def memory_report(stages: dict, device: torch.device) -> dict:
-    """Peaks since reset_peaks, NVML's used bytes now and each stage's memory_stats() where it has one."""
+    """Peaks since reset_peaks, the device's used bytes now and each stage's memory_stats() where it has one."""
     cuda = device.type == "cuda"
     return {
         "device_peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
         "device_peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
-        "nvml_used_bytes": nvml_used(device),
+        "device_used_bytes": device_used(device),
         "host_peak_rss_bytes": host_peak_rss(),
         "stages": {name: stage.memory_stats() for name, stage in stages.items() if hasattr(stage, "memory_stats")},
     }

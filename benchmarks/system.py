@@ -58,9 +58,13 @@ def gpu_info(device: torch.device) -> dict | None:
         import pynvml
 
         pynvml.nvmlInit()
-        driver = pynvml.nvmlSystemGetDriverVersion()
     except Exception:  # NVML missing: the driver is simply not reported
         pass
+    else:
+        try:
+            driver = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
     sku = sku_for_device_name(props.name)
     return {"name": props.name, "memory_bytes": props.total_memory, "sm": props.major * 10 + props.minor,
             "driver": driver, "sku": sku.name if sku else None, "peak_tflops": dict(sku.peak_tflops) if sku else {}}

@@ -62,9 +62,11 @@ def build_engine(onnx_path: Path, profile: profiles.Profile, target: Target,
     """Build one strongly typed plan (precision from the ONNX) for one optimization profile; returns its bytes."""
     api = trt_api.load_api(target.flavor)
     net = trt_api.parse_onnx(api, Path(onnx_path))
-    trt_api.decompose_fp32_attention(api, net.network)
+    trt_api.decompose_attention(api, net.network)
     config = net.builder.create_builder_config()
     trt_api.runtime_flags(api, config, flags.weight_streaming)
+    monitor = trt_api.progress_monitor(api)  # referenced here until the build returns
+    config.progress_monitor = monitor
     trt_api.set_targets(api, config, target.sms, target.device_sm)
     shapes = net.builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.items():
@@ -122,10 +124,10 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
     folder.mkdir(parents=True, exist_ok=True)
     files.remove_stale_temps(folder)
     flags = req.flags
-    if api.aot and flags.timing_cache is not None:
+    if api.is_rtx and flags.timing_cache is not None:
         print(f"note: {api.flavor} has no build timing cache (it would force a GPU query and change nothing); its "
               f"JIT kernels go to {folder / cache.RUNTIME_CACHE} on first run", file=sys.stderr)
-    if not api.aot:
+    if not api.is_rtx:
         flags = BuildFlags(flags.opt_level, flags.refit, flags.weight_streaming,
                            flags.timing_cache or folder.parent / cache.TIMING_CACHE)
     build = _build_args(req, precision, stages)
@@ -137,8 +139,8 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
         "onnx": {"dir": build["onnx"], "manifest_sha256": onnx.manifest_sha256,
                  "kontext": (onnx.manifest or {}).get("kontext")},
         "tokens": profiles.token_ranges(req.shapes),
-        "caches": {"runtime": cache.RUNTIME_CACHE if api.aot else None,
-                   "timing": None if api.aot else str(flags.timing_cache)},
+        "caches": {"runtime": cache.RUNTIME_CACHE if api.is_rtx else None,
+                   "timing": None if api.is_rtx else str(flags.timing_cache)},
         "build": build, "command": cache.build_command(build),
         "stages": dict(old.get("stages", {})),
     }
@@ -157,7 +159,7 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
             try:
                 plan = build_engine(pick.path, profile, req.target, stage_flags)
             except KontextError as exc:
-                if flags.refit and api.aot and not req.gpu:  # seen with TensorRT-RTX 1.7.1: refit builds need CUDA
+                if flags.refit and api.is_rtx and not req.gpu:  # seen with TensorRT-RTX 1.7.1: refit builds need CUDA
                     raise KontextError(f"{exc}; {api.folder} could not build a refittable engine without a GPU: "
                                        "build on an RTX GPU or drop --refit") from None
                 raise

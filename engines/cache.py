@@ -128,7 +128,8 @@ def find_engines(engines_dir: Path, sku: Sku | str, flavor_version: str, precisi
                  batch: int = 1, context: tuple[int, int] | None = None,
                  stages: tuple[str, ...] = STAGE_NAMES) -> Engines:
     """The engine set for this GPU SKU, library (<flavor>-<version>) and precision that covers a WxH output from a
-    context image of size `context` (None: text-to-image) at this batch, or one line saying why not and how to fix."""
+    context image of size `context` (None: text-to-image) at this batch, or one line saying why not and how to fix.
+    Its plans are every stage the set has (the ones this request needs checked)."""
     sku = SKUS[sku] if isinstance(sku, str) else sku
     root = Path(engines_dir)
     folder = engine_folder(root, sku, flavor_version, precision)
@@ -161,4 +162,7 @@ def find_engines(engines_dir: Path, sku: Sku | str, flavor_version: str, precisi
                 outside.append(f"{stage} {axis}={value} outside {lo}..{hi}")
     if outside:
         raise fail(", ".join(outside), manifest)
-    return Engines(folder, manifest, {s: found.plans[s] for s in needed}, found.runtime_cache)
+    # every stage the set has, not only this request's: a text-to-image first request must not leave a later edit
+    # (a session's next turn, the server) without its VAE encoder
+    plans = {s: found.plans[s] for s in stages if s in found.plans and found.plans[s].is_file()}
+    return Engines(folder, manifest, plans, found.runtime_cache)

@@ -10,15 +10,38 @@ from kontext_trt.runtime.errors import KontextError
 
 @dataclass(frozen=True)
 class Gpu:
-    """One GPU as NVML reports it."""
+    """One GPU as NVML reports it, and torch's CUDA index of it (None when torch sees no CUDA device)."""
 
     name: str
     sm: int  # compute capability as an integer: 89 for 8.9
     memory_gib: float
+    cuda_index: int | None = None
 
 
-def detect_gpu() -> tuple[Gpu | None, str]:
-    """(the first visible GPU, '') or (None, why there is none) through NVML."""
+def torch_uuid(cuda_index: int | None) -> tuple[int, str] | None:
+    """(torch's CUDA index, the device's UUID as CUDA reports it) of that CUDA device (default: the current one), or
+    None when torch sees no CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device() if cuda_index is None else cuda_index
+    return index, str(torch.cuda.get_device_properties(index).uuid).removeprefix("GPU-")
+
+
+def handle_by_cuda_uuid(pynvml, uuid: str):
+    """NVML's handle of the device CUDA calls `uuid`: a GPU ('GPU-<uuid>') or a MIG instance ('MIG-<uuid>')."""
+    try:
+        return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+    except pynvml.NVMLError:
+        return pynvml.nvmlDeviceGetHandleByUUID(f"MIG-{uuid}")
+
+
+def detect_gpu(cuda_index: int | None = None) -> tuple[Gpu | None, str]:
+    """(the GPU the engines run on, '') or (None, why there is none), read through NVML. The GPU is found by UUID:
+    torch's CUDA device `cuda_index` (default: the current one), the very device the runtime executes on. Without a
+    CUDA torch (a build host): the first CUDA_VISIBLE_DEVICES entry, by UUID when it is one, else as an NVML index
+    (NVML counts in PCI bus order, as CUDA does with CUDA_DEVICE_ORDER=PCI_BUS_ID)."""
     try:
         import pynvml
     except ImportError:
@@ -30,15 +53,20 @@ def detect_gpu() -> tuple[Gpu | None, str]:
     try:
         if pynvml.nvmlDeviceGetCount() == 0:
             return None, "NVML sees no GPU"
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-        if not visible:
-            return None, "CUDA_VISIBLE_DEVICES hides every GPU"
-        handle = (pynvml.nvmlDeviceGetHandleByUUID(visible) if visible.startswith(("GPU-", "MIG-"))
-                  else pynvml.nvmlDeviceGetHandleByIndex(int(visible)))
+        found = torch_uuid(cuda_index)
+        if found is not None:
+            index, uuid = found
+            handle = handle_by_cuda_uuid(pynvml, uuid)
+        else:
+            index, visible = None, os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+            if not visible:
+                return None, "CUDA_VISIBLE_DEVICES hides every GPU"
+            handle = (pynvml.nvmlDeviceGetHandleByUUID(visible) if visible.startswith(("GPU-", "MIG-"))
+                      else pynvml.nvmlDeviceGetHandleByIndex(int(visible)))
         name = pynvml.nvmlDeviceGetName(handle)
         major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30
-        return Gpu(name.decode() if isinstance(name, bytes) else name, 10 * major + minor, memory), ""
+        return Gpu(name.decode() if isinstance(name, bytes) else name, 10 * major + minor, memory, index), ""
     except (pynvml.NVMLError, ValueError) as exc:
         return None, f"NVML could not read the GPU ({exc})"
     finally:

@@ -1,7 +1,8 @@
 """Optimization profiles from the Kontext resolution buckets: one (min, opt, max) range per named axis, then per input.
 
 Axes: B batch, L transformer image tokens (target N + context M), H/W pixels, h/w latent (pixels / 8). A WxH image
-has (H/16)*(W/16) tokens. The transformer range runs from text-to-image at the smallest size (no context) to an edit
+has (H/16)*(W/16) tokens. The VAE encoder's batch is always 1: the one context image is encoded once per edit, whatever
+the batch of prompts. The transformer range runs from text-to-image at the smallest size (no context) to an edit
 at the largest size with the largest context; opt is a 1024x1024 edit of a 1024x1024 image (batch: its smallest).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 STAGE_AXES: dict[str, dict[str, tuple[str | int | None, ...]]] = {
     "clip": {"input_ids": ("B", TEXT_LENGTHS["clip"])},
     "t5": {"input_ids": ("B", TEXT_LENGTHS["t5"])},
-    "vae_encoder": {"images": ("B", 3, "H", "W")},
+    "vae_encoder": {"images": (1, 3, "H", "W")},
     "vae_decoder": {"latent": ("B", 16, "h", "w")},
     "transformer": {
         "hidden_states": ("B", "L", None), "encoder_hidden_states": ("B", TEXT_LENGTHS["t5"], None),
@@ -111,13 +112,14 @@ def axis_ranges(shapes: Shapes) -> dict[str, Range]:
 
 
 def request_axes(width: int, height: int, context: tuple[int, int] | None, batch: int) -> dict[str, dict[str, int]]:
-    """The axis values one request needs, per stage (the VAE encoder sees the context image, the decoder the output)."""
+    """The axis values one request needs, per stage (the VAE encoder sees the context image, once, at batch 1; the
+    decoder the output)."""
     n, m = tokens(width, height), tokens(*context) if context else 0
     out = {"B": batch, "W": width, "H": height, "w": width // 8, "h": height // 8}
     axes = {"clip": {"B": batch}, "t5": {"B": batch}, "transformer": {"B": batch, "L": n + m}, "vae_decoder": out}
     if context:
         cw, ch = context
-        axes["vae_encoder"] = {"B": batch, "W": cw, "H": ch, "w": cw // 8, "h": ch // 8}
+        axes["vae_encoder"] = {"B": 1, "W": cw, "H": ch, "w": cw // 8, "h": ch // 8}
     return axes
 
 

@@ -5,6 +5,10 @@ host for the compute capabilities named in IBuilderConfig (docs: inference-libra
 just in time on the user's GPU and keeps them in a runtime cache (work-with-runtime-cache.html); its timing cache has
 no effect and forces a GPU query (timing-cache-migration.html); IRuntime.get_engine_validity checks a plan header
 against the running GPU (engine-compatibility.html).
+
+TensorRT 10 and 11 differ for this project in one place, build_rules: 11 builds strongly typed networks only (no
+STRONGLY_TYPED creation flag to pass, no precision builder flags); 10 needs the flag. TensorRT 10.14 is the floor: its
+ONNX parser is the first to take the Attention op (opset 23) the exports use.
 """
 from __future__ import annotations
 
@@ -26,6 +30,9 @@ EXTRAS = {"tensorrt": "trt", "tensorrt-rtx": "rtx"}
 # patch, build) at 24, a bit mask of the target compute capabilities at 32. Used only as a cross-check.
 RTX_MAGIC = b"vtrt"
 RTX_CC_BITS = {75: 0x01, 80: 0x02, 86: 0x04, 89: 0x08, 120: 0x10, 121: 0x20}
+# Oldest usable versions: TensorRT 10.14 parses ONNX Attention (opset 23); TensorRT-RTX 1.2 brought
+# REQUIRE_USER_ALLOCATION, is_stream_capturable and its own CUDA graphs. pyproject.toml's extras say the same.
+MIN_VERSIONS = {"tensorrt": (10, 14), "tensorrt-rtx": (1, 2)}
 
 
 @dataclass(frozen=True)
@@ -46,9 +53,19 @@ class TrtApi:
         return f"{self.flavor}-{self.version}"
 
     @property
-    def aot(self) -> bool:
+    def version_tuple(self) -> tuple[int, ...]:
+        """The version as integers, e.g. (10, 14, 1, 48)."""
+        return tuple(int(part) for part in self.version.split(".") if part.isdigit())
+
+    @property
+    def is_rtx(self) -> bool:
         """True for TensorRT-RTX: builds on any host for named compute capabilities, JIT-compiles on the GPU."""
         return self.flavor == "tensorrt-rtx"
+
+    @property
+    def strongly_typed_only(self) -> bool:
+        """TensorRT 11 on: every network is strongly typed and the weak-typing (precision) builder flags are gone."""
+        return not self.is_rtx and self.version_tuple[:1] >= (11,)
 
 
 @functools.cache
@@ -57,11 +74,17 @@ def load_api(flavor: str) -> TrtApi:
     if flavor not in MODULES:
         raise KontextError(f"unknown backend {flavor}: use one of {', '.join(MODULES)}")
     try:
-        return TrtApi(flavor, importlib.import_module(MODULES[flavor]))
+        api = TrtApi(flavor, importlib.import_module(MODULES[flavor]))
     except (ImportError, OSError) as exc:
         raise KontextError(f"{flavor} is not usable here ({exc.__class__.__name__}: {exc}): install it with "
                            f"pip install 'kontext-trt[{EXTRAS[flavor]}]'"
                            + (" on a host with an NVIDIA driver" if flavor == "tensorrt" else "")) from None
+    floor = MIN_VERSIONS[flavor]
+    if api.version_tuple[:2] < floor:
+        raise KontextError(f"{flavor} {api.version} is older than {'.'.join(map(str, floor))}, the oldest that parses "
+                           f"the exports' ONNX Attention op and runs this project's engines: upgrade it with pip install "
+                           f"'kontext-trt[{EXTRAS[flavor]}]'")
+    return api
 
 
 @functools.cache
@@ -101,12 +124,33 @@ class Network:
     parser: Any
 
 
+@dataclass(frozen=True)
+class BuildRules:
+    """How this library wants a strongly typed network and its builder config set up."""
+
+    network_flags: int  # create_network flags: STRONGLY_TYPED (TensorRT 10, TensorRT-RTX), none on TensorRT 11
+    cleared_flags: tuple  # builder flags to clear: TF32 where the library has it, so fp32 layers stay fp32
+    set_flags: tuple  # builder flags to set: REQUIRE_USER_ALLOCATION on TensorRT-RTX (for stream capture)
+
+
+def build_rules(api: TrtApi, weight_streaming: bool = False) -> BuildRules:
+    """The one place TensorRT 10, TensorRT 11 and TensorRT-RTX differ in how a network is built: 11 is strongly typed
+    only (the creation flag is not passed; there are no precision builder flags); TensorRT-RTX contexts take
+    user-allocated memory so the runtime can capture them in its own CUDA graphs (RTX refuses that together with weight
+    streaming, which allocates at run time). Precision always comes from the ONNX."""
+    trt = api.trt
+    network_flags = 0 if api.strongly_typed_only else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    cleared = tuple(f for f in (getattr(trt.BuilderFlag, "TF32", None),) if f is not None)
+    required = (trt.BuilderFlag.REQUIRE_USER_ALLOCATION,) if api.is_rtx and not weight_streaming else ()
+    return BuildRules(network_flags, cleared, required)
+
+
 def parse_onnx(api: TrtApi, onnx_path: Path) -> Network:
     """Parse an ONNX file (external data next to it) into a strongly typed network: precision comes from the ONNX."""
     trt, log = api.trt, _logger(api)
     log.take()
     builder = trt.Builder(log)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    network = builder.create_network(build_rules(api).network_flags)
     parser = trt.OnnxParser(network, log)
     if not parser.parse_from_file(str(onnx_path)):
         errors = " | ".join(str(parser.get_error(i)).strip() for i in range(parser.num_errors))
@@ -114,30 +158,60 @@ def parse_onnx(api: TrtApi, onnx_path: Path) -> Network:
     return Network(builder, network, parser)
 
 
-def decompose_fp32_attention(api: TrtApi, network: Any) -> None:
-    """Let fp32 attention ops (ONNX Attention, opset 23) decompose into plain kernels: TensorRT-RTX 1.7 has no fused
-    fp32 attention kernel and fails the build otherwise (bf16/fp16 attention keeps its fused kernel)."""
+def decompose_attention(api: TrtApi, network: Any) -> None:
+    """Let every attention op (ONNX Attention, opset 23) decompose into plain kernels where no fused kernel fits:
+    TensorRT-RTX 1.7 has no fused fp32 attention kernel, nor one for small heads (head size 8 in bf16), and fails the
+    build otherwise. A fused kernel is still taken wherever one exists."""
     kind = getattr(api.trt.LayerType, "ATTENTION_OUTPUT", None)  # libraries without IAttention parse no Attention op
     for index in range(network.num_layers if kind is not None else 0):
         layer = network.get_layer(index)
         if layer.type == kind:
             layer.__class__ = api.trt.IAttentionOutputLayer  # get_layer returns the ILayer base
-            if layer.attention.get_input(0).dtype == api.trt.float32:
-                layer.attention.decomposable = True
+            layer.attention.decomposable = True
 
 
 def runtime_flags(api: TrtApi, config: Any, weight_streaming: bool) -> None:
-    """fp32 layers stay fp32 (no TF32, which TensorRT turns on by default), and TensorRT-RTX contexts take
-    user-allocated memory so the runtime can capture them in its own CUDA graphs (RTX refuses that together
-    with weight streaming, which allocates at run time)."""
-    config.clear_flag(api.trt.BuilderFlag.TF32)
-    if api.aot and not weight_streaming:
-        config.set_flag(api.trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+    """Apply build_rules' builder flags to a builder config."""
+    rules = build_rules(api, weight_streaming)
+    for flag in rules.cleared_flags:
+        config.clear_flag(flag)
+    for flag in rules.set_flags:
+        config.set_flag(flag)
+
+
+def progress_monitor(api: TrtApi) -> Any:
+    """A TensorRT IProgressMonitor that shows each build phase as a tqdm bar (keep it alive until the build ends)."""
+    from tqdm import tqdm
+
+    class Monitor(api.trt.IProgressMonitor):
+        def __init__(self) -> None:
+            api.trt.IProgressMonitor.__init__(self)
+            self.bars: dict[str, Any] = {}
+            self.phases = 0
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            depth = len(self.bars)
+            self.bars[phase_name] = tqdm(total=num_steps, desc=phase_name, position=depth, leave=depth == 0,
+                                         unit="step", dynamic_ncols=True)
+            self.phases += 1
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            bar = self.bars.get(phase_name)
+            if bar is not None:
+                bar.update(step + 1 - bar.n)
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name: str) -> None:
+            bar = self.bars.pop(phase_name, None)
+            if bar is not None:
+                bar.close()
+
+    return Monitor()
 
 
 def check_targets(api: TrtApi, sms: tuple[int, ...], device_sm: int | None) -> list:
     """Refuse targets this flavour cannot build for; the ComputeCapability values to set (TensorRT: none)."""
-    if api.aot:
+    if api.is_rtx:
         names = [getattr(api.trt.ComputeCapability, f"SM{sm}", None) for sm in sms]
         if None in names:
             known = ", ".join(n.lower() for n in api.trt.ComputeCapability.__members__ if n.startswith("SM"))
@@ -165,7 +239,7 @@ def set_targets(api: TrtApi, config: Any, sms: tuple[int, ...], device_sm: int |
 @contextmanager
 def timing_cache(api: TrtApi, config: Any, path: Path | None) -> Iterator[None]:
     """TensorRT: load the timing cache at path into config, and save it back after the build. TensorRT-RTX: nothing."""
-    if api.aot or path is None:
+    if api.is_rtx or path is None:
         yield
         return
     blob = path.read_bytes() if path.exists() else b""
@@ -196,7 +270,7 @@ def rtx_header(plan: bytes | memoryview) -> tuple[str, tuple[int, ...]] | None:
 def header_validity(api: TrtApi, plan: bytes | memoryview, gpu: bool) -> str:
     """TensorRT-RTX's header check of a plan against this host, without loading it: valid, suboptimal,
     invalid: REASONS, malformed, or unchecked: WHY (TensorRT has no such check)."""
-    if not api.aot:
+    if not api.is_rtx:
         return "unchecked: TensorRT checks a plan only by deserializing it"
     runtime = _runtime(api)
     validity, diagnostics = runtime.get_engine_validity(plan[:runtime.engine_header_size])
@@ -211,7 +285,7 @@ def header_validity(api: TrtApi, plan: bytes | memoryview, gpu: bool) -> str:
 
 def inspect_plan(api: TrtApi, plan: bytes | memoryview, gpu: bool) -> dict:
     """What this host can tell about a new plan: header validity, header fields (RTX), device memory or why unknown."""
-    header = rtx_header(plan) if api.aot else None
+    header = rtx_header(plan) if api.is_rtx else None
     info = {"validity": header_validity(api, plan, gpu), "device_memory_bytes": None, "device_memory_note": None,
             "header": header and {"version": header[0], "targets": [f"sm{sm}" for sm in header[1]]}}
     if not gpu:
@@ -222,7 +296,7 @@ def inspect_plan(api: TrtApi, plan: bytes | memoryview, gpu: bool) -> dict:
     if engine is None:
         info["validity"], info["device_memory_note"] = f"invalid: {_logger(api).take()}", "the plan does not load here"
     else:
-        info["validity"] = info["validity"] if api.aot else "valid"
+        info["validity"] = info["validity"] if api.is_rtx else "valid"
         info["device_memory_bytes"] = int(engine.device_memory_size_v2)
     return info
 
@@ -253,7 +327,7 @@ def create_context(api: TrtApi, engine: Any, runtime_cache: Path | None = None, 
     kernels compiled at first use (eager_kernels) and the library's own CUDA graphs (native_graphs)."""
     strategy = api.trt.ExecutionContextAllocationStrategy
     strategy = strategy.USER_MANAGED if user_managed else strategy.STATIC
-    if not api.aot:
+    if not api.is_rtx:
         return Context(engine.create_execution_context(strategy))
     config = engine.create_runtime_config()
     config.set_execution_context_allocation_strategy(strategy)
@@ -285,7 +359,7 @@ def polygraphy_runner(api: TrtApi, plan_path: Path, name: str = "engine") -> Any
     """A polygraphy TrtRunner for a plan file, with polygraphy switched to this flavour's module."""
     from polygraphy import config as polygraphy_config
 
-    polygraphy_config.USE_TENSORRT_RTX = api.aot  # read when polygraphy.backend.trt is first imported
+    polygraphy_config.USE_TENSORRT_RTX = api.is_rtx  # read when polygraphy.backend.trt is first imported
     from polygraphy.backend.trt import TrtRunner
 
     return TrtRunner(load_engine(api, plan_path), name=name)

@@ -427,8 +427,8 @@ def request_geometry(req: EditRequest) -> Geometry:
 
 def cuda_gpu() -> gpus.Gpu:
     """The GPU the engines must run on, or one line saying there is none."""
-    gpu, why = gpus.detect_gpu()
-    if gpu is not None and not torch.cuda.is_available():
+    gpu, why = gpus.detect_gpu()  # torch's current CUDA device, found in NVML by its UUID
+    if gpu is not None and gpu.cuda_index is None:
         gpu, why = None, f"torch {torch.__version__} sees no CUDA device (a CPU-only torch build?)"
     if gpu is None:
         raise KontextError(f"--engines runs TensorRT engines on an NVIDIA GPU and none is usable here ({why}): run on "
@@ -510,7 +510,7 @@ def load_trt_kontext(engines: Path, precision: str | None = None, sku: str = "au
     g = geometry or default_geometry(folder)
     found = cache.find_engines(engines, sku, api.folder, precision, g.width, g.height, g.batch, g.context)
     clip_tok, t5_tok, config = text_side(found.manifest, onnx, model)
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cuda", gpu.cuda_index)  # the device whose SKU was detected
     pool = EnginePool(api, device, low_vram, weight_budget is not None, found.runtime_cache)
     rebuild = found.manifest.get("command", "kontext-trt build")
     stages = {name: TrtStage(name, found.plans[name], pool, weight_budget if name == "transformer" else None,

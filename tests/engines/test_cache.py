@@ -22,8 +22,8 @@ def test_match(built):
     found = find_engines(built, SKUS["rtx4090"], RTX, "fp32", 1024, 1024, context=(800, 1328))
     assert sorted(found.plans) == ["clip", "t5", "transformer", "vae_decoder", "vae_encoder"]
     assert found.runtime_cache == found.folder / "runtime.cache" and found.manifest["sku"] == "rtx4090"
-    t2i = find_engines(built, "rtx4090", RTX, "fp32", 688, 1504)  # text-to-image: no encoder, fewest tokens
-    assert "vae_encoder" not in t2i.plans
+    t2i = find_engines(built, "rtx4090", RTX, "fp32", 688, 1504)  # text-to-image first: fewest tokens
+    assert sorted(t2i.plans) == sorted(found.plans)  # the encoder too, for the edit that may come next
 
 
 def test_other_gpu(built):
@@ -56,3 +56,18 @@ def test_missing_stage(engine_onnx, tmp_path):
     message = str(info.value)
     assert "stage t5, transformer, vae_decoder not built" in message  # text-to-image needs no encoder
     assert message.endswith("--batch 1 --stages clip t5 transformer vae_decoder")
+
+
+def test_encoder_batch_is_one_whatever_the_batch(engine_onnx, tmp_path):
+    """A set built for --batch 2 serves batch-2 edits: the one context image is encoded at batch 1."""
+    from kontext_trt.engines import build
+    from kontext_trt.engines.profiles import Shapes
+
+    folder, _ = build.build_set(build.BuildRequest(
+        onnx_dir=engine_onnx, out=tmp_path, sku=SKUS["rtx4090"], target=build.Target("tensorrt-rtx", (89,)),
+        shapes=Shapes(((64, 64),), (2, 2)), stages=("vae_encoder", "transformer")))
+    found = find_engines(tmp_path, "rtx4090", RTX, "fp32", 64, 64, batch=2, context=(64, 64),
+                         stages=("vae_encoder", "transformer"))
+    encoder = found.manifest["stages"]["vae_encoder"]
+    assert encoder["profile"]["images"]["min"][0] == encoder["profile"]["images"]["max"][0] == 1
+    assert "B" not in encoder["axes"] and found.manifest["stages"]["transformer"]["axes"]["B"] == [2, 2, 2]

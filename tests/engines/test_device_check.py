@@ -12,15 +12,25 @@ from kontext_trt.runtime.cli import main
 from kontext_trt.runtime.errors import KontextError
 
 
-def fake_nvml(name: str, cc: tuple[int, int], total: int) -> types.ModuleType:
+def fake_nvml(name: str, cc: tuple[int, int], total: int, by_uuid: dict | None = None) -> types.ModuleType:
+    """NVML with one GPU at index 0 and, by UUID, the GPUs of `by_uuid` ({'GPU-...': (name, cc, total)})."""
+    gpus = {0: (name, cc, total), **(by_uuid or {})}
     nvml = types.ModuleType("pynvml")
     nvml.NVMLError = type("NVMLError", (Exception,), {})
-    nvml.nvmlInit = nvml.nvmlShutdown = lambda: None
-    nvml.nvmlDeviceGetCount = lambda: 1
+    nvml.calls = []
+    nvml.nvmlInit = lambda: nvml.calls.append("init")
+    nvml.nvmlShutdown = lambda: nvml.calls.append("shutdown")
+    nvml.nvmlDeviceGetCount = lambda: len(gpus)
     nvml.nvmlDeviceGetHandleByIndex = lambda i: i
-    nvml.nvmlDeviceGetName = lambda h: name
-    nvml.nvmlDeviceGetCudaComputeCapability = lambda h: cc
-    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=total)
+
+    def by_uuid_handle(uuid):
+        if uuid not in gpus:
+            raise nvml.NVMLError(f"NVML_ERROR_NOT_FOUND {uuid}")
+        return uuid
+    nvml.nvmlDeviceGetHandleByUUID = by_uuid_handle
+    nvml.nvmlDeviceGetName = lambda h: gpus[h][0]
+    nvml.nvmlDeviceGetCudaComputeCapability = lambda h: gpus[h][1]
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=gpus[h][2])
     return nvml
 
 
@@ -35,6 +45,23 @@ def test_detect_and_resolve(monkeypatch):
         device.resolve_sku("auto", device.Gpu("NVIDIA T4", 75, 16))
     with pytest.raises(KontextError, match="unknown SKU rtx9090"):
         device.resolve_sku("rtx9090", None)
+
+
+@pytest.mark.parametrize("prefix", ["GPU-", "MIG-"])
+def test_gpu_found_by_the_uuid_of_torchs_device(monkeypatch, prefix):
+    """NVML index 0 is an L40S, but torch runs on CUDA device 1, an H100 (CUDA and NVML count differently): the SKU
+    is the H100's, found through the UUID torch reports, and NVML is shut down."""
+    import torch
+
+    nvml = fake_nvml("NVIDIA L40S", (8, 9), 48 * 2**30,
+                     {f"{prefix}6a1b": ("NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30)})
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid="6a1b"))
+    gpu, why = device.detect_gpu()
+    assert gpu == device.Gpu("NVIDIA H100 80GB HBM3", 90, 80.0, cuda_index=1) and why == ""
+    assert device.resolve_sku("auto", gpu).tag == "h100-sxm-sm90" and nvml.calls == ["init", "shutdown"]
 
 
 def test_no_gpu_with_sku_auto():

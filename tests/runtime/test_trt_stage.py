@@ -329,7 +329,7 @@ def test_cli_without_gpu(capsys, engines, tmp_path):
 def rtx(monkeypatch):
     """Pretend this host has an RTX GPU (NVML and torch say so); returns a setter for the GPU."""
     def use(name: str, sm: int) -> None:
-        monkeypatch.setattr(gpus, "detect_gpu", lambda: (gpus.Gpu(name, sm, 24.0), ""))
+        monkeypatch.setattr(gpus, "detect_gpu", lambda: (gpus.Gpu(name, sm, 24.0, 0), ""))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     return use
 
