@@ -277,7 +277,7 @@ class TrtStage:
         """A new context for these shapes; under CUDA graphs on TensorRT-RTX, one capturing its own graphs if a plain
         one is not stream capturable."""
         ctx = self.new_context(shapes, self.native_graphs)
-        if self.cuda_graphs and self.pool.api.aot and not self.native_graphs \
+        if self.cuda_graphs and self.pool.api.is_rtx and not self.native_graphs \
                 and not ctx.context.is_stream_capturable(self.stream_handle()):
             ctx, self.native_graphs = self.new_context(shapes, native_graphs=True), True
         self.new_kernels = True
