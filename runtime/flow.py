@@ -203,10 +203,12 @@ def edit(k: Kontext, req: EditRequest, prompt: Prompt | None = None, context: Co
     return edit_batch(k, [req], [prompt], [context])[0]
 
 
-def batch_key(req: EditRequest, context: Context | None) -> tuple:
-    """What requests must share to run as one batch: output size, context size, steps and the true-CFG pass."""
+def batch_key(req: EditRequest) -> tuple:
+    """What requests must share to run as one batch: output size, input image size, steps and the true-CFG pass."""
+    context = None if req.image is None else im.context_size(*req.image.size, auto_resize=req.auto_resize)
+    size = (req.width, req.height) if req.width is not None else context or (1024, 1024)
     cfg = req.true_cfg if req.negative_prompt is not None and req.true_cfg > 1 else None
-    return output_size(req, context), None if context is None else (context.width, context.height), req.steps, cfg
+    return size, context, req.steps, cfg
 
 
 def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None] | None = None,
@@ -218,7 +220,7 @@ def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None]
     contexts = [c if c is not None or r.image is None else encode_context(k, r.image, r.auto_resize)
                 for r, c in zip(reqs, contexts or [None] * len(reqs))]
     prompts = [p or encode_prompts(k, r.prompts) for r, p in zip(reqs, prompts or [None] * len(reqs))]
-    keys = {batch_key(r, c) for r, c in zip(reqs, contexts)}
+    keys = {batch_key(r) for r in reqs}
     if len(keys) != 1:
         raise KontextError("requests of one batch must share output size, input image size, steps and true CFG")
     (width, height), _, steps, true_cfg = keys.pop()
@@ -263,11 +265,15 @@ def metadata(k: Kontext, req: EditRequest, width: int, height: int) -> dict:
             "auto_resize": req.auto_resize, "edited": req.image is not None, **k.info}
 
 
+def image_metadata(result: EditResult) -> list[dict]:
+    """The metadata of each image of a result: the request's, with its own prompt."""
+    common = {key: value for key, value in result.metadata.items() if key != "prompts"}
+    return [{**common, "prompt": prompt} for prompt in result.metadata["prompts"]]
+
+
 def save_images(result: EditResult, out: str | Path) -> list[Path]:
     """Write out.png for one image, out-0.png, out-1.png ... for a batch, each with its metadata."""
     out = Path(out)
-    common = {key: value for key, value in result.metadata.items() if key != "prompts"}
     paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
                                                    for i in range(len(result.images))]
-    return [im.save_png(img, path, {**common, "prompt": prompt})
-            for img, path, prompt in zip(result.images, paths, result.metadata["prompts"])]
+    return [im.save_png(img, path, meta) for img, path, meta in zip(result.images, paths, image_metadata(result))]

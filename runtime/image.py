@@ -1,6 +1,7 @@
 """Input images: Kontext resolution buckets, resizing, [-1, 1] tensors, and PNG output with metadata."""
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -82,13 +83,25 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
-def save_png(image: Image.Image, path: str | Path, metadata: dict) -> Path:
-    """Write a PNG atomically (temp file, then rename) with the generation parameters as text chunks."""
-    path = check_writable(path)
+def png_info(metadata: dict) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks of a generated image: `kontext-trt` (JSON) and `parameters` (one readable line)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("kontext-trt", json.dumps(metadata, sort_keys=True))
     info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in metadata.items()))
-    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    return info
+
+
+def png_bytes(image: Image.Image, metadata: dict) -> bytes:
+    """A PNG in memory with the same text chunks save_png writes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(metadata))
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, path: str | Path, metadata: dict) -> Path:
+    """Write a PNG atomically (temp file, then rename) with the generation parameters as text chunks."""
+    path = check_writable(path)
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(metadata)))
 
 
 def sample_image(width: int = 896, height: int = 640, seed: int = 0) -> Image.Image:
