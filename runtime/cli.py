@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "kontext_trt.engines.commands",
     "kontext_trt.export.commands",
     "kontext_trt.quant.commands",
+    "kontext_trt.serve.commands",
 )
 
 

@@ -160,7 +160,7 @@ def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontex
             raise KontextError(f"--engines runs the TensorRT backend: drop --backend {args.backend}")
         k = load_kontext(args.model, backend="tensorrt", onnx=args.onnx, engines=args.engines,
                          precision=args.precision, sku=args.sku,
-                         geometry=request_geometry(request), low_vram=args.low_vram,
+                         geometry=request_geometry(request) if request else None, low_vram=args.low_vram,
                          weight_budget=args.weight_streaming_budget, cuda_graphs=args.cuda_graphs, loras=args.lora)
     if args.cuda_graphs:
         k.stages = graphed(k.stages)

@@ -1,0 +1,141 @@
+"""Micro-batching: requests that share a batch key and arrive within a short window run as one batch."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from kontext_trt.runtime.flow import EditRequest, batch_key
+from kontext_trt.serve.metrics import Metrics
+from kontext_trt.serve.service import BatchRun, EditService, Served
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue holds --max-queue requests already; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the server's queue is full: retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Job:
+    """A queued request and the future its handler awaits."""
+
+    req: EditRequest
+    key: tuple
+    future: asyncio.Future
+    images: int
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    """One worker task: takes the oldest request, waits up to `window_s` for requests of its key (up to `max_batch`
+    images), runs them on the model thread, hands each request its own outcome. A request whose handler gave up
+    (timeout, disconnect) is dropped from the queue, or its result discarded if its batch already runs."""
+
+    def __init__(self, service: EditService, metrics: Metrics, max_batch: int = 4, max_queue: int = 64,
+                 window_s: float = 0.005) -> None:
+        self.service, self.metrics = service, metrics
+        self.max_batch, self.max_queue, self.window_s = max_batch, max_queue, window_s
+        self.queue: deque[Job] = deque()
+        self.arrived = asyncio.Event()
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-model")
+        self.worker: asyncio.Task | None = None
+        self.batch_seconds = 1.0  # a running estimate, for Retry-After
+
+    def start(self) -> None:
+        """Start the worker task on the running loop."""
+        self.worker = asyncio.get_running_loop().create_task(self.work())
+
+    async def stop(self) -> None:
+        """Stop the worker (after in-flight requests were drained) and the model thread."""
+        if self.worker is not None:
+            self.worker.cancel()
+            await asyncio.gather(self.worker, return_exceptions=True)
+        self.model_thread.shutdown(wait=True)
+
+    @property
+    def ready(self) -> bool:
+        """Loaded and warmed."""
+        return self.service.ready
+
+    async def submit(self, req: EditRequest) -> Served:
+        """Queue a request and wait for its result; QueueFull when the queue is full."""
+        self.purge()
+        if len(self.queue) >= self.max_queue:
+            raise QueueFull(max(1, round(self.batch_seconds * (1 + len(self.queue) / self.max_batch))))
+        job = Job(req, batch_key(req), asyncio.get_running_loop().create_future(), len(req.prompts))
+        self.queue.append(job)
+        self.metrics.queue_depth.set(len(self.queue))
+        self.arrived.set()
+        return await job.future
+
+    def purge(self) -> None:
+        """Drop requests whose handler gave up."""
+        if any(job.future.done() for job in self.queue):
+            self.queue = deque(job for job in self.queue if not job.future.done())
+            self.metrics.queue_depth.set(len(self.queue))
+
+    def queued_images(self, key: tuple) -> int:
+        """Images queued under `key`."""
+        return sum(job.images for job in self.queue if job.key == key and not job.future.done())
+
+    def take(self, key: tuple) -> list[Job]:
+        """Remove and return the oldest live jobs of `key`, up to max_batch images (the first always goes)."""
+        batch, images, rest = [], 0, deque()
+        for job in self.queue:
+            if job.future.done():
+                continue
+            if job.key == key and (not batch or images + job.images <= self.max_batch):
+                batch.append(job)
+                images += job.images
+            else:
+                rest.append(job)
+        self.queue = rest
+        self.metrics.queue_depth.set(len(self.queue))
+        return batch
+
+    async def work(self) -> None:
+        """The worker loop: gather a batch, run it off the event loop, deliver outcomes."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self.purge()
+            if not self.queue:
+                self.arrived.clear()
+                await self.arrived.wait()
+                continue
+            first = self.queue[0]
+            close = first.enqueued + self.window_s
+            while self.queued_images(first.key) < self.max_batch and time.perf_counter() < close:
+                self.arrived.clear()
+                try:
+                    await asyncio.wait_for(self.arrived.wait(), close - time.perf_counter())
+                except TimeoutError:
+                    break
+            batch = self.take(first.key)
+            if not batch:
+                continue
+            started = time.perf_counter()
+            for job in batch:
+                self.metrics.stage_latency.labels("queue").observe(started - job.enqueued)
+            try:
+                run = await loop.run_in_executor(self.model_thread, self.service.run, [job.req for job in batch])
+            except Exception as exc:  # noqa: BLE001 - the worker outlives any batch
+                log.exception("a batch of %d failed outside the model", len(batch))
+                run = BatchRun([exc] * len(batch))
+            self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * run.seconds
+            self.metrics.observe_batch(sum(job.images for job in batch), run)
+            images = sum(job.images for job in batch)
+            for job, outcome in zip(batch, run.outcomes):
+                if job.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(Served(outcome, images, started - job.enqueued, run.stage_seconds))

@@ -1,0 +1,114 @@
+"""The model behind the server: one pipeline, the session's prompt and input-latent caches, batches and warm-up."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kontext_trt.runtime import flow
+from kontext_trt.runtime import image as im
+from kontext_trt.runtime.flow import EditRequest, EditResult, Kontext
+from kontext_trt.runtime.session import EditSession
+from kontext_trt.runtime.timing import StageTimes
+
+log = logging.getLogger(__name__)
+
+
+def default_model_dir() -> Path:
+    """Where the embedded tiny checkpoint is written when no --model is given: the user's cache folder."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "kontext-trt" / "tiny-checkpoint"
+
+
+def ensure_tiny_checkpoint(folder: Path) -> Path:
+    """The tiny synthetic checkpoint in `folder`, written (atomically) on first use."""
+    from kontext_trt.synth import write_synthetic_checkpoint
+
+    if not (folder / "model_index.json").exists():
+        log.info("writing the synthetic tiny checkpoint to %s", folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        write_synthetic_checkpoint(folder, preset="tiny", seed=0, force=True)
+    return folder
+
+
+def small_edit(k: Kontext) -> EditRequest:
+    """The warm-up request of the torch and ONNX Runtime backends: one step on a 64x64 image."""
+    return EditRequest(prompts=["warm up"], image=im.sample_image(64, 64), steps=1, auto_resize=False)
+
+
+@dataclass
+class Served:
+    """A request's result and how it was served: its batch's size, its wait in the queue, the batch's stage seconds."""
+
+    result: EditResult
+    batch_images: int
+    queue_s: float
+    stage_seconds: dict[str, float]
+
+    def server_timing(self) -> str:
+        """A Server-Timing header value (milliseconds), which browsers' devtools and the page show."""
+        parts = [f"queue;dur={1e3 * self.queue_s:.1f}"]
+        parts += [f"{stage};dur={1e3 * seconds:.1f}" for stage, seconds in self.stage_seconds.items()]
+        return ", ".join(parts)
+
+
+@dataclass
+class BatchRun:
+    """What one batch returned: a result or an exception per request, its stage seconds and wall time."""
+
+    outcomes: list[EditResult | BaseException]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class EditService:
+    """Loads the pipeline once, then runs batches of requests (one at a time: call from one thread)."""
+
+    def __init__(self, load: Callable[[], Kontext], warm_request: Callable[[Kontext], EditRequest] = small_edit,
+                 cache_size: int = 64) -> None:
+        self.load_pipeline, self.warm_request, self.cache_size = load, warm_request, cache_size
+        self.k: Kontext | None = None
+        self.session: EditSession | None = None
+        self.ready = False
+
+    def load(self) -> None:
+        """Load the pipeline and run one edit so the first request pays no first-call costs; then ready."""
+        start = time.perf_counter()
+        self.k = self.load_pipeline()
+        self.session = EditSession(self.k, cache_size=self.cache_size)
+        failed = self.run([self.warm_request(self.k)]).outcomes[0]
+        if isinstance(failed, BaseException):
+            raise failed
+        self.ready = True
+        log.info("model loaded and warmed in %.2fs (%s)", time.perf_counter() - start, self.k.info)
+
+    def run(self, reqs: list[EditRequest]) -> BatchRun:
+        """Run requests sharing a batch key as one batch; should the batch fail, each request runs alone so one bad
+        request cannot fail its batch-mates."""
+        start = time.perf_counter()
+        self.k.times = StageTimes()
+        try:
+            outcomes = self.run_batch(reqs)
+        except Exception as exc:  # noqa: BLE001 - an outcome per request, never a dead server
+            if len(reqs) == 1:
+                outcomes = [exc]
+            else:
+                log.warning("a batch of %d failed (%s); running its requests one by one", len(reqs), exc)
+                outcomes = [self.run_alone(req) for req in reqs]
+        return BatchRun(outcomes, self.k.times.totals(), time.perf_counter() - start)
+
+    def run_alone(self, req: EditRequest) -> EditResult | BaseException:
+        """One request, its failure returned rather than raised."""
+        try:
+            return self.run_batch([req])[0]
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+    def run_batch(self, reqs: list[EditRequest]) -> list[EditResult]:
+        """flow.edit_batch through the session's caches (prompt encodings and input latents)."""
+        prompts = [self.session.prompt(req.prompts) for req in reqs]
+        contexts = [None if req.image is None else self.session.context(req.image, req.auto_resize) for req in reqs]
+        return flow.edit_batch(self.k, reqs, prompts, contexts)
