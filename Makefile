@@ -5,9 +5,21 @@ STAMP := $(VENV)/.kontext-trt-installed
 # The CPU build of torch that lies on this machine's disk; a GPU host keeps the torch it has.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+.PHONY: setup chromium demo test clean
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
+
+# Headless Chromium for the server page's test: Debian's package, installed only when no chromium is on PATH.
+# Without apt-get or root it says so and the page test skips with that reason.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	    echo "warning: apt-get could not install chromium: the page test will skip"; \
+	  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+	    { sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	    echo "warning: apt-get could not install chromium: the page test will skip"; \
+	  else echo "warning: chromium is not installed and apt-get is not usable here: the page test will skip"; fi; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
