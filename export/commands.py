@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kontext_trt.runtime.commands import add_lora_argument
 from kontext_trt.runtime.stages import STAGE_NAMES
 
 
@@ -17,6 +18,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="bf16 for TensorRT, fp32 for the onnxruntime backend; fp16 is refused for t5")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 23: attention as one Attention op)")
     p.add_argument("--force", action="store_true", help="replace an export of a different checkpoint in --out")
+    add_lora_argument(p)
     p.set_defaults(func=run_export)
 
 
@@ -25,6 +27,7 @@ def run_export(args: argparse.Namespace) -> int:
     from kontext_trt.export.export import DEFAULT_OPSET, export_checkpoint
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    path = export_checkpoint(args.model, args.out, stages, args.dtype, args.opset or DEFAULT_OPSET, args.force)
+    path = export_checkpoint(args.model, args.out, stages, args.dtype, args.opset or DEFAULT_OPSET, args.force,
+                             loras=args.lora)
     print(path)
     return 0

@@ -11,6 +11,7 @@ import gc
 import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -19,7 +20,9 @@ from kontext_trt.export import onnx_file
 from kontext_trt.export.manifest import TOKENIZERS, new_manifest, read_manifest, stage_entry, tool_versions, write_manifest
 from kontext_trt.export.rope import fp32_rope
 from kontext_trt.export.specs import stage_dims
+from kontext_trt.export.weight_map import param_signatures, weight_map
 from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.lora import LoraSpec, fuse_into
 from kontext_trt.runtime.stages import STAGE_NAMES
 from kontext_trt.runtime.timing import progress
 from kontext_trt.runtime.torch_stages import ClipModule, T5Module, TransformerModule, VaeDecoderModule, VaeEncoderModule
@@ -32,8 +35,9 @@ EXTERNAL_THRESHOLD = 2 * 1024 ** 3  # protobuf's 2 GiB limit: heavier stages kee
 
 def export_checkpoint(model: str | Path, out: str | Path, stages: tuple[str, ...] = STAGE_NAMES, dtype: str = "bf16",
                       opset: int = DEFAULT_OPSET, force: bool = False,
-                      external_threshold: int = EXTERNAL_THRESHOLD) -> Path:
-    """Export `stages` of the checkpoint at `model` into `out` (one folder per stage) and return the manifest path."""
+                      external_threshold: int = EXTERNAL_THRESHOLD, loras: Sequence[LoraSpec] = ()) -> Path:
+    """Export `stages` of the checkpoint at `model` into `out` (one folder per stage) and return the manifest path;
+    `loras` [(file or folder, scale), ...] are fused into the transformer's weights for good."""
     from kontext_trt.runtime import checkpoint as ck
     from kontext_trt.runtime.flow import KontextConfig
 
@@ -56,22 +60,31 @@ def export_checkpoint(model: str | Path, out: str | Path, stages: tuple[str, ...
     write_manifest(out, manifest)
     for stage in stages:
         with progress(f"exporting {stage} ({dtype}, opset {opset}) to {out / stage}"):
-            manifest["stages"][stage] = export_stage(ckpt, stage, dtype, opset, out, external_threshold)
+            manifest["stages"][stage] = export_stage(ckpt, stage, dtype, opset, out, external_threshold, loras)
         write_manifest(out, manifest)
     return out / "manifest.json"
 
 
-def export_stage(ckpt, stage: str, dtype: str, opset: int, out: Path, external_threshold: int) -> dict:
-    """Load one stage, trace, free it, clean and check the graph, then swap out/stage in; its manifest entry."""
+def export_stage(ckpt, stage: str, dtype: str, opset: int, out: Path, external_threshold: int,
+                 loras: Sequence[LoraSpec] = ()) -> dict:
+    """Load one stage (the transformer with `loras` fused), trace, free it, clean and check the graph, then swap
+    out/stage in; its manifest entry (the transformer's with its weight map, export.weight_map)."""
     for stale in out.glob(f".{stage}.*"):  # left by a killed export
         shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_folder(out, stage)
     try:
         module = load_stage(ckpt, stage, DTYPES[dtype])
+        baked = fuse_into(module.model, loras) if stage == "transformer" else []
+        signatures = param_signatures(module.model) if stage == "transformer" else {}
         onnx_file.trace(module, stage, ckpt.transformer_config, DTYPES[dtype], opset, tmp)
         del module
         gc.collect()
-        return finish_stage(tmp, out, stage, dtype, opset, external_threshold)
+        entry = finish_stage(tmp, out, stage, dtype, opset, external_threshold)
+        if signatures:
+            entry["weights"] = weight_map(signatures, out / entry["file"])
+        if baked:
+            entry["loras"] = [lora.describe() for lora in baked]
+        return entry
     except OSError as error:
         raise KontextError(f"{stage}: writing the ONNX failed ({error}); nothing was left in {out}") from None
     finally:

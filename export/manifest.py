@@ -18,6 +18,9 @@ Fields (plain JSON; every path is relative to DIR):
                          "profile": {"min": [int], "opt": [int], "max": [int]}}]: concrete shapes for TensorRT
         outputs        [{"name", "dtype", "shape": [int | dim name | "8*dim" | "dim/8"]}]
         dims           {dim name: {"min", "opt", "max", "multiple_of"}} for every dynamic input dim (see specs.py)
+        weights        transformer only: {diffusers parameter name: {"name": ONNX initializer, "transpose": bool}}
+                       (export/weight_map.py): how onnxruntime swaps and TensorRT refits its weights (LoRAs)
+        loras          transformer only, when export --lora fused LoRAs in for good: [{"file", "scale"}]
 """
 from __future__ import annotations
 

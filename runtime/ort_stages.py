@@ -6,11 +6,13 @@ are wrapped zero-copy from ORT's buffers (then cloned), so no tensor crosses the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from kontext_trt.export.weight_map import OnnxWeights
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.stages import STAGE_IO, STAGE_NAMES
 
@@ -19,10 +21,14 @@ TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16
 TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.int64: "<i8", torch.int32: "<i4", torch.bool: "|b1"}
 
 
-def ort_session(path: str | Path, device: torch.device = torch.device("cpu")) -> ort.InferenceSession:
-    """An InferenceSession on device's execution provider (CPU as fallback) that runs Q/DQ graphs as written."""
+def ort_session(path: str | Path, device: torch.device = torch.device("cpu"),
+                initializers: dict[str, ort.OrtValue] | None = None) -> ort.InferenceSession:
+    """An InferenceSession on device's execution provider (CPU as fallback) that runs Q/DQ graphs as written, with
+    `initializers` replacing the file's ones of those names (the caller keeps them alive as long as the session)."""
     cuda = [("CUDAExecutionProvider", {"device_id": device.index or 0})] if device.type == "cuda" else []
     options = ort.SessionOptions()
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
     options.log_severity_level = 3
     # ORT's QDQ fusions mistake FP8 DequantizeLinear -> MatMul for int8 and refuse the graph: keep Q/DQ as written.
     options.add_session_config_entry("session.disable_quant_qdq", "1")
@@ -32,8 +38,11 @@ def ort_session(path: str | Path, device: torch.device = torch.device("cpu")) ->
 class OrtStage:
     """Adapter: named torch tensors in, named torch tensors out, over one ONNX file in an InferenceSession."""
 
-    def __init__(self, name: str, path: str | Path, device: torch.device | str = "cpu") -> None:
-        self.name, self.device = name, torch.device(device)
+    def __init__(self, name: str, path: str | Path, device: torch.device | str = "cpu", entry: dict | None = None) -> None:
+        self.name, self.device, self.path = name, torch.device(device), Path(path)
+        self.entry = entry or {}  # the export manifest's entry: its weight map and baked LoRAs
+        self.onnx_weights: OnnxWeights | None = None
+        self.overrides: dict[str, ort.OrtValue] = {}  # initializers set_weights replaced, alive as long as the session
         self.input_names, self.output_names = STAGE_IO[name]
         try:
             self.session = ort_session(path, self.device)
@@ -56,6 +65,34 @@ class OrtStage:
             return self._run_bound(feeds)
         outputs = self.session.run(list(self.output_names), {name: t.numpy() for name, t in feeds.items()})
         return {name: torch.from_numpy(out) for name, out in zip(self.output_names, outputs)}
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The swappable weights (those of the export's weight map) in torch layout."""
+        return self._weights().shapes()
+
+    def base_weight(self, name: str) -> torch.Tensor:
+        """A weight as exported, read from the ONNX file."""
+        return self._weights().read(name)
+
+    def set_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Recreate the session with these weights fed as initializers (the file is not rewritten); weights not
+        named come from the file again."""
+        onnx_weights = self._weights()
+        values = (onnx_weights.onnx_value(name, value) for name, value in weights)
+        overrides = {init: ort.OrtValue.ortvalue_from_numpy(value.numpy()) for init, value in values}
+        if overrides or self.overrides:
+            self.session = ort_session(self.path, self.device, overrides)
+            self.overrides = overrides
+
+    def _weights(self) -> OnnxWeights:
+        """The weight map of the export, refused when LoRAs were fused into it for good."""
+        if self.entry.get("loras"):
+            files = ", ".join(lora["file"] for lora in self.entry["loras"])
+            raise KontextError(f"{self.path}: was exported with LoRAs fused in ({files}), so swapping would add to "
+                               f"them; export without --lora to swap LoRAs at run time")
+        if self.onnx_weights is None:
+            self.onnx_weights = OnnxWeights(self.path, self.entry.get("weights"))
+        return self.onnx_weights
 
     def graph_refusal(self) -> str | None:
         """Why runtime.cudagraphs must not capture this stage: a CUDA run waits on the host, which capture forbids."""
@@ -100,7 +137,7 @@ def ort_stages(folder: str | Path, manifest: dict, device: str = "cpu") -> dict[
         path = Path(folder) / manifest["stages"][name]["file"]
         if not path.is_file():
             raise KontextError(f"{path}: missing; re-export with `kontext-trt export --out {folder} --stages {name}`")
-        stages[name] = OrtStage(name, path, device)
+        stages[name] = OrtStage(name, path, device, manifest["stages"][name])
     return stages
 
 

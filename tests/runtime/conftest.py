@@ -15,6 +15,15 @@ SINGLE = {"proj_out": "linear2"}
 RANK, ALPHA = 4, 8.0
 
 
+def request():
+    """The edit every LoRA test runs: 64x64, 2 steps (fixture lora_request)."""
+    from kontext_trt.runtime import image as im
+    from kontext_trt.runtime.flow import EditRequest
+
+    return EditRequest(prompts=["make it a watercolor"], image=im.sample_image(64, 64, seed=2), width=64, height=64, steps=2, seed=5,
+                       auto_resize=False)
+
+
 def random_lora(shapes: dict[str, tuple[int, ...]], seed: int, std: float = 0.15) -> dict[str, torch.Tensor]:
     """PEFT-named factors (module.lora_A.weight (r, in), module.lora_B.weight (out, r)) for the DOUBLE, QKV and
     SINGLE modules of every block."""
@@ -84,3 +93,26 @@ def tiny_loras(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
     paths["b"] = paths["b"] / "pytorch_lora_weights.safetensors"
     paths["kohya_a"] = root / "a_kohya.safetensors"
     return paths
+
+
+@pytest.fixture(scope="session")
+def lora_reference(tiny_ckpt, tiny_loras):
+    """uint8 images of diffusers' FluxKontextPipeline with load_lora_weights(LoRA a) + fuse_lora(lora_scale=0.8)."""
+    import numpy as np
+    from diffusers import FluxKontextPipeline
+
+    pipe = FluxKontextPipeline.from_pretrained(tiny_ckpt, torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(tiny_loras["a"]))
+    pipe.fuse_lora(lora_scale=0.8)
+    req = request()
+    out = pipe(prompt=req.prompts, image=req.image, height=req.height, width=req.width, max_area=req.width * req.height,
+               num_inference_steps=req.steps, guidance_scale=req.guidance, output_type="np", _auto_resize=False,
+               generator=torch.Generator("cpu").manual_seed(req.seed)).images
+    return (out * 255).round().astype(np.uint8)
+
+
+@pytest.fixture
+def lora_request():
+    """The edit every LoRA test runs (see request)."""
+    return request()

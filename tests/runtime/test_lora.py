@@ -5,41 +5,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxKontextPipeline
 from PIL import Image
 from safetensors.torch import save_file
 
-from kontext_trt.runtime import image as im
 from kontext_trt.runtime.cli import main
 from kontext_trt.runtime.commands import parse_lora
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.flow import EditRequest, edit
+from kontext_trt.runtime.flow import edit
 from kontext_trt.runtime.lora import read_lora
 from kontext_trt.runtime.pipeline import load_kontext
-
-REQ = dict(prompts=["make it a watercolor"], width=64, height=64, steps=2, seed=5, auto_resize=False)
-
-
-def request() -> EditRequest:
-    return EditRequest(image=im.sample_image(64, 64, seed=2), **REQ)
 
 
 @pytest.fixture(scope="module")
 def torch_k(tiny_ckpt):
     return load_kontext(tiny_ckpt, backend="torch", dtype="fp32")
-
-
-def diffusers_images(tiny_ckpt, lora, scale: float) -> np.ndarray:
-    """uint8 images of diffusers' FluxKontextPipeline with load_lora_weights + fuse_lora(lora_scale=scale)."""
-    pipe = FluxKontextPipeline.from_pretrained(tiny_ckpt, torch_dtype=torch.float32, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(lora)
-    pipe.fuse_lora(lora_scale=scale)
-    req = request()
-    out = pipe(prompt=req.prompts, image=req.image, height=req.height, width=req.width, max_area=req.width * req.height,
-               num_inference_steps=req.steps, guidance_scale=req.guidance, output_type="np", _auto_resize=False,
-               generator=torch.Generator("cpu").manual_seed(req.seed)).images
-    return (out * 255).round().astype(np.uint8)
 
 
 def test_parse_lora():
@@ -58,14 +37,14 @@ def test_kohya_keys_read_as_the_diffusers_lora(tiny_loras):
         assert torch.allclose(other.scaling * other.up @ other.down, product, atol=1e-6)
 
 
-def test_edit_matches_diffusers_fuse_lora(tiny_ckpt, tiny_loras, tmp_path):
-    reference = diffusers_images(tiny_ckpt, str(tiny_loras["a"]), 0.8)
-    request().image.save(tmp_path / "in.png")
+def test_edit_matches_diffusers_fuse_lora(lora_request, tiny_ckpt, tiny_loras, lora_reference, tmp_path):
+    reference = lora_reference
+    lora_request.image.save(tmp_path / "in.png")
     for lora in (tiny_loras["a"], tiny_loras["kohya_a"]):
         out = tmp_path / f"{lora.stem}.png"
         code = main(["edit", "--model", str(tiny_ckpt), "--dtype", "fp32", "--lora", f"{lora}:0.8", "--prompt",
-                     REQ["prompts"][0], "--image", str(tmp_path / "in.png"), "--out", str(out), "--steps", "2",
-                     "--seed", "5", "--width", "64", "--height", "64", "--no-auto-resize"])
+                     lora_request.prompts[0], "--image", str(tmp_path / "in.png"), "--out", str(out),
+                     "--steps", "2", "--seed", "5", "--width", "64", "--height", "64", "--no-auto-resize"])
         assert code == 0
         ours = np.asarray(Image.open(out))
         assert np.abs(ours.astype(int) - reference[0].astype(int)).max() <= 1
@@ -73,15 +52,15 @@ def test_edit_matches_diffusers_fuse_lora(tiny_ckpt, tiny_loras, tmp_path):
         assert json.loads(Image.open(out).text["kontext-trt"])["loras"] == [{"file": name, "scale": 0.8}]
 
 
-def test_lora_changes_the_edit_and_swaps_back_exactly(torch_k, tiny_loras):
+def test_lora_changes_the_edit_and_swaps_back_exactly(lora_request, torch_k, tiny_loras):
     params = {n: p.detach().clone() for n, p in torch_k.stages["transformer"].module.named_parameters()}
-    base = edit(torch_k, request()).latents
+    base = edit(torch_k, lora_request).latents
     torch_k.set_loras([(tiny_loras["a"], 1.0)])
-    with_a = edit(torch_k, request()).latents
+    with_a = edit(torch_k, lora_request).latents
     torch_k.set_loras([(tiny_loras["b"], 0.5), (tiny_loras["a"], 0.3)])
-    with_ab = edit(torch_k, request()).latents
+    with_ab = edit(torch_k, lora_request).latents
     torch_k.set_loras([])
-    again = edit(torch_k, request()).latents
+    again = edit(torch_k, lora_request).latents
     assert (with_a - base).abs().max() > 1e-2 and (with_ab - with_a).abs().max() > 1e-2
     assert torch.equal(again, base) and "loras" not in torch_k.info
     for name, p in torch_k.stages["transformer"].module.named_parameters():
