@@ -64,8 +64,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse combinations the benchmark cannot run, with one line each."""
+    from kontext_trt.runtime.checks import check_output_folder
     from kontext_trt.runtime.image import check_size
 
+    check_output_folder(args.out)
     if args.engines is None and args.backend == "torch" and args.model is None:
         raise KontextError("nothing to measure: pass --model CHECKPOINT_DIR, --backend onnxruntime --onnx DIR "
                            "or --engines DIR")

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from kontext_trt.benchmarks.harness import RunConfig
+from kontext_trt.runtime import files
 from kontext_trt.runtime.errors import KontextError
 
 SCHEMA_PATH = Path(__file__).with_name("bench.schema.json")
@@ -28,10 +29,10 @@ def validate(results: dict, source: str = "results") -> None:
 
 def load_results(path: Path) -> dict:
     """Read and validate a results JSON, with one clear line for a file that is not one."""
-    try:
-        results = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise KontextError(f"cannot read benchmark results {path}: {exc}") from exc
+    results = files.read_json(path, fix="pass a results.json written by `kontext-trt bench run`")
+    if results is None:
+        raise KontextError(f"benchmark results {path} do not exist: pass a results.json written by "
+                           "`kontext-trt bench run`")
     if results.get("schema_version") != SCHEMA_VERSION:
         raise KontextError(f"{path} has schema_version {results.get('schema_version')!r}, this build reads "
                            f"{SCHEMA_VERSION}: re-run the benchmark with this build")
@@ -133,7 +134,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     ax.legend(fontsize=7)
     paths = [out / "stages.png"]
     fig.tight_layout()
-    fig.savefig(paths[0])
+    files.write_atomic(paths[0], lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
@@ -152,7 +153,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     fig.suptitle(title, fontsize=8)
     paths.append(out / "resolution.png")
     fig.tight_layout()
-    fig.savefig(paths[1])
+    files.write_atomic(paths[1], lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return paths
 
@@ -161,6 +162,6 @@ def write_all(results: dict, out: Path) -> list[Path]:
     """Validate, then write results.json, results.md, stages.png and resolution.png into out."""
     validate(results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    files.write_json(out / "results.json", results)
+    files.write_atomic(out / "results.md", markdown(results))
     return [out / "results.json", out / "results.md", *plot(results, out)]

@@ -53,7 +53,9 @@ def parse_targets(text: str) -> tuple[int, ...]:
 def run_build(args: argparse.Namespace) -> int:
     """kontext-trt build."""
     from kontext_trt.engines import build, cache, device, profiles
+    from kontext_trt.runtime.checks import check_output_folder
 
+    check_output_folder(args.out)
     gpu, why = device.detect_gpu()
     sku = device.resolve_sku(args.sku, gpu, why)
     flavor = sku.flavor if args.backend == "auto" else args.backend
@@ -84,7 +86,10 @@ def run_check(args: argparse.Namespace) -> int:
     """kontext-trt check: exit 0 when every output is within tolerance, 1 when one is not, 2 without a GPU."""
     from kontext_trt.engines import cache, check, device, trt_api
     from kontext_trt.engines.onnx_dir import read_onnx_dir
+    from kontext_trt.runtime.checks import check_finite
 
+    check_finite("--atol", args.atol)
+    check_finite("--rtol", args.rtol)
     gpu, why = device.detect_gpu()
     if gpu is None:
         raise KontextError(f"check runs the engines and needs an NVIDIA GPU; none found ({why}): run it on the GPU "

@@ -3,12 +3,12 @@ precision come from the graphs)."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 
+from kontext_trt.runtime import files
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.stages import STAGE_IO, STAGE_NAMES
 
@@ -93,7 +93,11 @@ def read_stage(path: Path, stage: str | None = None, precision: str | None = Non
     """Describe one ONNX file (graph only, external weights not loaded); None if it is not a Kontext stage."""
     if not path.is_file():
         raise KontextError(f"ONNX file {path} is missing: export again or fix the folder")
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and friends: a corrupted or truncated file
+        raise KontextError(f"{path} is not a readable ONNX model ({type(error).__name__}): it is corrupted or "
+                           "truncated; export it again") from None
     initializers = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in initializers]
     found = stage_of([v.name for v in inputs], [v.name for v in model.graph.output])
@@ -125,9 +129,16 @@ def read_onnx_dir(root: Path) -> OnnxDir:
     found = OnnxDir(root)
     manifest_path = root / "manifest.json"
     if manifest_path.exists():
-        raw = manifest_path.read_bytes()
-        found.manifest, found.manifest_sha256 = json.loads(raw), hashlib.sha256(raw).hexdigest()
-        for name, entry in (found.manifest.get("stages") or {}).items():
+        fix = "export the folder again (kontext-trt export) or delete manifest.json to scan the graphs"
+        found.manifest = files.read_json(manifest_path, fix=fix)
+        found.manifest_sha256 = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+        stages = found.manifest.get("stages")
+        if not isinstance(stages, dict) or not all(
+                name in STAGE_NAMES and isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                for name, entry in stages.items()):
+            raise KontextError(f"{manifest_path} is malformed: 'stages' must map stage names ({', '.join(STAGE_NAMES)})"
+                               f" to entries with a 'file'; {fix}")
+        for name, entry in stages.items():
             stage = read_stage(root / entry["file"], name, entry.get("precision"))
             if stage is None:
                 raise KontextError(f"{root / entry['file']} does not have the {name} inputs/outputs of the stage "

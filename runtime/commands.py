@@ -113,9 +113,10 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def run_edit(args: argparse.Namespace) -> int:
     """kontext-trt edit."""
-    from kontext_trt.runtime import flow, image
+    from kontext_trt.runtime import checks, flow, image
 
-    image.check_writable(args.out)
+    checks.check_output_file(args.out)
+    checks.check_device(args.device)
     request = flow.EditRequest(
         prompts=args.prompt, image=image.load_image(args.image) if args.image else None,
         width=args.width, height=args.height, steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -169,11 +170,14 @@ def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontex
 
 def run_demo(args: argparse.Namespace) -> int:
     """kontext-trt demo: synth tiny (once), draw a sample image, edit it, print where the PNG went."""
-    from kontext_trt.runtime import flow, image
+    from kontext_trt.runtime import checks, flow, image
     from kontext_trt.runtime.pipeline import load_kontext
     from kontext_trt.synth import write_synthetic_checkpoint
     from kontext_trt.runtime.timing import progress
 
+    checks.check_output_folder(args.out)
+    if args.steps < 1:
+        raise KontextError(f"--steps {args.steps}: the demo needs at least 1 step")
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.out / "tiny-checkpoint"
     if not (model / "model_index.json").exists():

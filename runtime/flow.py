@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from kontext_trt.runtime import checks
 from kontext_trt.runtime import image as im
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.latents import draw_noise, latent_ids, pack_latents, text_ids, unpack_latents
@@ -187,6 +188,18 @@ def check_request(req: EditRequest) -> None:
         raise KontextError("give both --width and --height, or neither")
     if req.width is not None:
         im.check_size(req.width, req.height)
+    checks.check_finite("--guidance", req.guidance)
+    checks.check_finite("--true-cfg", req.true_cfg)
+    if req.true_cfg > 1 and req.negative_prompt is None:
+        raise KontextError(f"--true-cfg {req.true_cfg} needs a --negative-prompt to push away from: add one, or drop "
+                           "--true-cfg")
+    checks.check_seed(req.seed)
+    for prompt in req.prompts:
+        checks.check_text("--prompt", prompt)
+    if req.negative_prompt is not None:
+        checks.check_text("--negative-prompt", req.negative_prompt)
+    if req.image is not None:
+        im.check_context_size(*req.image.size, req.auto_resize)
 
 
 def output_size(req: EditRequest, context: Context | None) -> tuple[int, int]:
@@ -272,8 +285,8 @@ def image_metadata(result: EditResult) -> list[dict]:
 
 
 def save_images(result: EditResult, out: str | Path) -> list[Path]:
-    """Write out.png for one image, out-0.png, out-1.png ... for a batch, each with its metadata."""
+    """Write out for one image, out-0.png, out-1.png ... for a batch (format from the suffix), each with its metadata."""
     out = Path(out)
     paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
                                                    for i in range(len(result.images))]
-    return [im.save_png(img, path, meta) for img, path, meta in zip(result.images, paths, image_metadata(result))]
+    return [im.save_image(img, path, meta) for img, path, meta in zip(result.images, paths, image_metadata(result))]

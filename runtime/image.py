@@ -1,17 +1,17 @@
-"""Input images: Kontext resolution buckets, resizing, [-1, 1] tensors, and PNG output with metadata."""
+"""Input images: Kontext resolution buckets, resizing, [-1, 1] tensors, and PNG/JPEG/WebP output with metadata."""
 from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from kontext_trt.runtime.checks import IMAGE_SUFFIXES, check_output_file
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.files import write_atomic
+from kontext_trt.runtime.files import remove_stale_temps, write_atomic
 
 # (width, height) pairs Kontext was trained on.
 KONTEXT_BUCKETS: tuple[tuple[int, int], ...] = (
@@ -21,6 +21,7 @@ KONTEXT_BUCKETS: tuple[tuple[int, int], ...] = (
 )
 MULTIPLE = 16  # VAE 8x times the 2x2 packing
 MIN_SIDE, MAX_SIDE = 64, 2048
+EXIF_IMAGE_DESCRIPTION = 0x010E
 
 
 def pick_bucket(width: int, height: int) -> tuple[int, int]:
@@ -47,6 +48,15 @@ def check_size(width: int, height: int) -> None:
             raise KontextError(f"{name} {side} is out of range: use a value from {MIN_SIDE} to {MAX_SIDE}")
 
 
+def check_context_size(width: int, height: int, auto_resize: bool = True) -> None:
+    """Refuse an input image whose resized size the model cannot take, naming the image's own size."""
+    w, h = context_size(width, height, auto_resize)
+    if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
+        size = "small" if min(w, h) < MIN_SIDE else "large"
+        raise KontextError(f"the input image is {width}x{height}: too {size} to edit at its own size (--no-auto-resize"
+                           f" needs {MIN_SIDE} to {MAX_SIDE} pixels a side): resize it or drop --no-auto-resize")
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file as RGB, or fail with one line naming the file."""
     try:
@@ -54,6 +64,9 @@ def load_image(path: str | Path) -> Image.Image:
             return img.convert("RGB")
     except FileNotFoundError:
         raise KontextError(f"image {path} does not exist: pass an existing PNG/JPEG/WebP file") from None
+    except Image.DecompressionBombError as exc:
+        raise KontextError(f"image {path} is refused as a decompression bomb ({exc}): pass an image of at most "
+                           f"{Image.MAX_IMAGE_PIXELS} pixels") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise KontextError(f"image {path} is unreadable ({exc.__class__.__name__}): pass a valid PNG/JPEG/WebP file") from None
 
@@ -72,17 +85,6 @@ def tensor_to_images(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p) for p in (pixels * 255).round().astype(np.uint8)]
 
 
-def check_writable(path: str | Path) -> Path:
-    """Fail early, with one line, when an output file cannot be written."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise KontextError(f"output folder {parent} does not exist: create it or choose another --out")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise KontextError(f"output {path} is not writable: choose another --out")
-    return path
-
-
 def png_info(metadata: dict) -> PngImagePlugin.PngInfo:
     """The PNG text chunks of a generated image: `kontext-trt` (JSON) and `parameters` (one readable line)."""
     info = PngImagePlugin.PngInfo()
@@ -92,16 +94,29 @@ def png_info(metadata: dict) -> PngImagePlugin.PngInfo:
 
 
 def png_bytes(image: Image.Image, metadata: dict) -> bytes:
-    """A PNG in memory with the same text chunks save_png writes."""
+    """A PNG in memory with the same text chunks save_image writes."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=png_info(metadata))
     return buffer.getvalue()
 
 
-def save_png(image: Image.Image, path: str | Path, metadata: dict) -> Path:
-    """Write a PNG atomically (temp file, then rename) with the generation parameters as text chunks."""
-    path = check_writable(path)
-    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(metadata)))
+def save_image(image: Image.Image, path: str | Path, metadata: dict) -> Path:
+    """Write an image atomically in the format its suffix names (PNG, JPEG, WebP) with the generation parameters:
+    PNG text chunks (png_info); JPEG and WebP: the JSON as EXIF ImageDescription (and, for JPEG, a COM comment)."""
+    path = check_output_file(path)
+    remove_stale_temps(path.parent, path.name)
+    fmt = IMAGE_SUFFIXES[path.suffix.lower()]
+    options: dict = {}
+    if fmt == "PNG":
+        options["pnginfo"] = png_info(metadata)
+    else:
+        text = json.dumps(metadata, sort_keys=True)
+        exif = Image.Exif()
+        exif[EXIF_IMAGE_DESCRIPTION] = text
+        options.update(exif=exif, quality=95)
+        if fmt == "JPEG":
+            options["comment"] = text
+    return write_atomic(path, lambda tmp: image.save(tmp, format=fmt, **options))
 
 
 def sample_image(width: int = 896, height: int = 640, seed: int = 0) -> Image.Image:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from kontext_trt.runtime.checks import check_device
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.flow import Kontext, KontextConfig
 
@@ -13,6 +14,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def resolve_device(device: str) -> torch.device:
     """torch.device for a --device value, refusing cuda where no GPU is visible."""
+    check_device(device)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KontextError("--device cuda was given but no CUDA GPU is visible: use --device cpu")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,9 @@ from kontext_trt.runtime.checkpoint import (
     VAE_SCALING_FACTOR,
     VAE_SHIFT_FACTOR,
 )
+from kontext_trt.runtime.checks import check_output_folder, check_seed
 from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.files import remove_stale_temps, replace_dir, temp_dir
 from kontext_trt.synth.tokenizers import CLIP_BOS, CLIP_EOS, write_clip_tokenizer, write_t5_tokenizer
 from kontext_trt.synth.weights import random_weights, write_json, write_safetensors, write_sharded
 
@@ -71,16 +72,19 @@ def write_synthetic_checkpoint(
         raise KontextError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if fmt not in ("diffusers", "bfl"):
         raise KontextError(f"unknown checkpoint format {fmt!r}; choose diffusers or bfl")
-    if out.exists() and not force and (out.is_file() or any(out.iterdir())):
-        raise KontextError(f"{out}: exists and is not empty; pick a new folder or pass force=True to replace it")
+    check_output_folder(out, "output folder")
+    check_seed(seed)
+    if out.exists() and not force and any(out.iterdir()):
+        raise KontextError(f"{out}: exists and is not empty; pick a new folder or pass --force (force=True) to "
+                           "replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_temps(out.parent, out.name)
+    tmp = temp_dir(out)
     try:
         _write_all(tmp, PRESETS[preset], seed, fmt)
-        _replace(tmp, out)
-    except BaseException:
+        replace_dir(tmp, out)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -121,17 +125,6 @@ def _progress(component: str, root: Path, start: float) -> None:
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     elapsed = time.monotonic() - start
     print(f"[synth] {component} done: {size / 2**20:.1f} MiB written, {elapsed:.1f}s", file=sys.stderr, flush=True)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` folder to `out`, replacing what is there."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-    out.rename(trash / out.name)
-    tmp.rename(out)
-    shutil.rmtree(trash)
 
 
 def _transformer_config(preset: dict) -> dict:

@@ -82,3 +82,45 @@ def test_cuda_without_gpu(capsys, tiny_ckpt, tmp_path):
     code, _, err = run(capsys, "edit", "--model", tiny_ckpt, "--prompt", "x", "--out", tmp_path / "o.png",
                        "--device", "cuda")
     assert code == 2 and "no CUDA GPU" in err
+
+
+def test_jpeg_and_webp_outputs_are_what_their_suffix_says(capsys, tiny_ckpt, tmp_path):
+    for suffix, fmt in ((".jpg", "JPEG"), (".webp", "WEBP")):
+        out = tmp_path / f"o{suffix}"
+        code, _, err = run(capsys, "edit", "--model", tiny_ckpt, "--prompt", "a cat", "--out", out, "--steps", 1,
+                           "--width", 64, "--height", 64, "--seed", 3)
+        assert code == 0, err
+        with Image.open(out) as img:
+            assert img.format == fmt and img.size == (64, 64)
+            meta = json.loads(img.getexif()[0x010E])
+            if fmt == "JPEG":
+                assert json.loads(img.info["comment"]) == meta
+        assert meta["prompt"] == "a cat" and meta["seed"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jpg", "o.webp"]
+
+
+def test_disk_full_while_saving_is_one_line_exit_1_and_no_file(capsys, tiny_ckpt, tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half an image")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    code, _, err = run(capsys, "edit", "--model", tiny_ckpt, "--prompt", "a cat", "--out", tmp_path / "o.png",
+                       "--steps", 1, "--width", 64, "--height", 64)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: writing ")
+    assert "No space left on device (ENOSPC)" in err and list(tmp_path.iterdir()) == []
+
+
+def test_stale_temp_of_a_killed_edit_is_removed(capsys, tiny_ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    (tmp_path / f".o.png.{dead}-00ff.tmp").write_bytes(b"half")  # left by an edit killed while saving
+    code, _, _ = run(capsys, "edit", "--model", tiny_ckpt, "--prompt", "a", "--out", tmp_path / "o.png", "--steps", 1,
+                     "--width", 64, "--height", 64)
+    assert code == 0 and [p.name for p in tmp_path.iterdir()] == ["o.png"]

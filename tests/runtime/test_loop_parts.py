@@ -92,8 +92,8 @@ def test_unreadable_image(tmp_path):
 
 def test_png_metadata_round_trip_and_atomic_write(tmp_path):
     from PIL import Image
-    path = im.save_png(im.sample_image(64, 64), tmp_path / "o.png", {"seed": 3, "prompt": "x"})
+    path = im.save_image(im.sample_image(64, 64), tmp_path / "o.png", {"seed": 3, "prompt": "x"})
     assert Image.open(path).text["kontext-trt"] == '{"prompt": "x", "seed": 3}'
     assert [p.name for p in tmp_path.iterdir()] == ["o.png"]
     with pytest.raises(KontextError, match="does not exist"):
-        im.save_png(im.sample_image(64, 64), tmp_path / "nope" / "o.png", {})
+        im.save_image(im.sample_image(64, 64), tmp_path / "nope" / "o.png", {})
