@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from kontext_trt.runtime.commands import add_lora_argument
-from kontext_trt.runtime.stages import STAGE_NAMES
+from kontext_trt.runtime.stages import STAGE_NAMES, TRANSFORMER_PARTS
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +13,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint's stages to ONNX (TensorRT-ready, checked in onnxruntime)")
     p.add_argument("--model", type=Path, required=True, help="checkpoint folder (diffusers layout or BFL single files)")
     p.add_argument("--out", type=Path, required=True, help="export folder: one subfolder per stage + manifest.json")
-    p.add_argument("--stages", default=",".join(STAGE_NAMES), help=f"comma-separated subset of {','.join(STAGE_NAMES)}")
+    p.add_argument("--stages", default=",".join(STAGE_NAMES), help=f"comma-separated subset of {','.join(STAGE_NAMES)}; add "
+                   f"{','.join(TRANSFORMER_PARTS)} for step caching (--cache), written beside the transformer")
     p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16",
                    help="bf16 for TensorRT, fp32 for the onnxruntime backend; fp16 is refused for t5")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 23: attention as one Attention op)")

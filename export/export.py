@@ -23,7 +23,7 @@ from kontext_trt.export.specs import stage_dims
 from kontext_trt.export.weight_map import param_signatures, weight_map
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.lora import LoraSpec, fuse_into
-from kontext_trt.runtime.stages import STAGE_NAMES
+from kontext_trt.runtime.stages import STAGE_NAMES, TRANSFORMER_PARTS
 from kontext_trt.runtime.timing import progress
 from kontext_trt.runtime.torch_stages import ClipModule, T5Module, TransformerModule, VaeDecoderModule, VaeEncoderModule
 
@@ -42,6 +42,10 @@ def export_checkpoint(model: str | Path, out: str | Path, stages: tuple[str, ...
     from kontext_trt.runtime.flow import KontextConfig
 
     check_request(stages, dtype, opset)
+    if loras and set(stages) & set(TRANSFORMER_PARTS):
+        raise KontextError("--lora is fused into the single transformer only: export the step-cache parts "
+                           f"({','.join(TRANSFORMER_PARTS)}) without --lora, or run --cache with LoRAs on the torch "
+                           "backend")
     out = prepare_folder(Path(out))
     ckpt = ck.open_checkpoint(model)
     fingerprint = ck.checkpoint_fingerprint(ckpt)
@@ -116,6 +120,10 @@ def load_stage(ckpt, stage: str, dtype: torch.dtype) -> nn.Module:
         return T5Module(t5)
     if stage == "transformer":
         return TransformerModule(fp32_rope(ck.load_transformer(ckpt, dtype)))
+    if stage in TRANSFORMER_PARTS:
+        from kontext_trt.runtime.transformer_parts import transformer_parts
+
+        return transformer_parts(fp32_rope(ck.load_transformer(ckpt, dtype)))[stage]
     vae = ck.load_vae(ckpt, dtype)
     if stage == "vae_encoder":
         del vae.decoder, vae.post_quant_conv
@@ -126,9 +134,10 @@ def load_stage(ckpt, stage: str, dtype: torch.dtype) -> nn.Module:
 
 def check_request(stages: tuple[str, ...], dtype: str, opset: int) -> None:
     """Refuse unknown stages, dtypes and opsets, and fp16 for T5, with one line each."""
-    unknown = [s for s in stages if s not in STAGE_NAMES]
+    unknown = [s for s in stages if s not in (*STAGE_NAMES, *TRANSFORMER_PARTS)]
     if unknown or not stages:
-        raise KontextError(f"unknown stage {unknown[0] if unknown else '(none)'!r}: choose from {','.join(STAGE_NAMES)}")
+        raise KontextError(f"unknown stage {unknown[0] if unknown else '(none)'!r}: choose from "
+                           f"{','.join(STAGE_NAMES)} (and {','.join(TRANSFORMER_PARTS)} for step caching)")
     if dtype not in DTYPES:
         raise KontextError(f"unknown dtype {dtype!r}: use {' or '.join(DTYPES)}")
     if dtype == "fp16" and "t5" in stages:

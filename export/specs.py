@@ -58,6 +58,13 @@ SHAPES: dict[str, dict[str, Shape]] = {
                     "pooled_projections": ("batch", None), "timestep": ("batch",), "img_ids": ("image_tokens", 3),
                     "txt_ids": (T5_LEN, 3), "guidance": ("batch",), "latent": ("batch", "image_tokens", None)},
 }
+_TOKENS, _TEXT, _TEMB = ("batch", "image_tokens", None), ("batch", T5_LEN, None), ("batch", None)
+SHAPES["transformer_head"] = {**{name: SHAPES["transformer"][name] for name in STAGE_IO["transformer"][0]},
+                              "block_hidden_states": _TOKENS, "block_encoder_hidden_states": _TEXT, "temb": _TEMB,
+                              "first_block_residual": _TOKENS, "modulated_input": _TOKENS}
+SHAPES["transformer_body"] = {"block_hidden_states": _TOKENS, "block_encoder_hidden_states": _TEXT, "temb": _TEMB,
+                              "img_ids": ("image_tokens", 3), "txt_ids": (T5_LEN, 3), "final_hidden_states": _TOKENS}
+SHAPES["transformer_tail"] = {"final_hidden_states": _TOKENS, "temb": _TEMB, "latent": ("batch", "image_tokens", None)}
 
 
 def stage_dims(stage: str) -> dict[str, DimRange]:
@@ -82,6 +89,10 @@ def eval_dim(dim: int | str, values: dict[str, int]) -> int:
 def sample_inputs(stage: str, transformer_config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Trace inputs inside every range, batch 2 (so no dim is 1 and none gets specialised)."""
     cfg = transformer_config
+    width = cfg.get("num_attention_heads", 24) * cfg.get("attention_head_dim", 128)
+    parts = {"block_hidden_states": torch.randn(2, 48, width), "block_encoder_hidden_states": torch.randn(2, T5_LEN, width),
+             "temb": torch.randn(2, width), "final_hidden_states": torch.randn(2, 48, width),
+             "img_ids": torch.rand(48, 3) * 8, "txt_ids": torch.zeros(T5_LEN, 3)}
     floats = {
         "clip": {},
         "t5": {},
@@ -92,7 +103,7 @@ def sample_inputs(stage: str, transformer_config: dict, dtype: torch.dtype) -> d
                         "pooled_projections": torch.randn(2, cfg["pooled_projection_dim"]),
                         "timestep": torch.full((2,), 0.5), "img_ids": torch.rand(48, 3) * 8,
                         "txt_ids": torch.zeros(T5_LEN, 3), "guidance": torch.full((2,), 2.5)},
-    }[stage]
+    }.get("transformer" if stage == "transformer_head" else stage, parts)  # body, tail: block-width tensors
     ids = {"clip": {"input_ids": torch.randint(0, 100, (2, CLIP_LEN))},
            "t5": {"input_ids": torch.randint(0, 100, (2, T5_LEN))}}.get(stage, {})
     cast = {name: t if name in FP32_INPUTS else t.to(dtype) for name, t in floats.items()}

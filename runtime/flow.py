@@ -13,6 +13,7 @@ from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.latents import draw_noise, latent_ids, pack_latents, text_ids, unpack_latents
 from kontext_trt.runtime.schedule import ShiftConfig, flow_schedule
 from kontext_trt.runtime.stages import Stage
+from kontext_trt.runtime.step_cache import StepCache, parse_cache, step_cache, uncached_report
 from kontext_trt.runtime.text import CLIP_LEN, T5_LEN, tokenize
 from kontext_trt.runtime.timing import StageTimes
 
@@ -111,6 +112,7 @@ class EditRequest:
     auto_resize: bool = True
     negative_prompt: str | None = None
     true_cfg: float = 1.0
+    cache: str = "off"  # step caching: off | fbcache:T | teacache:T (runtime/step_cache.py)
 
 
 @dataclass
@@ -146,8 +148,9 @@ def encode_context(k: Kontext, image: Image.Image, auto_resize: bool = True) -> 
 
 def denoise(k: Kontext, x: torch.Tensor, ids: torch.Tensor, prompt: Prompt, sigmas: torch.Tensor,
             guidance: torch.Tensor, context: Context | None = None, negative: Prompt | None = None,
-            true_cfg: float = 1.0) -> torch.Tensor:
-    """Euler steps over sigmas in float32: x += (s_next - s) * v, v the transformer's first N tokens.
+            true_cfg: float = 1.0, cache: StepCache | None = None) -> torch.Tensor:
+    """Euler steps over sigmas in float32: x += (s_next - s) * v, v the transformer's first N tokens; with a step
+    cache the split transformer runs and the cache's policy decides which steps reuse the body's residual.
 
     guidance is (B,) float32, one value per batch item; context tokens are (1 or B, M, 64)."""
     batch, n = x.shape[:2]
@@ -155,17 +158,19 @@ def denoise(k: Kontext, x: torch.Tensor, ids: torch.Tensor, prompt: Prompt, sigm
     txt_ids = text_ids(prompt.text.shape[1]).to(k.device)
     ctx = None if context is None else context.tokens.expand(batch, -1, -1)
 
-    def velocity(p: Prompt, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = k.run("transformer", hidden_states=hidden, encoder_hidden_states=p.text,
-                    pooled_projections=p.pooled, timestep=t, img_ids=ids, txt_ids=txt_ids, guidance=guidance_t)
-        return out["latent"][:, :n].float()
+    def velocity(p: Prompt, hidden: torch.Tensor, t: torch.Tensor, step: int, branch: int) -> torch.Tensor:
+        inputs = dict(hidden_states=hidden, encoder_hidden_states=p.text, pooled_projections=p.pooled, timestep=t,
+                      img_ids=ids, txt_ids=txt_ids, guidance=guidance_t)
+        if cache is not None:
+            return cache.velocity(k, step, branch, inputs)[:, :n].float()
+        return k.run("transformer", **inputs)["latent"][:, :n].float()
 
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+    for step, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         hidden = x if ctx is None else torch.cat([x, ctx], dim=1)
         t = s.expand(batch).to(k.device)
-        v = velocity(prompt, hidden, t)
+        v = velocity(prompt, hidden, t, step, 0)
         if negative is not None and true_cfg > 1:
-            v_neg = velocity(negative, hidden, t)
+            v_neg = velocity(negative, hidden, t, step, 1)
             v = v_neg + true_cfg * (v - v_neg)
         x = x + (s_next - s) * v
     return x
@@ -200,6 +205,7 @@ def check_request(req: EditRequest) -> None:
         checks.check_text("--negative-prompt", req.negative_prompt)
     if req.image is not None:
         im.check_context_size(*req.image.size, req.auto_resize)
+    parse_cache(req.cache)
 
 
 def output_size(req: EditRequest, context: Context | None) -> tuple[int, int]:
@@ -217,11 +223,12 @@ def edit(k: Kontext, req: EditRequest, prompt: Prompt | None = None, context: Co
 
 
 def batch_key(req: EditRequest) -> tuple:
-    """What requests must share to run as one batch: output size, input image size, steps and the true-CFG pass."""
+    """What requests must share to run as one batch: output size, input image size, steps, the true-CFG pass and the
+    step cache (one policy decides for the whole batch)."""
     context = None if req.image is None else im.context_size(*req.image.size, auto_resize=req.auto_resize)
     size = (req.width, req.height) if req.width is not None else context or (1024, 1024)
     cfg = req.true_cfg if req.negative_prompt is not None and req.true_cfg > 1 else None
-    return size, context, req.steps, cfg
+    return size, context, req.steps, cfg, str(parse_cache(req.cache))
 
 
 def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None] | None = None,
@@ -235,8 +242,8 @@ def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None]
     prompts = [p or encode_prompts(k, r.prompts) for r, p in zip(reqs, prompts or [None] * len(reqs))]
     keys = {batch_key(r) for r in reqs}
     if len(keys) != 1:
-        raise KontextError("requests of one batch must share output size, input image size, steps and true CFG")
-    (width, height), _, steps, true_cfg = keys.pop()
+        raise KontextError("requests of one batch must share output size, input image size, steps, true CFG and cache")
+    (width, height), _, steps, true_cfg, cache_spec = keys.pop()
     sizes = [len(r.prompts) for r in reqs]
     prompt = concat_prompts(prompts)
     negative = None
@@ -251,10 +258,12 @@ def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None]
     sigmas = flow_schedule(steps, x.shape[1], k.config.shift).to(k.device)
     guidance = torch.tensor([r.guidance if k.config.guidance_embeds else 0.0 for r, n in zip(reqs, sizes)
                              for _ in range(n)], dtype=torch.float32)
-    x = denoise(k, x, ids, prompt, sigmas, guidance, context, negative, true_cfg or 1.0)
+    cache = step_cache(k, cache_spec, steps)
+    x = denoise(k, x, ids, prompt, sigmas, guidance, context, negative, true_cfg or 1.0, cache)
     images = im.tensor_to_images(decode(k, x, width, height))
+    report = uncached_report(steps) if cache is None else cache.report()
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [EditResult(images[s:s + n], x[s:s + n], width, height, metadata(k, r, width, height))
+    return [EditResult(images[s:s + n], x[s:s + n], width, height, metadata(k, r, width, height, report))
             for r, s, n in zip(reqs, starts, sizes)]
 
 
@@ -271,11 +280,12 @@ def concat_contexts(contexts: list[Context | None], sizes: list[int]) -> Context
     return Context(tokens, contexts[0].ids, contexts[0].width, contexts[0].height)
 
 
-def metadata(k: Kontext, req: EditRequest, width: int, height: int) -> dict:
-    """What produced an image: prompt, seed, steps, guidance, size, backend and checkpoint."""
+def metadata(k: Kontext, req: EditRequest, width: int, height: int, cache: dict | None = None) -> dict:
+    """What produced an image: prompt, seed, steps, guidance, size, step cache, backend and checkpoint."""
     return {"prompts": req.prompts, "negative_prompt": req.negative_prompt, "true_cfg": req.true_cfg, "seed": req.seed,
             "steps": req.steps, "guidance": req.guidance, "width": width, "height": height,
-            "auto_resize": req.auto_resize, "edited": req.image is not None, **k.info}
+            "auto_resize": req.auto_resize, "edited": req.image is not None,
+            "cache": cache or uncached_report(req.steps), **k.info}
 
 
 def image_metadata(result: EditResult) -> list[dict]:

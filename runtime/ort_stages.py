@@ -14,7 +14,7 @@ import torch
 
 from kontext_trt.export.weight_map import OnnxWeights
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.stages import STAGE_IO, STAGE_NAMES
+from kontext_trt.runtime.stages import STAGE_IO, STAGE_NAMES, TRANSFORMER_PARTS
 
 TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
                 "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
@@ -127,13 +127,13 @@ def _wrap_cuda(value: ort.OrtValue, dtype: torch.dtype, device: torch.device) ->
 
 
 def ort_stages(folder: str | Path, manifest: dict, device: str = "cpu") -> dict[str, OrtStage]:
-    """All five stages of an export folder as OrtStage adapters."""
+    """All five stages of an export folder as OrtStage adapters, and the transformer's parts where exported."""
     missing = [name for name in STAGE_NAMES if name not in manifest["stages"]]
     if missing:
         raise KontextError(f"{folder}: stage {missing[0]} was not exported; run "
                            f"`kontext-trt export --model CHECKPOINT --out {folder} --stages {missing[0]}`")
     stages = {}
-    for name in STAGE_NAMES:
+    for name in [*STAGE_NAMES, *(part for part in TRANSFORMER_PARTS if part in manifest["stages"])]:
         path = Path(folder) / manifest["stages"][name]["file"]
         if not path.is_file():
             raise KontextError(f"{path}: missing; re-export with `kontext-trt export --out {folder} --stages {name}`")

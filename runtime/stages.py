@@ -11,6 +11,19 @@ published ONNX run unchanged. Shapes (B batch, N target tokens, M context tokens
 | vae_decoder | latent (B, 16, h, w), unscaled                                 | images (B, 3, 8h, 8w) in [-1, 1] |
 | transformer | hidden_states (B, N+M, 64), encoder_hidden_states (B, 512, Dt), pooled_projections (B, Dc), timestep (B,) in [0, 1], img_ids (N+M, 3), txt_ids (512, 3), guidance (B,) | latent (B, N+M, 64) |
 
+The transformer split in three for step caching (runtime/transformer_parts.py, runtime/step_cache.py); optional
+stages, exported with `--stages transformer_head,transformer_body,transformer_tail`. D is the hidden width (3072):
+
+| stage            | inputs                                                        | outputs                       |
+|------------------|---------------------------------------------------------------|-------------------------------|
+| transformer_head | the transformer's inputs                                       | block_hidden_states (B, N+M, D), block_encoder_hidden_states (B, 512, D), temb (B, D), first_block_residual (B, N+M, D), modulated_input (B, N+M, D) |
+| transformer_body | block_hidden_states, block_encoder_hidden_states, temb, img_ids, txt_ids | final_hidden_states (B, N+M, D): before norm_out |
+| transformer_tail | final_hidden_states, temb                                      | latent (B, N+M, 64)           |
+
+Head: embedders and the first double block; first_block_residual is its output minus its input (First-Block
+Cache's indicator), modulated_input its norm1(hidden, temb) (TeaCache's). Body: every other block. Tail: norm_out
+and proj_out. The body returns hidden states, not a residual, so a computed step does the single graph's arithmetic.
+
 The loop hands float inputs over as float32 (ids and timestep stay float32); each adapter casts to the
 dtype its backend wants and may return outputs in its own dtype.
 """
@@ -21,6 +34,7 @@ from typing import Iterable, Protocol, runtime_checkable
 import torch
 
 STAGE_NAMES = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder")
+TRANSFORMER_PARTS = ("transformer_head", "transformer_body", "transformer_tail")
 
 STAGE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "clip": (("input_ids",), ("text_embeddings", "pooled_embeddings")),
@@ -31,6 +45,15 @@ STAGE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids", "guidance"),
         ("latent",),
     ),
+    "transformer_head": (
+        ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids", "guidance"),
+        ("block_hidden_states", "block_encoder_hidden_states", "temb", "first_block_residual", "modulated_input"),
+    ),
+    "transformer_body": (
+        ("block_hidden_states", "block_encoder_hidden_states", "temb", "img_ids", "txt_ids"),
+        ("final_hidden_states",),
+    ),
+    "transformer_tail": (("final_hidden_states", "temb"), ("latent",)),
 }
 
 

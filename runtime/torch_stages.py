@@ -134,6 +134,10 @@ def stage_modules(ckpt, dtype: torch.dtype) -> dict[str, nn.Module]:
 
 
 def torch_stages(ckpt, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> dict:
-    """All five stages of a checkpoint as TorchStage adapters on device."""
-    return {name: TorchStage(name, module.to(device), device, dtype)
-            for name, module in stage_modules(ckpt, dtype).items()}
+    """All five stages of a checkpoint as TorchStage adapters on device, plus the transformer's three parts for step
+    caching over the same modules (runtime/transformer_parts.py: no weight is copied)."""
+    from kontext_trt.runtime.transformer_parts import transformer_parts
+
+    modules = {name: module.to(device) for name, module in stage_modules(ckpt, dtype).items()}
+    modules.update(transformer_parts(modules["transformer"].model))
+    return {name: TorchStage(name, module, device, dtype) for name, module in modules.items()}

@@ -34,6 +34,19 @@ def tiny_onnx(tiny_ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx_split(tiny_ckpt, tiny_onnx, tmp_path_factory) -> Path:
+    """A copy of tiny_onnx with the transformer's three parts (step caching) exported beside the transformer."""
+    import shutil
+
+    from kontext_trt.export.export import export_checkpoint
+    from kontext_trt.runtime.stages import TRANSFORMER_PARTS
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny-split"
+    shutil.copytree(tiny_onnx, out)
+    return export_checkpoint(tiny_ckpt, out, TRANSFORMER_PARTS, dtype="fp32").parent
+
+
+@pytest.fixture(scope="session")
 def slim_ckpt(tmp_path_factory) -> Path:
     """The slim preset (real widths, 1 double + 1 single block, ~1.6 GB on disk), for @pytest.mark.slow tests."""
     from kontext_trt.synth import write_synthetic_checkpoint
