@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -132,8 +133,8 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
         if not runner.ready:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": "loading", "pid": os.getpid()}, status_code=503)
+        return JSONResponse({"status": "ok", "pid": os.getpid()})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

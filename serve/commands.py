@@ -30,7 +30,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight "
                    "requests before exiting")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_ray_arguments(p)
     p.set_defaults(func=run_serve)
+
+
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    """--ray and its scale-out options."""
+    g = p.add_argument_group("Ray Serve (scale-out over GPUs and nodes)")
+    g.add_argument("--ray", action="store_true", help="serve the same app as a Ray Serve deployment")
+    g.add_argument("--replicas", type=positive, help="fixed number of replicas (default 1)")
+    g.add_argument("--autoscale", type=parse_autoscale, metavar="MIN:MAX", help="autoscale replicas on load")
+    g.add_argument("--gpus-per-replica", type=float, default=1.0, help="GPUs each replica holds where the cluster "
+                   "has GPUs (none on a CPU-only cluster)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0)
+    g.add_argument("--address", help="join an existing Ray cluster (e.g. auto, or ray://head:10001); default: start "
+                   "a local one")
 
 
 def positive(text: str) -> int:
@@ -42,6 +56,17 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """argparse type: 'MIN:MAX' replicas -> (MIN, MAX) with 0 <= MIN <= MAX and MAX >= 1."""
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--autoscale takes MIN:MAX replicas, like 1:4, got {text!r}") from None
+    if not 0 <= low <= high or high < 1:
+        raise argparse.ArgumentTypeError(f"--autoscale {text}: need 0 <= MIN <= MAX and MAX >= 1")
+    return low, high
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -121,7 +121,7 @@ def test_bad_json_bodies_answer_400(served):
 
 
 def test_health_and_metrics(served):
-    assert httpx.get(f"{served.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{served.url}/healthz").json() == {"status": "ok", "pid": served.proc.pid}
     text = httpx.get(f"{served.url}/metrics").text
     for name in ("kontext_requests_total", "kontext_queue_depth", "kontext_batch_size_bucket",
                  'kontext_stage_seconds_bucket{le="0.005",stage="transformer"}'):
