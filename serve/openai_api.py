@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
-import math
+import re
 import time
 from typing import Any, Callable, Mapping
 
@@ -49,12 +49,11 @@ def integer(text: Any) -> int:
     return int(text)
 
 
-def finite(text: Any) -> float:
-    """A finite float field."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError("not a finite number")
-    return value
+def number(text: Any) -> float:
+    """A float field (flow.check_request refuses nan and inf)."""
+    if isinstance(text, bool):
+        raise ValueError("not a number")
+    return float(text)
 
 
 def boolean(text: Any) -> bool:
@@ -79,9 +78,9 @@ def text(value: Any) -> str:
 OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "seed": (integer, "an integer like 42"),
     "steps": (integer, "an integer like 28"),
-    "guidance": (finite, "a number like 2.5"),
+    "guidance": (number, "a number like 2.5"),
     "negative_prompt": (text, "text"),
-    "true_cfg": (finite, "a number like 4.0 (above 1 with negative_prompt)"),
+    "true_cfg": (number, "a number like 4.0 (above 1 with negative_prompt)"),
     "auto_resize": (boolean, "true or false"),
 }
 
@@ -128,11 +127,15 @@ def parse_request(fields: Mapping[str, Any], image: Image.Image | None, max_n: i
     req = EditRequest(prompts=[prompt] * n, image=image, width=size and size[0], height=size and size[1], **options)
     try:
         flow.check_request(req)
-        if image is not None:
-            im.check_size(*im.context_size(*image.size, auto_resize=req.auto_resize))
     except KontextError as exc:
-        raise bad_request(str(exc).replace("--", "")) from None
+        raise bad_request(field_names(str(exc))) from None
     return req
+
+
+def field_names(message: str) -> str:
+    """A CLI error line in the API's words: --true-cfg -> true_cfg, --no-auto-resize -> auto_resize=false."""
+    message = message.replace("--no-auto-resize", "auto_resize=false")
+    return re.sub(r"--([a-z][a-z-]*)", lambda m: m[1].replace("-", "_"), message)
 
 
 def read_image(data: bytes) -> Image.Image:
