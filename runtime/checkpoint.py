@@ -18,17 +18,20 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from torch import nn
 
+from kontext_trt.runtime.files import read_json
 from kontext_trt.runtime.errors import KontextError
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+    from transformers import CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast, T5EncoderModel, T5TokenizerFast
 
 HUB_ID = "black-forest-labs/FLUX.1-Kontext-dev"
 BFL_TRANSFORMER = "flux1-kontext-dev.safetensors"
 BFL_AE = "ae.safetensors"
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
-TOKENIZER_FILES = {"tokenizer": ("vocab.json", "merges.txt"), "tokenizer_2": ("tokenizer.json",)}
+# Either file set loads, as in diffusers: the fast tokenizer.json that save_pretrained writes, or the slow originals.
+TOKENIZER_FILES = {"tokenizer": (("tokenizer.json",), ("vocab.json", "merges.txt")),
+                   "tokenizer_2": (("tokenizer.json",), ("spiece.model",))}
 # scheduler/scheduler_config.json of the real snapshot; BFL's get_schedule uses the same numbers.
 SCHEDULER_CONFIG = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -196,13 +199,21 @@ def load_t5(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16) -> T5EncoderM
     return _assign(model, sd, files)
 
 
-def load_tokenizers(ckpt: Checkpoint) -> tuple[CLIPTokenizer, T5TokenizerFast]:
-    """(CLIPTokenizer, T5TokenizerFast) from the checkpoint's tokenizer/ and tokenizer_2/ folders."""
-    from transformers import CLIPTokenizer, T5TokenizerFast
+def load_tokenizers(ckpt: Checkpoint) -> tuple[CLIPTokenizer | CLIPTokenizerFast, T5TokenizerFast]:
+    """CLIP's and T5's tokenizers from the checkpoint's tokenizer/ and tokenizer_2/ folders."""
+    return load_tokenizer_folders(ckpt.root / "tokenizer", ckpt.root / "tokenizer_2")
 
-    clip = CLIPTokenizer.from_pretrained(ckpt.root / "tokenizer", local_files_only=True)
-    t5 = T5TokenizerFast.from_pretrained(ckpt.root / "tokenizer_2", local_files_only=True)
-    return clip, t5
+
+def load_tokenizer_folders(clip_folder: Path, t5_folder: Path) -> tuple[CLIPTokenizer | CLIPTokenizerFast,
+                                                                          T5TokenizerFast]:
+    """CLIP's and T5's tokenizers from whichever files their folders hold, as diffusers loads them: CLIP from
+    vocab.json+merges.txt (slow) else tokenizer.json (fast, what save_pretrained writes); T5 from tokenizer.json, else
+    spiece.model."""
+    from transformers import CLIPTokenizer, CLIPTokenizerFast, T5TokenizerFast
+
+    slow = all((Path(clip_folder) / name).is_file() for name in TOKENIZER_FILES["tokenizer"][1])
+    clip = (CLIPTokenizer if slow else CLIPTokenizerFast).from_pretrained(clip_folder, local_files_only=True)
+    return clip, T5TokenizerFast.from_pretrained(t5_folder, local_files_only=True)
 
 
 def _open_diffusers(root: Path) -> Checkpoint:
@@ -238,10 +249,10 @@ def _text_files(root: Path) -> list[Path]:
     for component in TEXT_COMPONENTS:
         _load_json(root / component / "config.json")
         files += _weight_files(root / component, "model")
-    for component, names in TOKENIZER_FILES.items():
-        for name in names:
-            if not (root / component / name).is_file():
-                raise KontextError(f"{root / component / name}: missing tokenizer file; {_REFETCH}")
+    for component, choices in TOKENIZER_FILES.items():
+        if not any(all((root / component / name).is_file() for name in names) for names in choices):
+            wanted = " or ".join("+".join(names) for names in choices)
+            raise KontextError(f"{root / component}: no tokenizer files ({wanted}); {_REFETCH}")
     return files
 
 
@@ -250,7 +261,7 @@ def _weight_files(folder: Path, stem: str) -> list[Path]:
     index_path = folder / f"{stem}.safetensors.index.json"
     if not index_path.is_file():
         path = folder / f"{stem}.safetensors"
-        if not path.is_file():
+        if not path.exists():
             raise KontextError(f"{path}: missing (and no {index_path.name}); {_REFETCH}")
         _read_header(path)
         return [path]
@@ -259,7 +270,7 @@ def _weight_files(folder: Path, stem: str) -> list[Path]:
         raise KontextError(f"{index_path}: has no weight_map; {_REFETCH}")
     files = [folder / name for name in sorted(set(weight_map.values()))]
     for path in files:
-        if not path.is_file():
+        if not path.exists():
             raise KontextError(f"{path}: missing shard listed in {index_path.name}; {_REFETCH}")
         header, _ = _read_header(path)
         absent = [key for key, name in weight_map.items() if name == path.name and key not in header]
@@ -445,17 +456,20 @@ def _shapes(path: Path) -> dict[str, list[int]]:
 
 def _read_header(path: Path) -> tuple[dict, int]:
     """A safetensors file's validated header and the offset where its data starts."""
-    if not path.is_file():
+    if not path.exists():
         raise KontextError(f"{path}: missing; {_REFETCH}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if length < 2 or length > min(size - 8, _MAX_HEADER):
-            raise KontextError(
-                f"{path}: corrupt or truncated safetensors (header length {length}, file {size} bytes); {_REFETCH}"
-            )
-        raw = f.read(length)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if length < 2 or length > min(size - 8, _MAX_HEADER):
+                raise KontextError(f"{path}: corrupt or truncated safetensors (header length {length}, file {size} "
+                                   f"bytes); {_REFETCH}")
+            raw = f.read(length)
+    except OSError as error:
+        raise KontextError(f"{path} is unreadable ({error.strerror or error}); fix its permissions or "
+                           f"{_REFETCH}") from None
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -486,13 +500,8 @@ def _check_entry(path: Path, name: str, info: object, data_size: int) -> None:
 
 
 def _load_json(path: Path) -> dict:
-    """A JSON object from `path`, or a KontextError naming it."""
-    if not path.is_file():
+    """A JSON object from `path`, or a KontextError naming it (missing, unreadable, not JSON, not an object)."""
+    value = read_json(path, fix=_REFETCH)
+    if value is None:
         raise KontextError(f"{path}: missing; {_REFETCH}")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise KontextError(f"{path}: not valid JSON ({error.msg}); {_REFETCH}") from None
-    if not isinstance(value, dict):
-        raise KontextError(f"{path}: not a JSON object; {_REFETCH}")
     return value

@@ -143,9 +143,8 @@ def ort_stages(folder: str | Path, manifest: dict, device: str = "cpu") -> dict[
 
 def load_ort_kontext(folder: str | Path, device: torch.device):
     """A Kontext pipeline over an export folder alone: its ONNX stages, tokenizers and manifest config."""
-    from transformers import CLIPTokenizer, T5TokenizerFast
-
     from kontext_trt.export.manifest import read_manifest
+    from kontext_trt.runtime.checkpoint import load_tokenizer_folders
     from kontext_trt.runtime.flow import Kontext, KontextConfig
 
     folder = Path(folder)
@@ -153,8 +152,8 @@ def load_ort_kontext(folder: str | Path, device: torch.device):
     if manifest is None:
         raise KontextError(f"{folder}: no manifest.json, so not an export folder; "
                            f"run `kontext-trt export --model CHECKPOINT --out {folder}`")
-    clip_tok = CLIPTokenizer.from_pretrained(folder / manifest["tokenizers"]["clip"], local_files_only=True)
-    t5_tok = T5TokenizerFast.from_pretrained(folder / manifest["tokenizers"]["t5"], local_files_only=True)
+    clip_tok, t5_tok = load_tokenizer_folders(folder / manifest["tokenizers"]["clip"],
+                                              folder / manifest["tokenizers"]["t5"])
     dtypes = sorted({entry["dtype"] for entry in manifest["stages"].values()})
     info = {"backend": "onnxruntime", "dtype": ",".join(dtypes), "checkpoint": manifest["checkpoint"]["fingerprint"][:16]}
     return Kontext(ort_stages(folder, manifest, str(device)), clip_tok, t5_tok,

@@ -462,15 +462,14 @@ def default_geometry(folder: Path) -> Geometry:
 def text_side(manifest: dict, onnx: Path | None, model: Path | None) -> tuple[Any, Any, KontextConfig]:
     """(CLIP tokenizer, T5 tokenizer, KontextConfig): from the export folder the engines were built from (or --onnx),
     else from the checkpoint (--model)."""
-    from transformers import CLIPTokenizer, T5TokenizerFast
-
     from kontext_trt.export.manifest import read_manifest
+    from kontext_trt.runtime.checkpoint import load_tokenizer_folders
 
     folder = onnx or manifest.get("onnx", {}).get("dir")
     export = read_manifest(Path(folder)) if folder and Path(folder).is_dir() else None
     if export is not None:
-        clip = CLIPTokenizer.from_pretrained(Path(folder) / export["tokenizers"]["clip"], local_files_only=True)
-        t5 = T5TokenizerFast.from_pretrained(Path(folder) / export["tokenizers"]["t5"], local_files_only=True)
+        clip, t5 = load_tokenizer_folders(Path(folder) / export["tokenizers"]["clip"],
+                                          Path(folder) / export["tokenizers"]["t5"])
         return clip, t5, KontextConfig.from_dict(manifest.get("onnx", {}).get("kontext") or export["kontext"])
     if model is None:
         raise KontextError(f"the export folder the engines were built from ({folder}) holds no manifest.json, and "

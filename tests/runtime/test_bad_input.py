@@ -67,7 +67,7 @@ def clip_onnx_dir(root: Path, content: str) -> Path:
 
 
 @pytest.fixture
-def place(tmp_path):
+def place(tmp_path, tiny_ckpt):
     """Inputs every case can point at: a sample image, a 1x1 image, a bomb, a regular file, a folder, bad JSON."""
     im.sample_image(96, 64).save(tmp_path / "in.png")
     im.sample_image(16, 16).resize((1, 1)).save(tmp_path / "one.png")
@@ -84,6 +84,9 @@ def place(tmp_path):
     (tmp_path / "listmanifest" / "manifest.json").write_text("[]")
     (tmp_path / "nofile").mkdir()
     (tmp_path / "nofile" / "manifest.json").write_text('{"stages": {"clip": {"path": "x.onnx"}}}')
+    unreadable = Path(shutil.copytree(tiny_ckpt, tmp_path / "unreadable"))  # root reads anything: a folder stands
+    (unreadable / "text_encoder" / "config.json").unlink()  # where the file should be
+    (unreadable / "text_encoder" / "config.json").mkdir()
     return tmp_path
 
 
@@ -106,6 +109,8 @@ CASES = {
     "device-tpu": ([*EDIT, *OUT, "--device", "tpu"], "--device tpu: kontext-trt runs on cpu or cuda"),
     "device-mps": ([*EDIT, *OUT, "--device", "mps"], "--device mps: kontext-trt runs on cpu or cuda"),
     "device-meta": ([*EDIT, *OUT, "--device", "meta"], "--device meta: kontext-trt runs on cpu or cuda"),
+    "checkpoint-unreadable": (["edit", "--model", "{tmp}/unreadable", "--prompt", "x", *OUT],
+                              "unreadable/text_encoder/config.json is unreadable (Is a directory)"),
     "decompression-bomb": ([*EDIT, "--image", "{tmp}/bomb.png", *OUT], "bomb.png is refused as a decompression bomb"),
     "1x1-no-auto-resize": ([*EDIT, "--image", "{tmp}/one.png", "--no-auto-resize", *OUT],
                            "the input image is 1x1: too small to edit at its own size"),

@@ -147,7 +147,11 @@ DIFFUSERS_BREAKAGES = [
     ("transformer/config.json", lambda p: edit_json(p, in_channels=384), "in_channels"),
     ("vae/config.json", lambda p: edit_json(p, latent_channels=4), "latent_channels"),
     ("text_encoder_2", shutil.rmtree, "missing"),
-    ("tokenizer/merges.txt", Path.unlink, "missing"),
+    ("tokenizer", lambda p: (p / "merges.txt").unlink(), "no tokenizer files (tokenizer.json or vocab.json+merges.txt)"),
+    ("tokenizer_2", lambda p: [(p / n).unlink() for n in ("tokenizer.json", "spiece.model")], "no tokenizer files"),
+    # unreadable files: tests run as root, where chmod 000 stops nothing, so a folder stands where the file should be
+    ("text_encoder/config.json", lambda p: (p.unlink(), p.mkdir()), "is unreadable (Is a directory)"),
+    ("vae/diffusion_pytorch_model.safetensors", lambda p: (p.unlink(), p.mkdir()), "is unreadable (Is a directory)"),
     ("scheduler/scheduler_config.json", lambda p: p.write_text("{"), "not valid JSON"),
 ]
 BFL_BREAKAGES = [
@@ -226,3 +230,48 @@ def test_slim_checkpoint_loads_real_widths_in_bf16_without_copies(tmp_path):
     assert result["x_embedder"] == [3072, 64]
     assert (result["config"]["num_attention_heads"], result["config"]["attention_head_dim"]) == (24, 128)
     assert result["grown"] < 1.3 * result["bytes"], result
+
+
+def saved_by_transformers(ckpt: Path, tmp_path: Path) -> Path:
+    """The checkpoint as `pipe.save_pretrained` leaves it: tokenizer folders with tokenizer.json, no vocab/merges."""
+    root = copy(ckpt, tmp_path)
+    clip, t5 = ck.load_tokenizers(ck.open_checkpoint(root))
+    for name, tokenizer in (("tokenizer", clip), ("tokenizer_2", t5)):
+        shutil.rmtree(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+PROMPTS = ["make the house blue and add snow on the roof", "Ünïcödé, CAPS & punctuation!? 東京 123", ""]
+
+
+def test_tokenizer_json_and_slow_files_give_identical_ids(tiny_ckpt, tmp_path):
+    from kontext_trt.runtime.text import CLIP_LEN, T5_LEN, tokenize
+
+    saved = saved_by_transformers(tiny_ckpt, tmp_path / "saved")
+    assert sorted(p.name for p in (saved / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    spiece = copy(tiny_ckpt, tmp_path / "spiece")  # T5 from its sentencepiece model alone
+    (spiece / "tokenizer_2" / "tokenizer.json").unlink()
+    layouts = [ck.load_tokenizers(ck.open_checkpoint(root)) for root in (tiny_ckpt, saved, spiece)]
+    for index, length in ((0, CLIP_LEN), (1, T5_LEN)):
+        ids = [tokenize(pair[index], PROMPTS, length, "x") for pair in layouts]
+        assert all(torch.equal(ids[0], other) for other in ids[1:])
+        assert ids[0][0].ne(ids[0][2]).any()  # the prompts tokenize to something, not all padding
+
+
+def test_unreadable_weight_file_is_one_line(tiny_ckpt, monkeypatch):
+    """A file the user may not read (EACCES), simulated by monkeypatching open: root reads anything."""
+    import builtins
+
+    target = tiny_ckpt / "vae" / "diffusion_pytorch_model.safetensors"
+    real_open = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        if Path(file) == target:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    with pytest.raises(KontextError) as caught:
+        ck.open_checkpoint(tiny_ckpt)
+    assert str(caught.value).startswith(f"{target} is unreadable (Permission denied)") and "\n" not in str(caught.value)
