@@ -1,4 +1,5 @@
-"""Subcommands `bench run` (measure, write JSON + Markdown + PNGs) and `bench compare A.json B.json`."""
+"""Subcommands `bench run` (measure, write JSON + Markdown + PNGs), `bench serve` (load a server) and `bench compare
+A.json B.json`."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def int_list(text: str) -> list[int]:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register `bench run` and `bench compare`."""
+    """Register `bench run`, `bench serve` and `bench compare`."""
     from kontext_trt.benchmarks.bench import BACKENDS
     from kontext_trt.runtime.commands import add_engine_selection
 
@@ -55,6 +56,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("out/bench"))
     p.set_defaults(func=run_bench_command)
+
+    p = bsub.add_parser("serve", help="load a server on this machine (kontext-trt serve) at several concurrencies: "
+                        "throughput and p50/p95/p99 latency in bench run's results format")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (loopback only)")
+    p.add_argument("--concurrency", type=int_list, default=[1, 4, 16], help="concurrent clients, comma-separated")
+    p.add_argument("--requests", type=int, default=32, help="edits per concurrency level")
+    p.add_argument("--warmup", type=int, default=2, help="edits before the first level, not counted")
+    p.add_argument("--size", type=size_list, default=[(512, 512)], help="WxH of the input image and the output")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--max-seconds", type=float, default=600.0, help="per level: no request starts after this")
+    p.add_argument("--out", type=Path, default=Path("out/bench-serve"))
+    p.set_defaults(func=run_serve_bench_command)
 
     p = bsub.add_parser("compare", help="B/A ratios of p50 latencies per stage and end to end")
     p.add_argument("a", type=Path)
@@ -94,6 +107,25 @@ def run_bench_command(args: argparse.Namespace) -> int:
                     args.sku)
     configs = run_configs(args.sizes, args.batch, args.steps, GRAPH_MODES[args.cuda_graphs])
     results = run_bench(target, configs, args.warmup, args.iters)
+    paths = write_all(results, args.out)
+    print(markdown(results))
+    for path in paths:
+        print(path)
+    return 0
+
+
+def run_serve_bench_command(args: argparse.Namespace) -> int:
+    """kontext-trt bench serve."""
+    from kontext_trt.benchmarks.report import markdown, write_all
+    from kontext_trt.runtime.image import check_size
+    from kontext_trt.serve.loadgen import run_load
+
+    if len(args.size) != 1 or args.requests < 1 or args.warmup < 0 or args.steps < 1 or args.max_seconds <= 0:
+        raise KontextError("bench serve takes one --size, --requests and --steps of at least 1, --warmup of 0 or "
+                           "more and a positive --max-seconds")
+    check_size(*args.size[0])
+    results = run_load(args.url, args.concurrency, args.requests, args.warmup, *args.size[0], args.steps,
+                       max_seconds=args.max_seconds)
     paths = write_all(results, args.out)
     print(markdown(results))
     for path in paths:

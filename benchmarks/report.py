@@ -60,9 +60,10 @@ def header(results: dict) -> str:
 
 
 def label(run: dict, sep: str = " ") -> str:
-    """A run's configuration as RunConfig.label writes it: `1024x1024 b1 graphs`."""
+    """A run's configuration as RunConfig.label writes it: `1024x1024 b1 graphs` (bench serve adds `c16`)."""
     cfg = RunConfig(run["width"], run["height"], run["batch"], run["steps"], run["cuda_graphs"])
-    return cfg.label.replace(" ", sep, 1)
+    load = f" c{run['load']['concurrency']}" if "load" in run else ""
+    return cfg.label.replace(" ", sep, 1) + load
 
 
 def gib(n: int | None) -> str:
@@ -84,12 +85,17 @@ def markdown(results: dict) -> str:
                        "-" if roof is None else f"{roof['tflops']:.3f}",
                        "-" if roof is None or roof["mfu"] is None else f"{100 * roof['mfu']:.1f}%",
                        gib(mem["device_peak_allocated_bytes"]), gib(mem["host_peak_rss_bytes"])])
-    return f"{header(results)}\n\n" + "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+    loads = [f"- {label(run)}: {run['load']['requests']} requests, statuses {run['load']['statuses']}, "
+             f"{run['load']['requests_per_s']:.2f} req/s, mean server batch {run['load']['mean_server_batch']:.2f}"
+             for run in results["runs"] if "load" in run]
+    table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return f"{header(results)}\n\n{table}\n" + ("\n" + "\n".join(loads) + "\n" if loads else "")
 
 
 def run_key(run: dict) -> tuple:
-    """What makes two runs comparable: size, batch, steps and CUDA graphs."""
-    return run["width"], run["height"], run["batch"], run["steps"], run["cuda_graphs"]
+    """What makes two runs comparable: size, batch, steps, CUDA graphs (and bench serve's concurrency)."""
+    return run["width"], run["height"], run["batch"], run["steps"], run["cuda_graphs"], run.get("load", {}).get(
+        "concurrency")
 
 
 def compare(a: dict, b: dict) -> str:
@@ -107,7 +113,7 @@ def compare(a: dict, b: dict) -> str:
     if len(rows) == 2:
         raise KontextError("the two results share no configuration (size, batch, steps, CUDA graphs)")
     lines = [f"A: {header(a)}", f"B: {header(b)}", "", *("| " + " | ".join(row) + " |" for row in rows)]
-    only = [f"only in {name}: " + ", ".join(label(runs[k]) for k in sorted(keys))
+    only = [f"only in {name}: " + ", ".join(label(runs[k]) for k in sorted(keys, key=str))
             for name, runs, keys in (("A", runs_a, runs_a.keys() - runs_b.keys()),
                                      ("B", runs_b, runs_b.keys() - runs_a.keys())) if keys]
     return "\n".join(lines + ([""] + only if only else [])) + "\n"
