@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kontext_trt.engines import cache, profiles, trt_api
+from kontext_trt.engines import cache, profiles, refit, trt_api
 from kontext_trt.engines.onnx_dir import OnnxStage, read_onnx_dir
 from kontext_trt.engines.skus import PRECISION_FALLBACK, Sku, precision_refusal
 from kontext_trt.runtime import files
@@ -30,6 +30,8 @@ class Target:
 # --weight-streaming applies here only: the runtime streams the transformer's weights, and on TensorRT-RTX a streaming
 # engine cannot take user-allocated memory, so its contexts could not be captured in the runtime's CUDA graphs.
 STREAMED_STAGES = ("transformer",)
+# --refit: the stage LoRAs change (engines/refit.py)
+REFIT_STAGES = ("transformer",)
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,10 @@ def build_engine(onnx_path: Path, profile: profiles.Profile, target: Target,
     config.add_optimization_profile(shapes)
     if flags.opt_level is not None:
         config.builder_optimization_level = flags.opt_level
-    for flag, on in (("REFIT", flags.refit), ("WEIGHT_STREAMING", flags.weight_streaming)):
-        if on:
-            config.set_flag(getattr(api.trt.BuilderFlag, flag))
+    if flags.refit:
+        refit.mark_refittable(api, net.network, config, Path(onnx_path))
+    if flags.weight_streaming:
+        config.set_flag(api.trt.BuilderFlag.WEIGHT_STREAMING)
     with trt_api.timing_cache(api, config, flags.timing_cache):
         return trt_api.build_serialized(api, net, config, str(onnx_path))
 
@@ -149,6 +152,7 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
     for stage, pick in picks.items():
         profile = profiles.stage_profile(stage, pick.shapes, axes)
         stage_flags = flags if stage in STREAMED_STAGES else replace(flags, weight_streaming=False)
+        stage_flags = stage_flags if stage in REFIT_STAGES else replace(stage_flags, refit=False)
         key = stage_key(pick, profile, req.target, stage_flags, api.version)
         entry, plan_path = manifest["stages"].get(stage, {}), folder / f"{stage}.plan"
         if entry.get("key") == key and plan_path.is_file() and plan_path.stat().st_size == entry.get("engine_bytes"):

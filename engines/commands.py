@@ -25,7 +25,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--static", metavar="WxH", help="one fixed size (edit of a WxH image into WxH)")
     p.add_argument("--opt-level", type=int, choices=range(6), help="builder optimization level")
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache (default: beside the engine folders)")
-    p.add_argument("--refit", action="store_true", help="refittable engines (swap weights without a rebuild)")
+    p.add_argument("--refit", action="store_true", help="refittable transformer engine: swap LoRAs (edit --lora, "
+                   "Kontext.set_loras) without a rebuild; bf16/fp32 exports only")
     p.add_argument("--weight-streaming", action="store_true", help="transformer engine: let it stream weights from "
                    "host memory at run time (edit --weight-streaming-budget)")
     p.add_argument("--stages", nargs="+", choices=STAGE_NAMES, help="default: every stage in the ONNX folder")

@@ -72,9 +72,15 @@ class Kontext:
         """Swap the transformer's LoRAs, [(file or folder, scale), ...]; [] restores the base weights exactly."""
         from kontext_trt.runtime.cudagraphs import GraphedStage
         from kontext_trt.runtime.lora import apply_loras
+        from kontext_trt.runtime.trt_stages import TrtStage
 
         stage = self.stages["transformer"]
-        applied = apply_loras(stage.stage if isinstance(stage, GraphedStage) else stage, loras)
+        stage = stage.stage if isinstance(stage, GraphedStage) else stage
+        if isinstance(stage, TrtStage):  # its weights are the engine's: refit (runtime.trt_refit)
+            from kontext_trt.runtime.trt_refit import weight_target
+
+            stage = weight_target(stage)
+        applied = apply_loras(stage, loras)
         self.info["loras"] = [lora.describe() for lora in applied]
         if not applied:
             del self.info["loras"]
