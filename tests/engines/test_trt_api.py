@@ -46,11 +46,11 @@ def test_build_path_runs_on_trt10_and_trt11(fake_tensorrt, monkeypatch, tmp_path
     trt = fake_tensorrt(version)
     api = trt_api.TrtApi("tensorrt", trt)
     monkeypatch.setattr(trt_api, "load_api", lambda flavor: api)
-    flags = build.BuildFlags(refit=True)
+    flags = build.BuildFlags(weight_streaming=True)  # refit: tests/engines/test_refit.py (it needs an export's map)
     plan = build.build_engine(tmp_path / "clip.onnx", PROFILE, build.Target("tensorrt", (90,), 90), flags)
     assert bytes(plan) == b"plan"
     assert trt.calls[0] == ("create_network", 0 if version.startswith("11") else 1 << 5)
-    assert ("clear_flag", "TF32") in trt.calls and ("set_flag", "REFIT") in trt.calls
+    assert ("clear_flag", "TF32") in trt.calls and ("set_flag", "WEIGHT_STREAMING") in trt.calls
     assert not {name for kind, name in trt.calls if kind == "set_flag"} & {"FP16", "BF16", "INT8", "FP8"}
     assert ("profile", PROFILE) in trt.calls
 
