@@ -48,6 +48,8 @@ done
 
 pin_image_packages
 run python -m pip install --no-cache-dir --constraint "$PINS" "${src}[$EXTRAS]"
+# NudeNet, the default safety checker, without its CPU onnxruntime and opencv (see safety/no-deps.txt).
+run python -m pip install --no-cache-dir --no-deps -r "${src}/safety/no-deps.txt"
 # Mount points for enroot/start.sh (/model, /engines) and enroot/build_engines.sbatch (/onnx, /engines).
 run mkdir -p /model /onnx /engines
 run python -c 'from importlib.metadata import version as v; print("kontext-trt image:", *(f"{p} {v(p)}" for p in ("kontext-trt", "torch", "tensorrt")))'

@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "kontext_trt.export.commands",
     "kontext_trt.quant.commands",
     "kontext_trt.serve.commands",
+    "kontext_trt.safety.commands",
 )
 
 

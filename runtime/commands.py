@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kontext_trt.runtime.errors import KontextError
+from kontext_trt.safety.commands import add_output_arguments, output_policy
 
 if TYPE_CHECKING:
     from kontext_trt.runtime.flow import EditRequest, Kontext
@@ -29,11 +30,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch on one image")
     p.add_argument("--out", type=Path, required=True, help="output PNG (batch: OUT-0.png, OUT-1.png, ...)")
     add_sampling_arguments(p)
+    add_output_arguments(p)
     p.set_defaults(func=run_edit)
 
     p = sub.add_parser("demo", help="synthesize the tiny checkpoint and edit a drawn sample image")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--steps", type=int, default=28)
+    add_output_arguments(p)
     p.set_defaults(func=run_demo)
 
 
@@ -114,6 +117,7 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_edit(args: argparse.Namespace) -> int:
     """kontext-trt edit."""
     from kontext_trt.runtime import checks, flow, image
+    from kontext_trt.safety import guard
 
     checks.check_output_file(args.out)
     checks.check_device(args.device)
@@ -122,10 +126,11 @@ def run_edit(args: argparse.Namespace) -> int:
         width=args.width, height=args.height, steps=args.steps, guidance=args.guidance, seed=args.seed,
         auto_resize=args.auto_resize, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg)
     flow.check_request(request)
+    policy = output_policy(args, args.device)
     k = load_edit_pipeline(args, request)
     start = time.perf_counter()
-    result = flow.edit(k, request)
-    for path in flow.save_images(result, args.out):
+    result = guard.edit(k, request, policy)
+    for path in guard.save(result, args.out, policy, k.times):
         print(path)
     print(f"{result.width}x{result.height}, {args.steps} steps in {time.perf_counter() - start:.2f}s")
     print(k.times.table())
@@ -174,11 +179,13 @@ def run_demo(args: argparse.Namespace) -> int:
     from kontext_trt.runtime.pipeline import load_kontext
     from kontext_trt.synth import write_synthetic_checkpoint
     from kontext_trt.runtime.timing import progress
+    from kontext_trt.safety import guard
 
     checks.check_output_folder(args.out)
     if args.steps < 1:
         raise KontextError(f"--steps {args.steps}: the demo needs at least 1 step")
     args.out.mkdir(parents=True, exist_ok=True)
+    policy = output_policy(args)
     model = args.out / "tiny-checkpoint"
     if not (model / "model_index.json").exists():
         with progress(f"writing the synthetic tiny checkpoint to {model}"):
@@ -191,8 +198,8 @@ def run_demo(args: argparse.Namespace) -> int:
     request = flow.EditRequest(prompts=["make the house blue and add snow on the roof"],
                                image=image.load_image(source), steps=args.steps, auto_resize=False)
     with progress(f"editing {source} ({args.steps} steps, 512x384, auto-resize off)"):
-        result = flow.edit(k, request)
-    out = flow.save_images(result, args.out / "edited.png")[0]
+        result = guard.edit(k, request, policy)
+    out = guard.save(result, args.out / "edited.png", policy, k.times)[0]
     print(f"input  {source}\noutput {out} ({result.width}x{result.height})")
     print(k.times.table())
     return 0

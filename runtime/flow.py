@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -295,14 +296,22 @@ def metadata(k: Kontext, req: EditRequest, width: int, height: int, cache: dict 
 
 
 def image_metadata(result: EditResult) -> list[dict]:
-    """The metadata of each image of a result: the request's, with its own prompt."""
+    """The metadata of each image of a result: the request's, with its own prompt and its own safety verdict."""
     common = {key: value for key, value in result.metadata.items() if key != "prompts"}
-    return [{**common, "prompt": prompt} for prompt in result.metadata["prompts"]]
+    metas = [{**common, "prompt": prompt} for prompt in result.metadata["prompts"]]
+    safety = common.get("safety") or {}
+    if safety.get("outputs"):
+        shared = {key: value for key, value in safety.items() if key != "outputs"}
+        metas = [{**meta, "safety": {**shared, "output": verdict}} for meta, verdict in zip(metas, safety["outputs"])]
+    return metas
 
 
-def save_images(result: EditResult, out: str | Path) -> list[Path]:
-    """Write out for one image, out-0.png, out-1.png ... for a batch (format from the suffix), each with its metadata."""
+def save_images(result: EditResult, out: str | Path,
+                finish: Callable[[bytes, Path], bytes] | None = None) -> list[Path]:
+    """Write out for one image, out-0.png, out-1.png ... for a batch (format from the suffix), each with its metadata;
+    `finish` may rewrite each encoded file before it is written (C2PA signing)."""
     out = Path(out)
     paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
                                                    for i in range(len(result.images))]
-    return [im.save_image(img, path, meta) for img, path, meta in zip(result.images, paths, image_metadata(result))]
+    return [im.save_image(img, path, meta, finish)
+            for img, path, meta in zip(result.images, paths, image_metadata(result))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -100,9 +101,11 @@ def png_bytes(image: Image.Image, metadata: dict) -> bytes:
     return buffer.getvalue()
 
 
-def save_image(image: Image.Image, path: str | Path, metadata: dict) -> Path:
+def save_image(image: Image.Image, path: str | Path, metadata: dict,
+               finish: Callable[[bytes, Path], bytes] | None = None) -> Path:
     """Write an image atomically in the format its suffix names (PNG, JPEG, WebP) with the generation parameters:
-    PNG text chunks (png_info); JPEG and WebP: the JSON as EXIF ImageDescription (and, for JPEG, a COM comment)."""
+    PNG text chunks (png_info); JPEG and WebP: the JSON as EXIF ImageDescription (and, for JPEG, a COM comment).
+    `finish` may rewrite the encoded file before it is written (C2PA signing)."""
     path = check_output_file(path)
     remove_stale_temps(path.parent, path.name)
     fmt = IMAGE_SUFFIXES[path.suffix.lower()]
@@ -116,7 +119,11 @@ def save_image(image: Image.Image, path: str | Path, metadata: dict) -> Path:
         options.update(exif=exif, quality=95)
         if fmt == "JPEG":
             options["comment"] = text
-    return write_atomic(path, lambda tmp: image.save(tmp, format=fmt, **options))
+    if finish is None:
+        return write_atomic(path, lambda tmp: image.save(tmp, format=fmt, **options))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return write_atomic(path, finish(buffer.getvalue(), path))
 
 
 def sample_image(width: int = 896, height: int = 640, seed: int = 0) -> Image.Image:

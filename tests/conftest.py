@@ -52,3 +52,82 @@ def slim_ckpt(tmp_path_factory) -> Path:
     from kontext_trt.synth import write_synthetic_checkpoint
 
     return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "slim", preset="slim")
+
+
+class FlagEverything:
+    """A safety checker that flags every image it sees (proves the blocking paths)."""
+
+    def __call__(self, images):
+        from kontext_trt.safety.checker import Verdict
+
+        return [Verdict({"TEST_LABEL": 1.0}, "flag-everything") for _ in images]
+
+
+class FlagOutputs:
+    """Passes the first call (an edit's input image), flags every image after it (its outputs)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, images):
+        from kontext_trt.safety.checker import Verdict
+
+        self.calls += 1
+        return [Verdict({"TEST_LABEL": 0.9} if self.calls > 1 else {}, "flag-outputs") for _ in images]
+
+
+@pytest.fixture
+def fake_checkers(monkeypatch) -> str:
+    """The fakes above as an importable module `fake_checkers`, for --safety-checker fake_checkers:NAME."""
+    import sys
+    import types
+
+    module = types.ModuleType("fake_checkers")
+    module.FlagEverything, module.FlagOutputs = FlagEverything, FlagOutputs
+    monkeypatch.setitem(sys.modules, "fake_checkers", module)
+    return "fake_checkers"
+
+
+@pytest.fixture(scope="session")
+def c2pa_chain(tmp_path_factory) -> tuple[Path, Path]:
+    """A throwaway CA and an end-entity certificate with the extensions C2PA requires (digitalSignature key
+    usage, emailProtection EKU, not a CA, key identifiers), written as chain.pem (leaf first) and key.pem."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common),
+                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kontext-trt tests")])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+
+    def cert(subject: str, key, issuer: x509.Name, signer, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(issuer)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=7))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                   .add_extension(x509.KeyUsage(digital_signature=not ca, content_commitment=False,
+                                                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                                key_cert_sign=ca, crl_sign=ca, encipher_only=False,
+                                                decipher_only=False), critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+                                  critical=False))
+        if not ca:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]),
+                                            critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    root = cert("kontext-trt test root", ca_key, name("kontext-trt test root"), ca_key, ca=True)
+    leaf = cert("kontext-trt test signer", leaf_key, root.subject, ca_key, ca=False)
+    folder = tmp_path_factory.mktemp("c2pa")
+    chain, key = folder / "chain.pem", folder / "key.pem"
+    chain.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, root)))
+    key.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return chain, key

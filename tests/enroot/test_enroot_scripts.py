@@ -90,8 +90,9 @@ def test_install_in_image_dry_run(tmp_path: Path) -> None:
     result = dry_run(tmp_path, "install_in_image.sh", "--dry-run", "/opt/kontext-trt")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[:3] == [
+    assert lines[:4] == [
         "python -m pip list --format=freeze | grep -iE '^(torch|tensorrt)==' > /tmp/kontext-trt-image-pins.txt",
         "python -m pip install --no-cache-dir --constraint /tmp/kontext-trt-image-pins.txt '/opt/kontext-trt[trt,rtx]'",
+        "python -m pip install --no-cache-dir --no-deps -r /opt/kontext-trt/safety/no-deps.txt",
         "mkdir -p /model /onnx /engines",
     ]

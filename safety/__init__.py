@@ -1,0 +1,1 @@
+"""Content safety and provenance: output filter, invisible watermark, C2PA manifests."""
