@@ -1,6 +1,6 @@
 """Where results leave the toolkit: the input is checked before any stage runs, every output is checked, flagged
 outputs are withheld, the rest are watermarked, and saved files get a signed C2PA manifest when credentials are
-given. The CLI, the Python API and the server all go through `edit` and `save` here."""
+given. The CLI goes through `edit` and `save`, the server through `input_verdicts`, `finish` and `signer`."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +8,7 @@ import logging
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -55,18 +56,17 @@ def pixels_sha256(image: Image.Image) -> str:
 
 def check(policy: OutputPolicy, images: list[Image.Image], times: StageTimes) -> list[Verdict] | None:
     """Verdicts for images (timed as a stage), or None when the checker is off."""
-    if policy.checker is None:
+    if policy.checker is None or not images:
         return None
     with times(CHECK_STAGE):
         return run_checker(policy.checker, images)
 
 
-def check_input(policy: OutputPolicy, image: Image.Image, times: StageTimes) -> Verdict | None:
-    """Refuse a flagged input image before anything else runs."""
-    verdicts = check(policy, [image], times)
-    if verdicts and verdicts[0].flagged:
-        raise ContentFlagged("input image", verdicts)
-    return verdicts[0] if verdicts else None
+def input_verdicts(policy: OutputPolicy, reqs: list[EditRequest], times: StageTimes) -> list[Verdict | None]:
+    """One checker call over the input images of requests (None: no image, or the checker is off)."""
+    images = [req.image for req in reqs if req.image is not None]
+    verdicts = iter(check(policy, images, times) or [None] * len(images))
+    return [None if req.image is None else next(verdicts) for req in reqs]
 
 
 def mark(policy: OutputPolicy, images: list[Image.Image], times: StageTimes) -> tuple[list[Image.Image], str | None]:
@@ -81,10 +81,11 @@ def mark(policy: OutputPolicy, images: list[Image.Image], times: StageTimes) -> 
         return [watermark.embed(img) for img in images], MARK_NAME
 
 
-def finish(policy: OutputPolicy, result: EditResult, times: StageTimes,
+def finish(policy: OutputPolicy, req: EditRequest, result: EditResult, times: StageTimes,
            input_verdict: Verdict | None = None) -> EditResult:
-    """Check every output, watermark them, and record verdicts and mark in the metadata; if any output is flagged,
-    raise ContentFlagged carrying the verdicts and the outputs that passed (watermarked, None where flagged)."""
+    """Check every output, watermark them, and record verdicts, mark and input hash in the metadata; if any output
+    is flagged, raise ContentFlagged carrying the verdicts and the outputs that passed (watermarked, None where
+    flagged)."""
     verdicts = check(policy, result.images, times)
     flagged = [bool(verdicts and verdicts[i].flagged) for i in range(len(result.images))]
     images, mark_name = mark(policy, result.images, times)
@@ -93,31 +94,42 @@ def finish(policy: OutputPolicy, result: EditResult, times: StageTimes,
     safety = {"checker": policy.checker_name if policy.checker is not None else "none",
               "input": input_verdict.to_dict() if input_verdict else None,
               "outputs": [v.to_dict() for v in verdicts] if verdicts else None}
-    return replace(result, images=images, metadata={**result.metadata, "safety": safety, "watermark": mark_name})
+    extra = {"safety": safety, "watermark": mark_name}
+    if req.image is not None:
+        extra["input_sha256"] = pixels_sha256(req.image)
+    return replace(result, images=images, metadata={**result.metadata, **extra})
 
 
 def edit(k: Kontext, req: EditRequest, policy: OutputPolicy, prompt: Prompt | None = None,
          context: Context | None = None) -> EditResult:
-    """flow.edit between the input check and the output checks and watermark."""
+    """flow.edit between the input check (a flagged input raises before any stage runs) and `finish`."""
     flow.check_request(req)
-    input_verdict = None if req.image is None else check_input(policy, req.image, k.times)
-    result = flow.edit(k, req, prompt, context)
-    if req.image is not None:
-        result.metadata["input_sha256"] = pixels_sha256(req.image)
-    return finish(policy, result, k.times, input_verdict)
+    [input_verdict] = input_verdicts(policy, [req], k.times)
+    if input_verdict is not None and input_verdict.flagged:
+        raise ContentFlagged("input image", [input_verdict])
+    return finish(policy, req, flow.edit(k, req, prompt, context), k.times, input_verdict)
+
+
+def signer(policy: OutputPolicy, result: EditResult, times: StageTimes) -> Callable[[bytes, str], bytes] | None:
+    """What signs an encoded output file (bytes, file name -> signed bytes), or None without credentials."""
+    if policy.c2pa is None:
+        return None
+    input_sha256 = result.metadata.get("input_sha256")
+
+    def signed(data: bytes, name: str) -> bytes:
+        with times(SIGN_STAGE):
+            mime = MIME.get(Path(name).suffix.lower(), "image/png")
+            return sign(data, mime, name, policy.c2pa, input_sha256)
+
+    return signed
 
 
 def save(result: EditResult, out: str | Path, policy: OutputPolicy, times: StageTimes) -> list[Path]:
     """flow.save_images, signing a C2PA manifest into each file when the policy has credentials (else one line
     on stderr says how to add one)."""
-    if policy.c2pa is None:
+    signed = signer(policy, result, times)
+    if signed is None:
         paths = flow.save_images(result, out)
         print(NO_CERT_LINE, file=sys.stderr)
         return paths
-    input_sha256 = result.metadata.get("input_sha256")
-
-    def signed(data: bytes, path: Path) -> bytes:
-        with times(SIGN_STAGE):
-            return sign(data, MIME.get(path.suffix.lower(), "image/png"), path.name, policy.c2pa, input_sha256)
-
-    return flow.save_images(result, out, finish=signed)
+    return flow.save_images(result, out, finish=lambda data, path: signed(data, path.name))

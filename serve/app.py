@@ -18,7 +18,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.flow import EditRequest
+from kontext_trt.runtime.flow import EditRequest, EditResult
+from kontext_trt.safety.checker import ContentFlagged
 from kontext_trt.serve import openai_api
 from kontext_trt.serve.batcher import QueueFull
 from kontext_trt.serve.metrics import Metrics
@@ -37,6 +38,8 @@ class Runner(Protocol):
     max_batch: int
 
     async def submit(self, req: EditRequest) -> Served: ...
+
+    def signer(self, result: EditResult) -> Callable[[bytes, str], bytes] | None: ...
 
 
 @dataclass
@@ -119,6 +122,9 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
         except TimeoutError:
             raise ApiError(504, f"the edit took longer than the server's {settings.timeout_s:g}s timeout: retry, "
                            "or ask for fewer steps or a smaller size", "timeout", "timeout") from None
+        except ContentFlagged as exc:
+            metrics.observe_flagged(exc)
+            raise openai_api.content_policy_violation(str(exc)) from None
         except KontextError as exc:
             raise bad_request(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - one failed request, never a dead server
@@ -126,7 +132,7 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
             raise ApiError(500, f"the edit failed: {exc.__class__.__name__}: {exc}", "server_error") from None
         total = time.perf_counter() - start
         metrics.stage_latency.labels("request").observe(total)
-        body = openai_api.response_body(served.result)
+        body = openai_api.response_body(served.result, runner.signer(served.result))
         timing = f"{served.server_timing()}, total;dur={1e3 * total:.1f}"
         return JSONResponse(body, headers={"Server-Timing": timing, "X-Batch-Size": str(served.batch_images)})
 

@@ -7,8 +7,9 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
-from kontext_trt.runtime.flow import EditRequest, batch_key
+from kontext_trt.runtime.flow import EditRequest, EditResult, batch_key
 from kontext_trt.serve.metrics import Metrics
 from kontext_trt.serve.service import BatchRun, EditService, Served
 
@@ -48,6 +49,10 @@ class MicroBatcher:
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-model")
         self.worker: asyncio.Task | None = None
         self.batch_seconds = 1.0  # a running estimate, for Retry-After
+
+    def signer(self, result: EditResult) -> Callable[[bytes, str], bytes] | None:
+        """Runner.signer: the service's C2PA signing."""
+        return self.service.signer(result)
 
     def start(self) -> None:
         """Start the worker task on the running loop."""

@@ -16,6 +16,7 @@ DEFAULT_MAX_BATCH = 4
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register serve."""
     from kontext_trt.runtime.commands import add_model_arguments
+    from kontext_trt.safety.commands import add_output_arguments
 
     p = sub.add_parser("serve", help="serve edits over HTTP (OpenAI Images API), micro-batched; --ray for Ray Serve")
     add_model_arguments(p)
@@ -31,6 +32,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "requests before exiting")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_ray_arguments(p)
+    add_output_arguments(p)
     p.set_defaults(func=run_serve)
 
 
@@ -136,7 +138,9 @@ def run_local(args: argparse.Namespace) -> int:
     from kontext_trt.serve.metrics import Metrics
     from kontext_trt.serve.service import EditService
 
-    service = EditService(lambda: load_pipeline(args), warm_request)
+    from kontext_trt.safety.commands import output_policy
+
+    service = EditService(lambda: load_pipeline(args), warm_request, policy=output_policy(args, args.device))
     metrics = Metrics()
     batcher = MicroBatcher(service, metrics, args.max_batch or DEFAULT_MAX_BATCH, args.max_queue,
                            args.batch_window_ms / 1e3)

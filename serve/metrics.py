@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from kontext_trt.safety.checker import ContentFlagged
+
 if TYPE_CHECKING:
     from kontext_trt.serve.service import BatchRun
 
@@ -27,6 +29,8 @@ class Metrics:
         self.stage_latency = Histogram("kontext_stage_seconds", "seconds per batch in each stage (clip, t5, "
                                        "vae_encoder, transformer, vae_decoder), and per request in queue and in total",
                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.flagged = Counter("kontext_safety_flagged", "images the safety checker flagged, by where (input, "
+                               "output) and label", ["where", "label"], registry=r)
         self.gpu_memory = Gauge("kontext_gpu_memory_bytes", "GPU memory: used and total on the device, allocated "
                                 "by torch", ["kind"], registry=r)
 
@@ -36,6 +40,13 @@ class Metrics:
         for stage, seconds in run.stage_seconds.items():
             self.stage_latency.labels(stage).observe(seconds)
         self.stage_latency.labels("batch").observe(run.seconds)
+
+    def observe_flagged(self, flagged: ContentFlagged) -> None:
+        """Count each flagged image once per label it was flagged for."""
+        where = "input" if flagged.what.startswith("input") else "output"
+        for verdict in flagged.verdicts:
+            for label in verdict.labels:
+                self.flagged.labels(where, label).inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition, GPU memory read now."""

@@ -42,6 +42,11 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
 
 
+def content_policy_violation(message: str) -> ApiError:
+    """OpenAI's answer to a request or result its safety system rejects: 400 with code content_policy_violation."""
+    return ApiError(400, message, code="content_policy_violation")
+
+
 def integer(text: Any) -> int:
     """An integer field (form text or JSON number)."""
     if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
@@ -149,7 +154,10 @@ def read_image(data: bytes) -> Image.Image:
         raise bad_request("image is not a readable PNG, JPEG or WebP file", "image") from None
 
 
-def response_body(result: EditResult) -> dict:
-    """{"created", "data": [{"b64_json"}]}: one PNG per image, each with the CLI's metadata chunks."""
+def response_body(result: EditResult, sign: Callable[[bytes, str], bytes] | None = None) -> dict:
+    """{"created", "data": [{"b64_json"}]}: one PNG per image, each with the CLI's metadata chunks (and a C2PA
+    manifest when `sign` is given)."""
     pngs = [im.png_bytes(img, meta) for img, meta in zip(result.images, flow.image_metadata(result))]
+    if sign is not None:
+        pngs = [sign(png, f"image-{i}.png") for i, png in enumerate(pngs)]
     return {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(png).decode()} for png in pngs]}

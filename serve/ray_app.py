@@ -9,11 +9,12 @@ import shlex
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from ray import serve
 
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.flow import EditRequest, batch_key
+from kontext_trt.runtime.flow import EditRequest, EditResult, batch_key
 from kontext_trt.serve.app import Settings, create_app
 from kontext_trt.serve.metrics import Metrics
 from kontext_trt.serve.service import EditService, Served
@@ -33,7 +34,9 @@ class KontextDeployment:
 
         self.args, self.metrics = args, Metrics()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-model")
-        self.service = EditService(lambda: load_pipeline(args), warm_request)
+        from kontext_trt.safety.commands import output_policy
+
+        self.service = EditService(lambda: load_pipeline(args), warm_request, policy=output_policy(args, args.device))
         self.model_thread.submit(self.service.load).result()
         self.max_batch = args.max_batch or engine_max_batch(self.service.k) or DEFAULT_MAX_BATCH
         self.batched.set_max_batch_size(self.max_batch)
@@ -45,6 +48,10 @@ class KontextDeployment:
 
     def __serve_build_asgi_app__(self):
         return create_app(self, self.metrics, Settings(self.args.timeout))
+
+    def signer(self, result: EditResult) -> Callable[[bytes, str], bytes] | None:
+        """Runner.signer: the service's C2PA signing."""
+        return self.service.signer(result)
 
     async def submit(self, req: EditRequest) -> Served:
         """Runner.submit: one request through @serve.batch."""

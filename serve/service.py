@@ -13,6 +13,8 @@ from kontext_trt.runtime import image as im
 from kontext_trt.runtime.flow import EditRequest, EditResult, Kontext
 from kontext_trt.runtime.session import EditSession
 from kontext_trt.runtime.timing import StageTimes
+from kontext_trt.safety import guard
+from kontext_trt.safety.checker import ContentFlagged
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,9 @@ class EditService:
     """Loads the pipeline once, then runs batches of requests (one at a time: call from one thread)."""
 
     def __init__(self, load: Callable[[], Kontext], warm_request: Callable[[Kontext], EditRequest] = small_edit,
-                 cache_size: int = 64) -> None:
+                 cache_size: int = 64, policy: guard.OutputPolicy | None = None) -> None:
         self.load_pipeline, self.warm_request, self.cache_size = load, warm_request, cache_size
+        self.policy = policy  # None: the default (NudeNet on the pipeline's device, watermark), made at load
         self.k: Kontext | None = None
         self.session: EditSession | None = None
         self.ready = False
@@ -78,6 +81,8 @@ class EditService:
         """Load the pipeline and run one edit so the first request pays no first-call costs; then ready."""
         start = time.perf_counter()
         self.k = self.load_pipeline()
+        if self.policy is None:
+            self.policy = guard.OutputPolicy.from_options(device=self.k.device)
         self.session = EditSession(self.k, cache_size=self.cache_size)
         failed = self.run([self.warm_request(self.k)]).outcomes[0]
         if isinstance(failed, BaseException):
@@ -107,8 +112,25 @@ class EditService:
         except Exception as exc:  # noqa: BLE001
             return exc
 
-    def run_batch(self, reqs: list[EditRequest]) -> list[EditResult]:
-        """flow.edit_batch through the session's caches (prompt encodings and input latents)."""
-        prompts = [self.session.prompt(req.prompts) for req in reqs]
-        contexts = [None if req.image is None else self.session.context(req.image, req.auto_resize) for req in reqs]
-        return flow.edit_batch(self.k, reqs, prompts, contexts)
+    def signer(self, result: EditResult) -> Callable[[bytes, str], bytes] | None:
+        """What signs a result's PNGs with the policy's C2PA credentials (None without them); called off the model
+        thread, so its time is not in the batch's stage table."""
+        return guard.signer(self.policy, result, StageTimes())
+
+    def run_batch(self, reqs: list[EditRequest]) -> list[EditResult | ContentFlagged]:
+        """flow.edit_batch through the session's caches (prompt encodings and input latents), between the safety
+        checks: a request with a flagged input reaches no stage, one with a flagged output gets ContentFlagged."""
+        verdicts = guard.input_verdicts(self.policy, reqs, self.k.times)
+        outcomes: list = [ContentFlagged("input image", [v]) if v is not None and v.flagged else None for v in verdicts]
+        todo = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        if not todo:
+            return outcomes
+        run = [reqs[i] for i in todo]
+        prompts = [self.session.prompt(req.prompts) for req in run]
+        contexts = [None if req.image is None else self.session.context(req.image, req.auto_resize) for req in run]
+        for i, result in zip(todo, flow.edit_batch(self.k, run, prompts, contexts)):
+            try:
+                outcomes[i] = guard.finish(self.policy, reqs[i], result, self.k.times, verdicts[i])
+            except ContentFlagged as flagged:
+                outcomes[i] = flagged
+        return outcomes

@@ -54,26 +54,29 @@ def slim_ckpt(tmp_path_factory) -> Path:
     return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "slim", preset="slim")
 
 
-class FlagEverything:
-    """A safety checker that flags every image it sees (proves the blocking paths)."""
+class FlagAfter:
+    """A safety checker that passes its first `passing_calls` calls and flags every image after them."""
 
-    def __call__(self, images):
-        from kontext_trt.safety.checker import Verdict
-
-        return [Verdict({"TEST_LABEL": 1.0}, "flag-everything") for _ in images]
-
-
-class FlagOutputs:
-    """Passes the first call (an edit's input image), flags every image after it (its outputs)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
+    def __init__(self, passing_calls: int = 0) -> None:
+        self.passing_calls, self.calls = passing_calls, 0
 
     def __call__(self, images):
         from kontext_trt.safety.checker import Verdict
 
         self.calls += 1
-        return [Verdict({"TEST_LABEL": 0.9} if self.calls > 1 else {}, "flag-outputs") for _ in images]
+        flagged = self.calls > self.passing_calls
+        return [Verdict({"TEST_LABEL": 0.9} if flagged else {}, "fake") for _ in images]
+
+
+class FlagEverything(FlagAfter):
+    """Flags every image it sees: an edit's input is refused."""
+
+
+class FlagOutputs(FlagAfter):
+    """Passes the first call (an edit's input image), flags every image after it (its outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__(passing_calls=1)
 
 
 @pytest.fixture
@@ -83,7 +86,7 @@ def fake_checkers(monkeypatch) -> str:
     import types
 
     module = types.ModuleType("fake_checkers")
-    module.FlagEverything, module.FlagOutputs = FlagEverything, FlagOutputs
+    module.FlagAfter, module.FlagEverything, module.FlagOutputs = FlagAfter, FlagEverything, FlagOutputs
     monkeypatch.setitem(sys.modules, "fake_checkers", module)
     return "fake_checkers"
 

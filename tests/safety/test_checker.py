@@ -32,7 +32,7 @@ def test_none_warns_about_the_license(capsys):
 
 def test_module_callable(fake_checkers):
     checker = ck.load_checker(f"{fake_checkers}:FlagEverything")
-    assert ck.run_checker(checker, [im.sample_image(64, 64)])[0].labels == {"TEST_LABEL": 1.0}
+    assert ck.run_checker(checker, [im.sample_image(64, 64)])[0].labels == {"TEST_LABEL": 0.9}
 
 
 @pytest.mark.parametrize("spec,message", [

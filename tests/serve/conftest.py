@@ -114,8 +114,9 @@ def tiny_pipeline(tiny_ckpt):
 
 @contextmanager
 def app_in_thread(k, wrap: dict, max_batch: int = 4, max_queue: int = 64, window_s: float = 0.005,
-                  timeout_s: float = 300) -> Iterator[str]:
-    """The app over pipeline k with stages replaced by wrap[name](stage), served by uvicorn in a thread; its URL."""
+                  timeout_s: float = 300, policy=None) -> Iterator[str]:
+    """The app over pipeline k with stages replaced by wrap[name](stage), served by uvicorn in a thread; its URL.
+    `policy`: the service's safety OutputPolicy (default: NudeNet and the watermark)."""
     import asyncio
     from dataclasses import replace
 
@@ -127,7 +128,7 @@ def app_in_thread(k, wrap: dict, max_batch: int = 4, max_queue: int = 64, window
     from kontext_trt.serve.service import EditService
 
     faked = replace(k, stages={name: wrap[name](stage) if name in wrap else stage for name, stage in k.stages.items()})
-    service = EditService(lambda: faked)
+    service = EditService(lambda: faked, policy=policy)
     metrics = Metrics()
     batcher = MicroBatcher(service, metrics, max_batch, max_queue, window_s)
 
@@ -158,3 +159,9 @@ def sample_png(tmp_path) -> Path:
     path = tmp_path / "in.png"
     im.sample_image(96, 64).save(path)
     return path
+
+
+@pytest.fixture
+def app_server():
+    """app_in_thread, for test modules (they cannot import this conftest)."""
+    return app_in_thread
