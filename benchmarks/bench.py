@@ -11,6 +11,7 @@ from kontext_trt.benchmarks.report import SCHEMA_VERSION
 from kontext_trt.benchmarks.system import system_info
 from kontext_trt.runtime.flow import Kontext
 from kontext_trt.runtime.timing import progress
+from kontext_trt.safety.guard import OutputPolicy
 
 BACKENDS = ("torch", "onnxruntime")  # --backend choices; --engines selects the TensorRT runtime
 
@@ -46,8 +47,10 @@ class Target:
         return dict(ck.open_checkpoint(self.model).transformer_config)
 
 
-def run_bench(target: Target, configs: list[RunConfig], warmup: int, iters: int) -> dict:
-    """Load the target once, run every configuration with a progress line each, and assemble the results."""
+def run_bench(target: Target, configs: list[RunConfig], warmup: int, iters: int,
+              policy: OutputPolicy | None = None) -> dict:
+    """Load the target once, run every configuration with a progress line each (through the safety policy's checks
+    and watermark when given), and assemble the results."""
     source = target.engines or target.onnx or target.model
     with progress(f"loading {source} ({target.backend}, {target.dtype}, {target.device})"):
         k = target.load()
@@ -59,7 +62,7 @@ def run_bench(target: Target, configs: list[RunConfig], warmup: int, iters: int)
     runs = []
     for i, cfg in enumerate(configs, 1):
         with progress(f"[{i}/{len(configs)}] {cfg.label}, {cfg.steps} steps, {warmup} warm-up + {iters} timed"):
-            runs.append(run_config(k, cfg, warmup, iters, config, peak))
+            runs.append(run_config(k, cfg, warmup, iters, config, peak, policy))
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -55,6 +55,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("out/bench"))
+    p.add_argument("--safety-checker", default="nudenet", metavar="nudenet|none|module:callable",
+                   help="the checker timed with each edit, as edit runs it (default: nudenet); the watermark is "
+                   "timed too")
     p.set_defaults(func=run_bench_command)
 
     p = bsub.add_parser("serve", help="load a server on this machine (kontext-trt serve) at several concurrencies: "
@@ -101,12 +104,14 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from kontext_trt.benchmarks.bench import Target, run_bench
     from kontext_trt.benchmarks.harness import run_configs
     from kontext_trt.benchmarks.report import markdown, write_all
+    from kontext_trt.safety.guard import OutputPolicy
 
     check_arguments(args)
     target = Target(args.backend, args.model, args.dtype, args.device, args.onnx, args.engines, args.precision,
                     args.sku)
     configs = run_configs(args.sizes, args.batch, args.steps, GRAPH_MODES[args.cuda_graphs])
-    results = run_bench(target, configs, args.warmup, args.iters)
+    policy = OutputPolicy.from_options(args.safety_checker, device=args.device)
+    results = run_bench(target, configs, args.warmup, args.iters, policy)
     paths = write_all(results, args.out)
     print(markdown(results))
     for path in paths:

@@ -23,8 +23,11 @@ from kontext_trt.runtime.flow import EditRequest, Kontext, edit
 from kontext_trt.runtime.stages import STAGE_NAMES
 from kontext_trt.runtime.text import T5_LEN
 from kontext_trt.runtime.timing import StageTimes
+from kontext_trt.safety import guard
+from kontext_trt.safety.guard import CHECK_STAGE, MARK_STAGE, OutputPolicy
 
 PROMPT = "make the house blue and add snow on the roof"
+STAGES = (*STAGE_NAMES, CHECK_STAGE, MARK_STAGE)  # the model's stages, then the safety check and the watermark
 
 
 @dataclass(frozen=True)
@@ -56,14 +59,15 @@ def summarize(seconds: list[float]) -> dict:
             "p95": float(p95), "p99": float(p99), "max": float(ms.max())}
 
 
-def one_edit(k: Kontext, req: EditRequest) -> tuple[float, dict[str, list[float]]]:
-    """Wall-clock seconds of one edit and the seconds of each stage call in it."""
+def one_edit(k: Kontext, req: EditRequest, policy: OutputPolicy | None = None) -> tuple[float, dict[str, list[float]]]:
+    """Wall-clock seconds of one edit (through the safety policy's checks and watermark when given) and the seconds
+    of each stage call in it."""
     cuda = k.device.type == "cuda"
     k.times = StageTimes()
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    edit(k, req)
+    edit(k, req) if policy is None else guard.edit(k, req, policy)
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
@@ -80,22 +84,22 @@ def roofline(transformer_config: dict | None, tokens: int, batch: int, step_seco
 
 
 def run_config(k: Kontext, cfg: RunConfig, warmup: int, iters: int, transformer_config: dict | None = None,
-               peak_tflops: float | None = None) -> dict:
+               peak_tflops: float | None = None, policy: OutputPolicy | None = None) -> dict:
     """Warm up, time `iters` edits of one configuration and summarise them (see the JSON schema's run)."""
     req = EditRequest(prompts=[PROMPT] * cfg.batch, image=im.sample_image(cfg.width, cfg.height), steps=cfg.steps,
                       auto_resize=False)
     kk = replace(k, stages=graphed(k.stages)) if cfg.cuda_graphs else k
     reset_peaks(k.device)
-    warm = [one_edit(kk, req)[0] for _ in range(warmup)]
+    warm = [one_edit(kk, req, policy)[0] for _ in range(warmup)]
     walls, calls = [], defaultdict(list)
     per_edit = defaultdict(list)  # stage -> seconds summed within each edit
     for _ in range(iters):
-        wall, seconds = one_edit(kk, req)
+        wall, seconds = one_edit(kk, req, policy)
         walls.append(wall)
         for name, values in seconds.items():
             calls[name] += values
             per_edit[name].append(sum(values))
-    breakdown = {name: 1e3 * float(np.mean(per_edit[name])) for name in STAGE_NAMES if name in per_edit}
+    breakdown = {name: 1e3 * float(np.mean(per_edit[name])) for name in STAGES if name in per_edit}
     breakdown["other"] = max(0.0, 1e3 * float(np.mean(walls)) - sum(breakdown.values()))
     tokens = (cfg.width // 16) * (cfg.height // 16)
     return {
@@ -105,7 +109,7 @@ def run_config(k: Kontext, cfg: RunConfig, warmup: int, iters: int, transformer_
         "iters": iters,
         "e2e_ms": summarize(walls),
         "images_per_s": cfg.batch / float(np.mean(walls)),
-        "stages_ms": {name: summarize(calls[name]) for name in STAGE_NAMES if name in calls},
+        "stages_ms": {name: summarize(calls[name]) for name in STAGES if name in calls},
         "breakdown_ms": breakdown,
         "roofline": roofline(transformer_config, tokens, cfg.batch, float(np.median(calls["transformer"])),
                              peak_tflops),

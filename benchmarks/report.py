@@ -11,7 +11,7 @@ from kontext_trt.runtime.errors import KontextError
 SCHEMA_PATH = Path(__file__).with_name("bench.schema.json")
 SCHEMA_VERSION: int = json.loads(SCHEMA_PATH.read_text())["properties"]["schema_version"]["const"]
 STAGE_COLUMNS = (("clip", "clip"), ("t5", "t5"), ("vae_encoder", "vae enc"), ("transformer", "step"),
-                 ("vae_decoder", "vae dec"))
+                 ("vae_decoder", "vae dec"), ("safety_check", "safety"), ("watermark", "mark"))
 
 
 def validate(results: dict, source: str = "results") -> None:
@@ -71,6 +71,13 @@ def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
 
+def p50(run: dict, stage: str) -> str:
+    """A stage's p50 in ms for a table cell; '-' where the run has no such stage (a text-to-image run has no
+    vae_encoder, an image under 256x256 no watermark, a run without checker no safety check)."""
+    stats = run["stages_ms"].get(stage)
+    return "-" if stats is None else f"{stats['p50']:.1f}"
+
+
 def markdown(results: dict) -> str:
     """A Markdown table: one row per configuration, p50 per stage, e2e percentiles, roofline and memory."""
     head = (["config", "steps", "e2e p50 ms", "e2e p95 ms", "img/s"] + [f"{c} p50 ms" for _, c in STAGE_COLUMNS]
@@ -80,7 +87,7 @@ def markdown(results: dict) -> str:
         roof, mem = run["roofline"], run["memory"]
         rows.append([label(run), str(run["steps"]), f"{run['e2e_ms']['p50']:.1f}", f"{run['e2e_ms']['p95']:.1f}",
                      f"{run['images_per_s']:.2f}"]
-                    + [f"{run['stages_ms'][s]['p50']:.1f}" for s, _ in STAGE_COLUMNS]
+                    + [p50(run, s) for s, _ in STAGE_COLUMNS]
                     + [f"{run['stages_ms']['transformer']['p95']:.1f}",
                        "-" if roof is None else f"{roof['tflops']:.3f}",
                        "-" if roof is None or roof["mfu"] is None else f"{100 * roof['mfu']:.1f}%",
@@ -107,9 +114,10 @@ def compare(a: dict, b: dict) -> str:
     for key in [k for k in runs_a if k in runs_b]:
         ra, rb = runs_a[key], runs_b[key]
         ratios = [rb["e2e_ms"]["p50"] / ra["e2e_ms"]["p50"]]
-        ratios += [rb["stages_ms"][s]["p50"] / ra["stages_ms"][s]["p50"] for s, _ in STAGE_COLUMNS]
+        ratios += [rb["stages_ms"][s]["p50"] / ra["stages_ms"][s]["p50"] if s in ra["stages_ms"] and
+                   s in rb["stages_ms"] else float("nan") for s, _ in STAGE_COLUMNS]
         ratios += [rb["images_per_s"] / ra["images_per_s"]]
-        rows.append([f"{label(ra)}, {ra['steps']} steps"] + [f"{r:.3f}" for r in ratios])
+        rows.append([f"{label(ra)}, {ra['steps']} steps"] + ["-" if r != r else f"{r:.3f}" for r in ratios])
     if len(rows) == 2:
         raise KontextError("the two results share no configuration (size, batch, steps, CUDA graphs)")
     lines = [f"A: {header(a)}", f"B: {header(b)}", "", *("| " + " | ".join(row) + " |" for row in rows)]
