@@ -58,7 +58,7 @@ class ContentFlagged(KontextError):
         labels = sorted({label for v in verdicts for label in v.labels})
         count = sum(v.flagged for v in verdicts)
         super().__init__(f"{what} flagged by the safety checker ({', '.join(labels)}): {count} of {len(verdicts)} "
-                         f"image(s); nothing was written")
+                         f"image(s) withheld")
         self.what, self.verdicts, self.passed = what, verdicts, passed or []
 
 

@@ -88,3 +88,19 @@ def test_cert_without_key_is_refused(capsys, tiny_ckpt, tmp_path, c2pa_chain):
     code = main([str(a) for a in ("edit", "--model", tiny_ckpt, "--prompt", "x", "--out", tmp_path / "o.png",
                                   "--c2pa-cert", c2pa_chain[0])])
     assert code == 2 and "give both --c2pa-cert and --c2pa-key" in capsys.readouterr().err
+
+
+def test_jpeg_output_is_signed_and_keeps_the_mark(capsys, tiny_ckpt, tmp_path, c2pa_chain):
+    source, out = tmp_path / "in.png", tmp_path / "out.jpg"
+    im.sample_image(256, 256).save(source)
+    cert, key = c2pa_chain
+    code = main([str(a) for a in ("edit", "--model", tiny_ckpt, "--image", source, "--prompt", "add a moon",
+                                  "--out", out, "--steps", 1, "--no-auto-resize", "--dtype", "fp32",
+                                  "--safety-checker", "none", "--c2pa-cert", cert, "--c2pa-key", key)])
+    assert code == 0
+    report = read_manifest(out)
+    assert report["validation_state"] == "Valid"
+    assert [a["action"] for a in actions(report["manifest"])] == ["c2pa.opened", "c2pa.edited"]
+    assert main(["verify", str(out)]) == 0
+    stdout, _ = capsys.readouterr()
+    assert "watermark: present" in stdout and "c2pa: Valid" in stdout
