@@ -22,5 +22,5 @@ def test_console_script_lists_subcommands():
     exe = Path(sys.executable).with_name("kontext-trt")  # installed beside the interpreter running the tests
     assert exe.is_file(), f"no kontext-trt console script beside {sys.executable}"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("synth", "edit", "demo", "export", "quantize", "build", "check", "bench", "serve"):
+    for command in ("synth", "edit", "demo", "export", "quantize", "build", "check", "bench", "serve", "verify"):
         assert command in out
