@@ -82,8 +82,8 @@ def load_api(flavor: str) -> TrtApi:
     floor = MIN_VERSIONS[flavor]
     if api.version_tuple[:2] < floor:
         raise KontextError(f"{flavor} {api.version} is older than {'.'.join(map(str, floor))}, the oldest that parses "
-                           f"the exports' ONNX Attention op and runs this project's engines: upgrade it with pip install "
-                           f"'kontext-trt[{EXTRAS[flavor]}]'")
+                           "the exports' ONNX Attention op and runs this project's engines: upgrade it with "
+                           f"pip install 'kontext-trt[{EXTRAS[flavor]}]'")
     return api
 
 
@@ -312,23 +312,23 @@ def load_engine(api: TrtApi, plan_path: Path) -> Any:
 
 
 @dataclass
-class Context:
+class ExecContext:
     """An execution context with the TensorRT-RTX runtime config and cache it uses (they must outlive it)."""
 
-    context: Any
+    exec_ctx: Any
     config: Any = None
     cache: Any = None
 
 
 def create_context(api: TrtApi, engine: Any, runtime_cache: Path | None = None, user_managed: bool = False,
-                   eager_kernels: bool = False, native_graphs: bool = False, cache: Any = None) -> Context:
+                   eager_kernels: bool = False, native_graphs: bool = False, cache: Any = None) -> ExecContext:
     """An execution context; user_managed: scratch memory comes from context.set_device_memory. TensorRT-RTX only:
     the JIT kernel cache (`cache`, an object shared between contexts, else loaded from runtime_cache), shape-specialized
     kernels compiled at first use (eager_kernels) and the library's own CUDA graphs (native_graphs)."""
     strategy = api.trt.ExecutionContextAllocationStrategy
     strategy = strategy.USER_MANAGED if user_managed else strategy.STATIC
     if not api.is_rtx:
-        return Context(engine.create_execution_context(strategy))
+        return ExecContext(engine.create_execution_context(strategy))
     config = engine.create_runtime_config()
     config.set_execution_context_allocation_strategy(strategy)
     if eager_kernels:
@@ -341,7 +341,7 @@ def create_context(api: TrtApi, engine: Any, runtime_cache: Path | None = None, 
             cache.deserialize(Path(runtime_cache).read_bytes())
     if cache is not None:
         config.set_runtime_cache(cache)
-    return Context(engine.create_execution_context(config), config, cache)
+    return ExecContext(engine.create_execution_context(config), config, cache)
 
 
 def take_errors(api: TrtApi) -> str:
@@ -349,10 +349,10 @@ def take_errors(api: TrtApi) -> str:
     return _logger(api).take()
 
 
-def save_runtime_cache(context: Context, runtime_cache: Path) -> None:
+def save_runtime_cache(made: ExecContext, runtime_cache: Path) -> None:
     """Persist the kernels TensorRT-RTX compiled for this context (TensorRT has no runtime cache: nothing to do)."""
-    if context.cache is not None:
-        write_atomic(Path(runtime_cache), memoryview(context.cache.serialize()))
+    if made.cache is not None:
+        write_atomic(Path(runtime_cache), memoryview(made.cache.serialize()))
 
 
 def polygraphy_runner(api: TrtApi, plan_path: Path, name: str = "engine") -> Any:

@@ -2,22 +2,21 @@
 named I/O as the torch and onnxruntime adapters.
 
 A call takes the execution context of its input shapes (one per shape, shapes set when it is made), binds the torch
-CUDA inputs in place (cast where the engine's dtype differs) and freshly allocated outputs in the engine's dtypes,
-and runs execute_async_v3 on the one stream all stages share, joined to torch's current stream by stream waits:
-nothing in a call waits on the host, so the denoising loop never synchronises (the timestep and guidance the loop
-hands over are device tensors; under CUDA graphs, the graph's static buffers). Every execution context takes its
-scratch from ONE device allocation (user-managed context memory), grown to the largest engine's need. Memory modes:
-all engines resident (default); low_vram, one engine resident at a time (loaded when its stage is called, freed when
-another stage is: the transformer stays for the whole loop); and weight streaming of the transformer within a byte
-budget. Loading, freeing, growing the scratch and dropping a context synchronise; calls don't.
+CUDA inputs in place (cast to each binding's dtype: runtime.trt_io) and freshly allocated outputs in the engine's
+dtypes, and runs execute_async_v3 on the one stream all stages share, joined to torch's current stream by stream
+waits: nothing in a call waits on the host, so the denoising loop never synchronises. Every execution context takes
+its scratch from ONE device allocation (runtime.trt_pool), grown to the largest engine's need; a TensorRT-RTX engine
+built for weight streaming allocates its own. Memory modes: all engines resident (default); low_vram, one engine
+resident at a time; and weight streaming of the transformer within a byte budget. Under CUDA graphs a context that is
+not stream capturable after its first run hands capture to TensorRT-RTX (its own graphs): such contexts own fixed
+I/O buffers, bound once, and calls copy in and out. Loading, freeing, growing the scratch and dropping a context
+synchronise; calls don't.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -29,200 +28,41 @@ from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.flow import EditRequest, Kontext, KontextConfig
 from kontext_trt.runtime.lru import LruCache
 from kontext_trt.runtime.stages import STAGE_IO, STAGE_NAMES
+from kontext_trt.runtime.trt_io import TensorSpec, check_io, engine_io, plan_inputs
+from kontext_trt.runtime.trt_pool import EnginePool, device_memory
 
-TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
-                "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8}
-OOM_MARKERS = ("outofmemory", "cudaerrormemoryallocation", "memoryallocationfailed", "insufficientmemory",
-               "failedtoallocate", "couldnotbeallocated")  # matched against the message lower-cased, without spaces
-MAX_CONTEXTS = 8  # execution contexts per engine, one per input shape: a captured graph relies on its context's state
+MAX_CONTEXTS = 8  # execution contexts per engine, one per input shape: a captured graph relies on its exec_ctx's state
 AUTO_HEADROOM = 2**30  # --weight-streaming-budget auto leaves this much device memory to activations and torch
+AUTO_ROUNDS = 4  # auto budget: set, re-read the scratch it implies, lower; at most this many times
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One engine I/O tensor: direction, torch dtype, shape (-1: dynamic) and, for inputs, the profile's min and max."""
+@dataclass
+class ShapeContext:
+    """The execution context of one set of input shapes. Under TensorRT-RTX's own CUDA graphs it owns fixed I/O
+    buffers, bound once (RTX re-captures its graph whenever a bound address changes): calls copy in and out."""
 
-    name: str
-    is_input: bool
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    min: tuple[int, ...] | None = None
-    max: tuple[int, ...] | None = None
-
-
-def engine_io(engine: Any) -> dict[str, TensorSpec]:
-    """The I/O tensors of a deserialized engine (profile 0), in engine order."""
-    specs = {}
-    for index in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(index)
-        is_input = engine.get_tensor_mode(name).name == "INPUT"
-        kind = engine.get_tensor_dtype(name).name
-        if kind not in TORCH_DTYPES:
-            raise KontextError(f"engine tensor {name} is {kind}, which torch cannot hold: rebuild the engine from an "
-                               "ONNX with float, bf16, fp16 or integer I/O")
-        lo = hi = None
-        if is_input:
-            lo, _, hi = (tuple(dims) for dims in engine.get_tensor_profile_shape(name, 0))
-        specs[name] = TensorSpec(name, is_input, TORCH_DTYPES[kind], tuple(engine.get_tensor_shape(name)), lo, hi)
-    return specs
-
-
-def check_io(stage: str, specs: dict[str, TensorSpec], where: str | Path) -> None:
-    """Refuse an engine whose I/O is not the stage contract (guidance may be absent: no guidance embedding)."""
-    ins, outs = STAGE_IO[stage]
-    inputs = {n for n, s in specs.items() if s.is_input}
-    outputs = {n for n, s in specs.items() if not s.is_input}
-    if not set(ins) - {"guidance"} <= inputs <= set(ins) or not set(outs) <= outputs:
-        raise KontextError(f"{where}: engine I/O ({', '.join(sorted(inputs))} -> {', '.join(sorted(outputs))}) is not "
-                           f"the {stage} stage's ({', '.join(ins)} -> {', '.join(outs)}): rebuild it from this export")
-
-
-def check_shape(stage: str, spec: TensorSpec, shape: tuple[int, ...], rebuild: str) -> None:
-    """Refuse an input shape outside the engine's profile, saying which axis and how to rebuild."""
-    if len(shape) != len(spec.shape):
-        raise KontextError(f"{stage}: input {spec.name} has rank {len(shape)}, the engine takes {list(spec.shape)}")
-    for axis, (value, lo, hi) in enumerate(zip(shape, spec.min, spec.max)):
-        if not lo <= value <= hi:
-            raise KontextError(f"{stage}: input {spec.name} {list(shape)} is outside the engine profile on axis {axis} "
-                               f"({value} not in {lo}..{hi}): build engines that cover this size and batch "
-                               f"(--sizes/--batch), e.g. {rebuild}")
-
-
-def plan_inputs(stage: str, specs: dict[str, TensorSpec], inputs: dict[str, torch.Tensor], device: torch.device,
-                rebuild: str = "kontext-trt build") -> dict[str, torch.Tensor]:
-    """Each engine input as a contiguous tensor of the engine's dtype on device (the caller's own tensor where it
-    already is one), its shape checked against the profile."""
-    feeds = {}
-    for name, spec in specs.items():
-        if not spec.is_input:
-            continue
-        if name not in inputs:
-            raise KontextError(f"{stage}: the engine needs input {name}, which the loop did not pass")
-        feeds[name] = inputs[name].to(device, spec.dtype).contiguous()
-        check_shape(stage, spec, tuple(feeds[name].shape), rebuild)
-    return feeds
-
-
-def is_oom(message: str) -> bool:
-    """Whether a library error message means device memory ran out."""
-    squeezed = message.lower().replace(" ", "")
-    return any(marker in squeezed for marker in OOM_MARKERS)
-
-
-def device_memory(device: torch.device) -> tuple[int, int]:
-    """(free, total) device bytes as the driver sees them; (0, 0) off CUDA."""
-    return torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)
-
-
-class EnginePool:
-    """What the stages of one pipeline share: the stream they run on, the one scratch allocation of every execution
-    context, the TensorRT-RTX kernel cache, and which engines are resident (low_vram: one at a time)."""
-
-    def __init__(self, api: trt_api.TrtApi, device: torch.device, low_vram: bool = False, streaming: bool = False,
-                 runtime_cache: Path | None = None) -> None:
-        self.api, self.device, self.low_vram, self.streaming = api, device, low_vram, streaming
-        self.runtime_cache, self.kernel_cache = runtime_cache, None  # RTX: one cache object for every context
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.scratch: torch.Tensor | None = None
-        self.resident: OrderedDict[str, TrtStage] = OrderedDict()
-        self.moves = 0  # times the scratch moved: every captured graph pointing into it is stale
-        self.peak_bytes = 0
+    made: trt_api.ExecContext  # the execution context with the RTX runtime config and kernel cache it uses
+    buffers: dict[str, torch.Tensor] | None = None
+    runs: int = 0
 
     @property
-    def mode(self) -> str:
-        """The memory mode: resident, low-vram, weight-streaming or low-vram+weight-streaming."""
-        modes = [m for m, on in (("low-vram", self.low_vram), ("weight-streaming", self.streaming)) if on]
-        return "+".join(modes) or "resident"
+    def exec_ctx(self) -> Any:
+        """The TensorRT execution context."""
+        return self.made.exec_ctx
 
-    @property
-    def scratch_bytes(self) -> int:
-        """Bytes of the shared scratch allocation."""
-        return 0 if self.scratch is None else self.scratch.numel()
 
-    def resident_bytes(self) -> int:
-        """Engine device memory resident now (as measured at load) plus the shared scratch."""
-        return sum(s.weights_bytes for s in self.resident.values()) + self.scratch_bytes
-
-    def sync(self) -> None:
-        """Wait until the device has finished every queued call (before freeing or moving what they use)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def admit(self, stage: TrtStage) -> None:
-        """Make a stage's engine resident; in low_vram mode free the others first (and torch's cached blocks)."""
-        if stage.name in self.resident:
-            self.resident.move_to_end(stage.name)
-            return
-        if self.low_vram and self.resident:
-            for other in list(self.resident.values()):
-                other.unload()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        stage.load()
-        self.resident[stage.name] = stage
-        self.peak_bytes = max(self.peak_bytes, self.resident_bytes())
-
-    def release(self) -> None:
-        """Free every resident engine (persisting TensorRT-RTX's JIT kernels), e.g. before loading another set."""
-        for stage in list(self.resident.values()):
-            stage.unload()
-
-    def fit(self, need: int) -> None:
-        """Grow the shared scratch to at least `need` bytes, pointing every resident context at the new allocation.
-        The new one is taken while the old one still serves; if both do not fit, the resident engines are unloaded
-        (no context may point at freed memory) and it is taken alone (an out-of-memory error from there on)."""
-        if self.scratch is not None and need <= self.scratch_bytes:
-            return
-        self.sync()
-        try:
-            scratch = self.allocate(need)
-        except torch.cuda.OutOfMemoryError:
-            self.scratch = None
-            self.release()
-            torch.cuda.empty_cache()
-            scratch = self.allocate(need)
-        self.scratch, self.moves = scratch, self.moves + 1
-        for stage in self.resident.values():
-            stage.point_at_scratch()
-
-    def allocate(self, need: int) -> torch.Tensor:
-        """A device byte buffer of at least `need` bytes (torch's allocator: 512-byte aligned)."""
-        return torch.empty(max(need, 1), dtype=torch.uint8, device=self.device)
-
-    def advice(self) -> str:
-        """Which memory mode to try next after running out of device memory."""
-        if self.streaming:
-            return "try a smaller --weight-streaming-budget" + ("" if self.low_vram else " or add --low-vram")
-        if self.low_vram:
-            return ("add --weight-streaming-budget BYTES (transformer engine built with --weight-streaming) to keep "
-                    "part of the transformer's weights in host memory")
-        return ("try --low-vram (one engine on the GPU at a time) or --weight-streaming-budget BYTES (transformer "
-                "engine built with --weight-streaming)")
-
-    def oom(self, what: str) -> KontextError:
-        """The one-line out-of-memory error, with free memory and the mode to try."""
-        free, total = device_memory(self.device)
-        return KontextError(f"out of device memory {what} ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free): "
-                            f"{self.advice()}")
-
-    @contextmanager
-    def oom_guard(self, what: str) -> Iterator[None]:
-        """Turn the ways device memory runs out (torch, the library's log) into the one-line error."""
-        try:
-            yield
-        except torch.cuda.OutOfMemoryError:
-            raise self.oom(what) from None
-        except KontextError as exc:
-            if is_oom(str(exc)):
-                raise self.oom(what) from None
-            raise
+def takes_user_memory(api: trt_api.TrtApi, engine: Any) -> bool:
+    """Whether the engine's execution contexts take scratch memory from the runtime (set_device_memory): always on
+    TensorRT; on TensorRT-RTX unless the engine streams weights (built without REQUIRE_USER_ALLOCATION: it allocates
+    its own at run time, and its contexts are then not stream capturable)."""
+    return not (api.is_rtx and int(engine.streamable_weights_size) > 0)
 
 
 class TrtStage:
     """Adapter: named torch tensors in, named torch tensors out, over one engine plan.
 
     Each input shape gets its own execution context (shapes set once, LRU of MAX_CONTEXTS), all on the pool's
-    shared scratch: a CUDA graph captured for one shape keeps replaying that context's state while others run.
+    shared scratch: a CUDA graph captured for one shape keeps replaying that exec_ctx's state while others run.
     """
 
     def __init__(self, name: str, plan: Path, pool: EnginePool, weight_budget: int | str | None = None,
@@ -231,8 +71,9 @@ class TrtStage:
         self.weight_budget, self.cuda_graphs = weight_budget, cuda_graphs
         self.input_names, self.output_names = STAGE_IO[name]
         self.engine: Any = None
-        self.contexts = LruCache(MAX_CONTEXTS, on_evict=self.drop_context)
+        self.exec_ctxs = LruCache(MAX_CONTEXTS, on_evict=self.drop_context)
         self.specs: dict[str, TensorSpec] = {}
+        self.user_memory = True  # contexts on the pool's shared scratch (see takes_user_memory)
         self.native_graphs = False  # TensorRT-RTX captures its own graphs (its contexts are not stream capturable)
         self.events = 0  # loads, unloads, dropped contexts: graphs captured before one are stale
         self.loads = self.weights_bytes = self.scratch_need = self.streamable_bytes = self.budget_bytes = 0
@@ -246,54 +87,83 @@ class TrtStage:
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         self.pool.admit(self)
         with self.pool.oom_guard(f"running the {self.name} engine"):
-            ctx, _, outputs = self.prepare(inputs)
-            self.enqueue(ctx)
+            shaped, outputs = self.prepare(inputs)
+            self.enqueue(shaped.exec_ctx)
+        shaped.runs += 1
+        if shaped.runs == 1:
+            self.after_first_run(shaped)
         if self.new_kernels:
             self.save_kernels()
             self.new_kernels = False
+        if shaped.buffers is not None:  # the next call overwrites them
+            return {name: outputs[name].clone() for name in self.output_names}
         return {name: outputs[name] for name in self.output_names}
 
-    def prepare(self, inputs: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The context for these input shapes with the inputs' and fresh outputs' addresses set: (context, inputs,
-        outputs)."""
+    def prepare(self, inputs: dict[str, torch.Tensor]) -> tuple[ShapeContext, dict[str, torch.Tensor]]:
+        """The context for these input shapes, its inputs in place: bound as they are (fresh outputs bound too), or
+        copied into its fixed buffers under native graphs; (context, outputs)."""
         feeds = plan_inputs(self.name, self.specs, inputs, self.pool.device, self.rebuild)
-        ctx = self.context_for(tuple((name, tuple(t.shape)) for name, t in feeds.items()))
+        shaped = self.context_for(tuple((name, tuple(t.shape)) for name, t in feeds.items()))
+        if shaped.buffers is not None:
+            for name, tensor in feeds.items():
+                shaped.buffers[name].copy_(tensor)
+            return shaped, {name: shaped.buffers[name] for name in self.output_names}
+        exec_ctx = shaped.exec_ctx
         for name, tensor in feeds.items():
-            ctx.set_tensor_address(name, tensor.data_ptr())
+            exec_ctx.set_tensor_address(name, tensor.data_ptr())
+        return shaped, self.bind_outputs(exec_ctx)
+
+    def bind_outputs(self, exec_ctx: Any) -> dict[str, torch.Tensor]:
+        """Fresh output tensors in the engine's dtypes and the shapes the context infers, bound to it."""
         outputs = {}
         for name, spec in self.specs.items():
             if not spec.is_input:
-                outputs[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=spec.dtype,
+                outputs[name] = torch.empty(tuple(exec_ctx.get_tensor_shape(name)), dtype=spec.dtype,
                                             device=self.pool.device)
-                ctx.set_tensor_address(name, outputs[name].data_ptr())
-        return ctx, feeds, outputs
+                exec_ctx.set_tensor_address(name, outputs[name].data_ptr())
+        return outputs
 
-    def context_for(self, shapes: tuple) -> Any:
+    def context_for(self, shapes: tuple) -> ShapeContext:
         """The execution context of these input shapes: made with the shapes set on first use; the least recently
         used one is dropped beyond MAX_CONTEXTS."""
-        return self.contexts.get_or_make(shapes, lambda: self.shaped_context(shapes)).context
+        return self.exec_ctxs.get_or_make(shapes, lambda: self.shaped_context(shapes))
 
-    def shaped_context(self, shapes: tuple) -> trt_api.Context:
-        """A new context for these shapes; under CUDA graphs on TensorRT-RTX, one capturing its own graphs if a plain
-        one is not stream capturable."""
-        ctx = self.new_context(shapes, self.native_graphs)
-        if self.cuda_graphs and self.pool.api.is_rtx and not self.native_graphs \
-                and not ctx.context.is_stream_capturable(self.stream_handle()):
-            ctx, self.native_graphs = self.new_context(shapes, native_graphs=True), True
+    def shaped_context(self, shapes: tuple) -> ShapeContext:
+        """A new context for these shapes; under native graphs with its fixed I/O buffers bound once."""
+        made = self.new_context(shapes, self.native_graphs)
         self.new_kernels = True
-        return ctx
+        if not self.native_graphs:
+            return ShapeContext(made)
+        buffers = {name: torch.empty(shape, dtype=self.specs[name].dtype, device=self.pool.device)
+                   for name, shape in shapes}
+        buffers.update(self.bind_outputs(made.exec_ctx))
+        for name, shape in shapes:
+            made.exec_ctx.set_tensor_address(name, buffers[name].data_ptr())
+        return ShapeContext(made, buffers)
 
-    def drop_context(self, shapes: tuple, ctx: trt_api.Context) -> None:
+    def after_first_run(self, shaped: ShapeContext) -> None:
+        """Under CUDA graphs on TensorRT-RTX, ask whether a plain context is stream capturable once it has run (its
+        answer may change with the first enqueue); if not, RTX captures the graphs itself from now on: every context
+        is dropped and made again with fixed buffers."""
+        if not (self.cuda_graphs and self.pool.api.is_rtx) or self.native_graphs:
+            return
+        if not shaped.exec_ctx.is_stream_capturable(self.stream_handle()):
+            self.native_graphs = True
+            self.pool.sync()
+            self.exec_ctxs.clear()
+            self.events += 1
+
+    def drop_context(self, shapes: tuple, shaped: ShapeContext) -> None:
         """Let an evicted context go once the device is done with it (it may still have work queued)."""
         self.pool.sync()
         self.events += 1
 
-    def enqueue(self, ctx: Any) -> None:
+    def enqueue(self, exec_ctx: Any) -> None:
         """execute_async_v3 on the pool's stream, ordered after and before torch's current stream (no host wait)."""
         stream, current = self.pool.stream, torch.cuda.current_stream(self.pool.device)
         stream.wait_stream(current)
         try:
-            ran = ctx.execute_async_v3(stream.cuda_stream)
+            ran = exec_ctx.execute_async_v3(stream.cuda_stream)
         finally:
             current.wait_stream(stream)  # joined even on failure: a graph capture in progress must end joined
         if not ran:
@@ -304,85 +174,118 @@ class TrtStage:
         api, free, scratch = self.pool.api, device_memory(self.pool.device)[0], self.pool.scratch_bytes
         with self.pool.oom_guard(f"loading the {self.name} engine {self.plan}"):
             engine = trt_api.load_engine(api, self.plan)
-            self.stream_weights(engine)
+            self.user_memory = takes_user_memory(api, engine)
+            self.set_weight_budget(engine)
             specs = engine_io(engine)
             check_io(self.name, specs, self.plan)
             self.scratch_need = int(engine.device_memory_size_v2)  # after the budget: streaming scratch included
-            self.pool.fit(self.scratch_need)
+            if self.user_memory:
+                self.pool.fit(self.scratch_need)
             self.engine, self.specs = engine, specs
         grown = self.pool.scratch_bytes - scratch
         self.weights_bytes = max(0, free - device_memory(self.pool.device)[0] - grown)
         self.loads += 1
         self.events += 1
 
-    def new_context(self, shapes: tuple, native_graphs: bool) -> trt_api.Context:
-        """An execution context for these input shapes on the shared scratch (TensorRT-RTX: and kernel cache)."""
+    def new_context(self, shapes: tuple, native_graphs: bool) -> trt_api.ExecContext:
+        """An execution context for these input shapes on the shared scratch (unless the engine allocates its own),
+        with the TensorRT-RTX kernel cache."""
         pool = self.pool
-        ctx = trt_api.create_context(pool.api, self.engine, pool.runtime_cache, user_managed=True, eager_kernels=True,
-                                     native_graphs=native_graphs, cache=pool.kernel_cache)
-        if ctx.context is None:
+        made = trt_api.create_context(pool.api, self.engine, pool.runtime_cache, user_managed=self.user_memory,
+                                      eager_kernels=True, native_graphs=native_graphs, cache=pool.kernel_cache)
+        if made.exec_ctx is None:
             raise KontextError(f"{self.plan}: no execution context: {trt_api.take_errors(pool.api)}")
-        pool.kernel_cache = pool.kernel_cache or ctx.cache
-        ctx.context.set_device_memory(pool.scratch.data_ptr(), pool.scratch_bytes)
+        pool.kernel_cache = pool.kernel_cache or made.cache
+        if self.user_memory:
+            made.exec_ctx.set_device_memory(pool.scratch.data_ptr(), pool.scratch_bytes)
         for name, shape in shapes:
-            if not ctx.context.set_input_shape(name, shape):
+            if not made.exec_ctx.set_input_shape(name, shape):
                 raise KontextError(f"{self.name}: the engine refused {name} {list(shape)}: "
                                    f"{trt_api.take_errors(pool.api)}")
-        return ctx
+        return made
 
-    def point_at_scratch(self) -> None:
-        """Re-point every context at the pool's (moved) scratch allocation."""
-        for ctx in self.contexts.values():
-            ctx.context.set_device_memory(self.pool.scratch.data_ptr(), self.pool.scratch_bytes)
+    def follow_scratch(self) -> None:
+        """The pool's scratch moved: re-point the plain contexts at it; drop the native-graph ones (RTX's captured
+        graph holds the old address: a new context captures afresh)."""
+        if not self.user_memory:
+            return
+        for shapes, shaped in list(self.exec_ctxs.items()):
+            if shaped.buffers is not None:
+                del self.exec_ctxs[shapes]
+                self.events += 1
+            else:
+                shaped.exec_ctx.set_device_memory(self.pool.scratch.data_ptr(), self.pool.scratch_bytes)
 
-    def stream_weights(self, engine: Any) -> None:
+    def set_weight_budget(self, engine: Any) -> None:
         """Set the transformer's weight-streaming budget: bytes of its streamable weights kept on the device, at most
-        all of them; 'auto': what fits in the device memory free now, less the engine's scratch and AUTO_HEADROOM
-        (computed here: TensorRT's get_weight_streaming_automatic_budget returns an int32 in its Python binding, which
-        wraps above 2 GiB)."""
+        all of them. 'auto': what fits in the device memory free now beside the engine's scratch and AUTO_HEADROOM;
+        the scratch grows with what streams, so the budget is set, the scratch re-read, and the budget lowered until
+        both fit (computed here: TensorRT's get_weight_streaming_automatic_budget returns an int32 in its Python
+        binding, which wraps above 2 GiB)."""
         if self.weight_budget is None:
             return
         self.streamable_bytes = int(engine.streamable_weights_size)
         if self.streamable_bytes <= 0:
-            raise KontextError(f"--weight-streaming-budget needs a {self.name} engine built with --weight-streaming; "
-                               f"rebuild: {self.rebuild}" + ("" if "--weight-streaming" in self.rebuild
-                                                              else " --weight-streaming"))
-        if self.weight_budget == "auto":
-            free, grow = device_memory(self.pool.device)[0], int(engine.device_memory_size_v2) - self.pool.scratch_bytes
-            budget = free - max(0, grow) - AUTO_HEADROOM
-        else:
-            budget = int(self.weight_budget)
-        budget = max(0, min(budget, self.streamable_bytes))
-        engine.weight_streaming_budget_v2 = budget  # the binding drops the setter's verdict: read it back
+            raise KontextError(self.no_streamable_weights())
+        if self.weight_budget != "auto":
+            self.budget_bytes = self.apply_budget(engine, max(0, min(int(self.weight_budget), self.streamable_bytes)))
+            return
+        free, budget = device_memory(self.pool.device)[0], self.streamable_bytes
+        for _ in range(AUTO_ROUNDS):
+            budget = max(0, min(budget, free - self.scratch_growth(engine) - AUTO_HEADROOM))
+            self.apply_budget(engine, budget)
+            if budget == 0 or budget + self.scratch_growth(engine) + AUTO_HEADROOM <= free:
+                break
+        self.budget_bytes = budget
+
+    def scratch_growth(self, engine: Any) -> int:
+        """Device bytes the engine's scratch takes beyond what the pool holds already (all of it when the engine
+        allocates its own)."""
+        need = int(engine.device_memory_size_v2)
+        return max(0, need - self.pool.scratch_bytes) if self.user_memory else need
+
+    def apply_budget(self, engine: Any, budget: int) -> int:
+        """Set a weight-streaming budget and read it back (the binding drops the setter's verdict)."""
+        engine.weight_streaming_budget_v2 = budget
         if int(engine.weight_streaming_budget_v2) != budget:
             raise KontextError(f"{self.plan}: the engine refused a weight-streaming budget of {budget} bytes: "
                                f"{trt_api.take_errors(self.pool.api)}")
-        self.budget_bytes = budget
+        return budget
+
+    def no_streamable_weights(self) -> str:
+        """Why a weight-streaming budget cannot apply to this engine, and what to do."""
+        if "--weight-streaming" in self.rebuild:
+            return (f"the {self.name} engine was built with --weight-streaming but has no streamable weights "
+                    f"({self.pool.api.folder} kept every weight on the device): run it without "
+                    "--weight-streaming-budget")
+        return (f"--weight-streaming-budget needs a {self.name} engine built with --weight-streaming; rebuild: "
+                f"{self.rebuild} --weight-streaming")
 
     def unload(self) -> None:
-        """Free the engine and its context once the device is done with them."""
+        """Free the engine and its contexts once the device is done with them."""
         self.pool.sync()
         self.save_kernels()
         self.pool.resident.pop(self.name, None)
-        self.contexts.clear()  # every context before its engine
+        self.exec_ctxs.clear()  # every context before its engine
         self.engine = None
+        self.native_graphs = False
         self.events += 1
 
     def save_kernels(self) -> None:
         """Persist TensorRT-RTX's JIT kernels to the engine folder's runtime cache (TensorRT: nothing to do)."""
-        if self.contexts and self.pool.runtime_cache is not None:
-            trt_api.save_runtime_cache(next(iter(self.contexts.values())), self.pool.runtime_cache)
+        if self.exec_ctxs and self.pool.runtime_cache is not None:
+            trt_api.save_runtime_cache(next(iter(self.exec_ctxs.values())).made, self.pool.runtime_cache)
 
     def stream_handle(self) -> int:
         """The raw CUDA stream the engine runs on."""
         return self.pool.stream.cuda_stream
 
     def graph_refusal(self) -> str | None:
-        """Why runtime.cudagraphs must not capture this stage now, or None if it may."""
+        """Why runtime.cudagraphs must not capture this stage now, or None if it may (asked after a warm-up run)."""
         if self.native_graphs:
             return "TensorRT-RTX captures this engine's graphs itself (its contexts are not stream capturable)"
-        capturable = getattr(next(reversed(self.contexts.values())).context, "is_stream_capturable", None)
-        if capturable is not None and not capturable(self.stream_handle()):
+        latest = next(reversed(self.exec_ctxs.values())).exec_ctx
+        if not latest.is_stream_capturable(self.stream_handle()):
             return "the execution context is not stream capturable"
         return None
 
@@ -390,9 +293,10 @@ class TrtStage:
         """Bytes: the plan, this engine's device memory (measured at load), its scratch need, the shared scratch, the
         pool's resident and peak figures, and the weight-streaming budget when streaming."""
         stats = {"engine_bytes": self.plan.stat().st_size, "resident": int(self.name in self.pool.resident),
-                 "loads": self.loads, "contexts": len(self.contexts), "weights_device_bytes": self.weights_bytes,
+                 "loads": self.loads, "exec_contexts": len(self.exec_ctxs), "weights_device_bytes": self.weights_bytes,
                  "scratch_need_bytes": self.scratch_need, "shared_scratch_bytes": self.pool.scratch_bytes,
-                 "pool_resident_bytes": self.pool.resident_bytes(), "pool_peak_bytes": self.pool.peak_bytes}
+                 "own_scratch": int(not self.user_memory), "pool_resident_bytes": self.pool.resident_bytes(),
+                 "pool_peak_bytes": self.pool.peak_bytes}
         if self.weight_budget is not None:
             stats["streamable_weights_bytes"] = self.streamable_bytes
             stats["weight_streaming_budget_bytes"] = self.budget_bytes

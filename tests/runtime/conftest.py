@@ -1,7 +1,9 @@
-"""LoRA fixtures: a random LoRA saved by diffusers on the tiny checkpoint, and the same LoRA in kohya keys."""
+"""Runtime fixtures. LoRA: a random LoRA saved by diffusers on the tiny checkpoint, and the same LoRA in kohya keys.
+TensorRT: the tiny engine set built on this host, and stand-ins for the engine, its contexts and streams."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -116,3 +118,158 @@ def lora_reference(tiny_ckpt, tiny_loras):
 def lora_request():
     """The edit every LoRA test runs (see request)."""
     return request()
+
+
+# --- TensorRT stage fakes ---------------------------------------------------------------------------------------
+# A CPU host builds TensorRT-RTX plans but cannot deserialize them (the runtime needs a CUDA driver), so the engine
+# in the TensorRT stage tests is a stand-in exposing ICudaEngine's I/O surface from what this host does know of the
+# built engine: its TensorRT-RTX network (tensor names, dtypes, dynamic axes) and the profile the manifest records.
+
+TRT_SIZES = ((64, 64), (96, 64))  # 16 and 24 tokens: the transformer takes 16..48 image tokens
+
+
+@pytest.fixture(scope="session")
+def trt_engines(tiny_onnx, tmp_path_factory) -> Path:
+    """ENGINES root with the five tiny stages built for the RTX 4090 on this CPU host, for TRT_SIZES and batch 1-2."""
+    pytest.importorskip("tensorrt_rtx")
+    from kontext_trt.engines import build
+    from kontext_trt.engines.profiles import Shapes
+    from kontext_trt.engines.skus import SKUS
+
+    root = tmp_path_factory.mktemp("engines")
+    build.build_set(build.BuildRequest(onnx_dir=tiny_onnx, out=root, sku=SKUS["rtx4090"],
+                                       target=build.Target("tensorrt-rtx", (89,)), shapes=Shapes(TRT_SIZES, (1, 2))))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trt_manifest(trt_engines) -> dict:
+    from kontext_trt.engines import cache, trt_api
+
+    return cache.read_manifest(trt_engines / "rtx4090-sm89" / trt_api.load_api("tensorrt-rtx").folder / "fp32")
+
+
+class FakeEngine:
+    """ICudaEngine's I/O surface from the stage's TensorRT-RTX network and the engine manifest's profile. Its scratch
+    need is `scratch` plus `streaming_scratch(budget)` once a weight-streaming budget is set."""
+
+    def __init__(self, onnx_path, entry: dict, scratch: int = 4096, streamable: int = 0) -> None:
+        from kontext_trt.engines import trt_api
+
+        self.api = trt_api.load_api("tensorrt-rtx")
+        net = trt_api.parse_onnx(self.api, onnx_path).network
+        tensors = [*map(net.get_input, range(net.num_inputs)), *map(net.get_output, range(net.num_outputs))]
+        self.io = {t.name: (t.is_network_input, t.dtype, tuple(t.shape)) for t in tensors}
+        self.profile, self.scratch, self.streamable_weights_size = entry["profile"], scratch, streamable
+        self.weight_streaming_budget_v2, self.num_io_tensors, self.capturable = -1, len(self.io), True
+        self.streaming_scratch = lambda budget: 0
+
+    @property
+    def device_memory_size_v2(self) -> int:
+        budget = self.weight_streaming_budget_v2
+        return self.scratch + (self.streaming_scratch(budget) if budget >= 0 else 0)
+
+    def get_tensor_name(self, index):
+        return list(self.io)[index]
+
+    def get_tensor_mode(self, name):
+        return self.api.trt.TensorIOMode.INPUT if self.io[name][0] else self.api.trt.TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name):
+        return self.io[name][1]
+
+    def get_tensor_shape(self, name):
+        return self.io[name][2]
+
+    def get_tensor_profile_shape(self, name, index):
+        return [self.profile[name][key] for key in ("min", "opt", "max")]
+
+
+class FakeContext:
+    """An execution context that records what the stage sets, infers the two stages' output shapes and counts its
+    runs. capturable: True, False, or "after_run" (not stream capturable until its first enqueue)."""
+
+    def __init__(self, engine, capturable: bool | str = True, native_graphs: bool = False) -> None:
+        self.engine, self.capturable, self.native_graphs = engine, capturable, native_graphs
+        self.shapes, self.addresses, self.memory, self.runs, self.bindings = {}, {}, None, 0, 0
+
+    def set_device_memory(self, ptr, size):
+        self.memory = (ptr, size)
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        self.bindings += 1
+
+    def get_tensor_shape(self, name):
+        if name == "latent":
+            return self.shapes["hidden_states"]
+        b, _, h, w = self.shapes["latent"]
+        return (b, 3, 8 * h, 8 * w)
+
+    def is_stream_capturable(self, stream):
+        return self.runs > 0 if self.capturable == "after_run" else self.capturable
+
+    def execute_async_v3(self, stream):
+        self.runs += 1
+        return True
+
+
+class FakeStream:
+    """torch.cuda.Stream's ordering surface, for stage calls on a CPU host."""
+
+    cuda_stream = 7
+
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def fake_engines(tiny_onnx, trt_manifest, monkeypatch):
+    """Plans 'load' as FakeEngines (transformer: 4 KiB scratch, decoder: 1 KiB); contexts are FakeContexts; stage
+    calls run on FakeStreams. .contexts: the create_context options of each context made, .made: the contexts."""
+    from kontext_trt.engines import trt_api
+
+    made = {"transformer": FakeEngine(tiny_onnx / "transformer/model.onnx", trt_manifest["stages"]["transformer"]),
+            "vae_decoder": FakeEngine(tiny_onnx / "vae_decoder/model.onnx", trt_manifest["stages"]["vae_decoder"],
+                                      1024)}
+    calls, contexts = [], []
+
+    def create_context(api, engine, runtime_cache=None, **options):
+        calls.append(options)
+        contexts.append(FakeContext(engine, engine.capturable, options.get("native_graphs", False)))
+        return trt_api.ExecContext(contexts[-1])
+
+    monkeypatch.setattr(trt_api, "load_engine", lambda api, path: made[path.stem])
+    monkeypatch.setattr(trt_api, "create_context", create_context)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    return SimpleNamespace(engines=made, contexts=calls, made=contexts)
+
+
+@pytest.fixture
+def trt_stages(trt_engines, trt_manifest):
+    """Makes the transformer and decoder TrtStages of the built set on a pool: trt_stages(pool, transformer={...})."""
+    from kontext_trt.engines import trt_api
+    from kontext_trt.runtime import trt_stages as ts
+
+    folder = trt_engines / "rtx4090-sm89" / trt_api.load_api("tensorrt-rtx").folder / "fp32"
+
+    def make(pool, **kw):
+        pool.stream = pool.stream or FakeStream()
+        return {name: ts.TrtStage(name, folder / f"{name}.plan", pool, rebuild=trt_manifest["command"],
+                                  **kw.get(name, {})) for name in ("transformer", "vae_decoder")}
+    return make
+
+
+@pytest.fixture
+def transformer_inputs():
+    """Makes the transformer's inputs: transformer_inputs(tokens=40, batch=2)."""
+    def make(tokens: int = 40, batch: int = 2) -> dict:
+        return {"hidden_states": torch.randn(batch, tokens, 64, dtype=torch.float64),
+                "encoder_hidden_states": torch.randn(batch, 512, 32), "pooled_projections": torch.randn(batch, 32),
+                "timestep": torch.full((batch,), 0.5), "img_ids": torch.zeros(tokens, 3),
+                "txt_ids": torch.zeros(512, 3), "guidance": torch.full((batch,), 2.5)}
+    return make
