@@ -1,5 +1,6 @@
-"""Read an ONNX folder: export/'s (manifest.json) or BFL's published Kontext ONNX (no manifest: stages, shapes and
-precision come from the graphs)."""
+"""Read an ONNX folder: export/'s (manifest.json), BFL's published Kontext ONNX (black-forest-labs/FLUX.1-Kontext-dev-onnx
+or demoDiffusion's copy: no manifest, a folder per stage, one transformer subfolder per precision), or any folder of
+stage graphs. Without a manifest, stages, shapes, dtypes and precision come from the graphs' own I/O (describe())."""
 from __future__ import annotations
 
 import hashlib
@@ -16,6 +17,10 @@ PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "nvfp4")  # widest to narrowest
 _FP4_OPS = {"TRT_FP4DynamicQuantize", "TRT_FP4QDQ"}
 _FP8_OPS = {"TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear", "TRT_MXFP8DequantizeLinear"}
 _ELEM = onnx.TensorProto
+# BFL's layout: folder -> stage (vae.opt is the decoder), and transformer.opt/<subfolder> -> precision
+BFL_FOLDERS = {"clip.opt": "clip", "t5.opt": "t5", "transformer.opt": "transformer", "vae.opt": "vae_decoder",
+               "vae_encoder.opt": "vae_encoder"}
+BFL_PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "fp8": "fp8", "fp4": "nvfp4", "fp4_svd32": "nvfp4"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class OnnxStage:
     shapes: dict[str, tuple[int | str, ...]]
     dtypes: dict[str, str]
     sha256: str
+    outputs: dict[str, tuple[str, tuple[int | str, ...]]] = field(default_factory=dict)  # name: (dtype, shape)
 
 
 @dataclass
@@ -38,6 +44,7 @@ class OnnxDir:
     stages: dict[str, dict[str, OnnxStage]] = field(default_factory=dict)
     manifest: dict | None = None
     manifest_sha256: str | None = None
+    layout: str = "export"  # "export" (manifest.json), "bfl" (BFL's published ONNX) or "graphs" (any other folder)
 
     @property
     def fingerprint(self) -> str | None:
@@ -56,6 +63,17 @@ class OnnxDir:
             raise KontextError(f"no {precision} transformer ONNX in {self.root} (found {', '.join(variants)}): export "
                                f"or quantize it to {precision}, or build with --precision {next(iter(variants))}")
         return min(variants.values(), key=lambda s: PRECISIONS.index(s.precision))
+
+    def describe(self) -> dict:
+        """Our manifest for a folder without one, written from the graphs' own I/O: its layout and, per stage and
+        precision, the file and its inputs and outputs (name, dtype, shape), as export/'s manifest lists them."""
+        return {"layout": self.layout, "stages": {
+            stage: {precision: {
+                "file": str(s.path.relative_to(self.root)), "precision": precision,
+                "inputs": [{"name": n, "dtype": s.dtypes[n], "shape": list(s.shapes[n])} for n in s.shapes],
+                "outputs": [{"name": n, "dtype": d, "shape": list(shape)} for n, (d, shape) in s.outputs.items()]}
+                for precision, s in variants.items()}
+            for stage, variants in self.stages.items()}}
 
 
 def stage_of(inputs: list[str], outputs: list[str]) -> str | None:
@@ -106,8 +124,14 @@ def read_stage(path: Path, stage: str | None = None, precision: str | None = Non
     return OnnxStage(
         stage=found, path=path, precision=precision or graph_precision(model),
         shapes={v.name: _dims(v) for v in inputs},
-        dtypes={v.name: _ELEM.DataType.Name(v.type.tensor_type.elem_type).lower() for v in inputs},
-        sha256=file_identity(path, model))
+        dtypes={v.name: _dtype(v) for v in inputs},
+        sha256=file_identity(path, model),
+        outputs={v.name: (_dtype(v), _dims(v)) for v in model.graph.output})
+
+
+def _dtype(value: onnx.ValueInfoProto) -> str:
+    """A value's element type as onnx names it, lower case: float, bfloat16, int32, ..."""
+    return _ELEM.DataType.Name(value.type.tensor_type.elem_type).lower()
 
 
 def file_identity(path: Path, model: onnx.ModelProto) -> str:
@@ -144,7 +168,11 @@ def read_onnx_dir(root: Path) -> OnnxDir:
                 raise KontextError(f"{root / entry['file']} does not have the {name} inputs/outputs of the stage "
                                    "contract")
             found.stages.setdefault(name, {})[stage.precision] = stage
+    elif any((root / folder).is_dir() for folder in BFL_FOLDERS):
+        found.layout = "bfl"
+        read_bfl(found)
     else:
+        found.layout = "graphs"
         for path in sorted(root.rglob("*.onnx")):
             stage = read_stage(path)
             if stage is not None:
@@ -152,3 +180,17 @@ def read_onnx_dir(root: Path) -> OnnxDir:
     if not found.stages:
         raise KontextError(f"no Kontext stage ONNX ({', '.join(STAGE_NAMES)}) found in {root}")
     return found
+
+
+def read_bfl(found: OnnxDir) -> None:
+    """The stages of BFL's layout: the stage from its folder, the transformer's precision from its subfolder (fp4_svd32
+    is nvfp4), others' from the graph; each graph's I/O must be its stage's."""
+    for folder, stage in BFL_FOLDERS.items():
+        for path in sorted((found.root / folder).rglob("*.onnx")):
+            sub = path.parent.relative_to(found.root / folder).parts
+            precision = BFL_PRECISIONS.get(sub[0]) if stage == "transformer" and sub else None
+            described = read_stage(path, stage, precision)
+            if described is None:
+                raise KontextError(f"{path} is in BFL's {folder} folder but its inputs/outputs are not the {stage} "
+                                   f"stage's ({', '.join(STAGE_IO[stage][0])} -> {', '.join(STAGE_IO[stage][1])})")
+            found.stages.setdefault(stage, {}).setdefault(described.precision, described)

@@ -113,3 +113,42 @@ def make_fake_tensorrt(version: str) -> types.ModuleType:
 
     trt.ILogger, trt.IProgressMonitor, trt.Builder, trt.OnnxParser = ILogger, IProgressMonitor, Builder, OnnxParser
     return trt
+
+
+class OrtAsEngine:
+    """polygraphy TrtRunner's surface over ONNX Runtime, standing in for an engine this host cannot run: torch inputs
+    in the engine's dtypes in, torch outputs in `dtype` out (bf16 for a bf16 engine: the fp32 graph's outputs
+    rounded, as a bf16 engine's are)."""
+
+    def __init__(self, path: Path, dtype: torch.dtype) -> None:
+        self.path, self.dtype, self.feeds = path, dtype, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def infer(self, feed):
+        from kontext_trt.engines import check
+
+        self.feeds.append(feed)
+        return {name: torch.from_numpy(out).to(self.dtype) for name, out in check.onnx_outputs(self.path, feed).items()}
+
+
+@pytest.fixture
+def ort_engines(monkeypatch):
+    """Plans 'run' as OrtAsEngine over the ONNX of their stage in `onnx` (an OnnxDir), outputs in `dtype`:
+    ort_engines(onnx, torch.bfloat16). Returns the runners made."""
+    from kontext_trt.engines import check, trt_api
+
+    made = []
+    monkeypatch.setattr(check, "PROVIDERS", ["CPUExecutionProvider"])
+
+    def use(onnx, dtype=torch.float32):
+        def runner(api, plan):
+            made.append(OrtAsEngine(onnx.pick(plan.stem, None).path, dtype))
+            return made[-1]
+        monkeypatch.setattr(trt_api, "polygraphy_runner", runner)
+        return made
+    return use
