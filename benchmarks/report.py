@@ -93,7 +93,8 @@ def markdown(results: dict) -> str:
                        "-" if roof is None or roof["mfu"] is None else f"{100 * roof['mfu']:.1f}%",
                        gib(mem["device_peak_allocated_bytes"]), gib(mem["host_peak_rss_bytes"])])
     loads = [f"- {label(run)}: {run['load']['requests']} requests, statuses {run['load']['statuses']}, "
-             f"{run['load']['requests_per_s']:.2f} req/s, mean server batch {run['load']['mean_server_batch']:.2f}"
+             f"{run['load']['requests_per_s']:.2f} req/s, e2e p99 {run['e2e_ms']['p99']:.1f} ms, mean server batch "
+             f"{run['load']['mean_server_batch']:.2f}"
              for run in results["runs"] if "load" in run]
     table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
     return f"{header(results)}\n\n{table}\n" + ("\n" + "\n".join(loads) + "\n" if loads else "")

@@ -94,6 +94,12 @@ async def level(url: str, pngs: list[bytes], fields: dict, concurrency: int, req
     return replies, time.perf_counter() - start
 
 
+def calls(stage: str, steps: int, batch: int) -> int:
+    """Calls of a stage in a server batch of `batch` one-image requests: the transformer once per step, the text
+    encoders and the VAE encoder once per request, the VAE decoder once."""
+    return {"transformer": steps, "vae_decoder": 1}.get(stage, batch)
+
+
 def run_entry(replies: list[dict], wall: float, warm: list[dict], concurrency: int, width: int, height: int,
               steps: int) -> dict:
     """One run of `bench run`'s schema, plus `load`: concurrency, outcomes, throughput, server batch sizes."""
@@ -104,7 +110,7 @@ def run_entry(replies: list[dict], wall: float, warm: list[dict], concurrency: i
                            "server's log")
     stages_ms = {}
     for stage in STAGES:
-        per_call = [r["timings"][stage] / (steps if stage == "transformer" else 1) for r in ok if stage in r["timings"]]
+        per_call = [r["timings"][stage] / calls(stage, steps, r["batch"]) for r in ok if stage in r["timings"]]
         stages_ms[stage] = summarize([ms / 1e3 for ms in per_call] or [0.0])  # 0: every call answered from a cache
     e2e = summarize([r["seconds"] for r in ok])
     breakdown = {name: float(np.mean([r["timings"].get(name, 0.0) for r in ok])) for name in ("queue", *STAGES)}
