@@ -28,6 +28,7 @@ class Target:
     engines: Path | None = None
     precision: str | None = None  # the engine set's (default: the only one built)
     sku: str = "auto"
+    loras: tuple[tuple[Path, float], ...] = ()  # transformer LoRAs applied before measuring (runtime.lora)
 
     def load(self) -> Kontext:
         """The pipeline, through runtime.pipeline.load_kontext."""
@@ -35,8 +36,9 @@ class Target:
 
         if self.engines is not None:
             return load_kontext(self.model, backend="tensorrt", onnx=self.onnx, engines=self.engines,
-                                precision=self.precision, sku=self.sku)
-        return load_kontext(self.model, backend=self.backend, dtype=self.dtype, device=self.device, onnx=self.onnx)
+                                precision=self.precision, sku=self.sku, loras=self.loras)
+        return load_kontext(self.model, backend=self.backend, dtype=self.dtype, device=self.device, onnx=self.onnx,
+                            loras=self.loras)
 
     def transformer_config(self) -> dict | None:
         """The checkpoint's transformer config (for the FLOP model), or None without --model."""
@@ -71,7 +73,7 @@ def run_bench(target: Target, configs: list[RunConfig], warmup: int, iters: int,
             "backend": k.info.get("backend", target.backend), "model": target.model and Path(target.model).name,
             "checkpoint": k.info.get("checkpoint"), "onnx": target.onnx and str(target.onnx),
             "engines": target.engines and str(target.engines), "dtype": dtype, "precision": precision,
-            "device": str(k.device), "transformer_config": config,
+            "device": str(k.device), "transformer_config": config, "loras": k.info.get("loras", []),
         },
         "settings": {"warmup": warmup, "iters": iters},
         "engine_sizes_bytes": engine_sizes(target.engines),

@@ -34,7 +34,7 @@ def int_list(text: str) -> list[int]:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register `bench run`, `bench serve` and `bench compare`."""
     from kontext_trt.benchmarks.bench import BACKENDS
-    from kontext_trt.runtime.commands import add_engine_selection
+    from kontext_trt.runtime.commands import add_engine_selection, add_lora_argument
 
     bench = sub.add_parser("bench", help="latency and memory benchmarks: per-stage percentiles, roofline, plots")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
@@ -58,6 +58,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--safety-checker", default="nudenet", metavar="nudenet|none|module:callable",
                    help="the checker timed with each edit, as edit runs it (default: nudenet); the watermark is "
                    "timed too")
+    add_lora_argument(p)
     p.set_defaults(func=run_bench_command)
 
     p = bsub.add_parser("serve", help="load a server on this machine (kontext-trt serve) at several concurrencies: "
@@ -108,7 +109,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     target = Target(args.backend, args.model, args.dtype, args.device, args.onnx, args.engines, args.precision,
-                    args.sku)
+                    args.sku, tuple(args.lora))
     configs = run_configs(args.sizes, args.batch, args.steps, GRAPH_MODES[args.cuda_graphs])
     policy = OutputPolicy.from_options(args.safety_checker, device=args.device)
     results = run_bench(target, configs, args.warmup, args.iters, policy)

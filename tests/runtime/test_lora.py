@@ -113,3 +113,17 @@ def test_cli_error_is_one_line(capsys, tiny_ckpt, tmp_path):
                  "--prompt", "x", "--out", str(tmp_path / "o.png"), "--steps", "1", "--width", "64", "--height", "64"])
     err = capsys.readouterr().err
     assert code == 2 and "no such LoRA file or folder" in err and err.count("\n") == 1
+
+
+def test_bench_run_with_a_lora_records_it(tiny_ckpt, tiny_loras, tmp_path):
+    import jsonschema
+
+    from kontext_trt.benchmarks.report import SCHEMA_PATH
+
+    code = main(["bench", "run", "--model", str(tiny_ckpt), "--lora", f"{tiny_loras['b']}:0.5", "--sizes", "64x64",
+                 "--steps", "1", "--warmup", "0", "--iters", "1", "--dtype", "fp32", "--device", "cpu",
+                 "--out", str(tmp_path)])
+    results = [json.loads(p.read_text()) for p in tmp_path.rglob("*.json")]
+    assert code == 0 and len(results) == 1
+    assert results[0]["target"]["loras"] == [{"file": "pytorch_lora_weights.safetensors", "scale": 0.5}]
+    jsonschema.validate(results[0], json.loads(SCHEMA_PATH.read_text()))
