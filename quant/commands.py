@@ -7,6 +7,8 @@ from pathlib import Path
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register quantize and quantize-export."""
+    from kontext_trt.runtime.commands import add_lora_argument
+
     p = sub.add_parser("quantize", help="FP8 / NVFP4 post-training quantization of the transformer (ModelOpt "
                                         "calibration over real edits), a quality report, and the Q/DQ ONNX")
     p.add_argument("--model", type=Path, required=True, help="checkpoint folder (diffusers layout or BFL single files)")
@@ -23,6 +25,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-auto-resize", dest="auto_resize", action="store_false",
                    help="keep the calibration images' own size instead of their Kontext bucket (quick CPU runs)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_lora_argument(p)
     p.set_defaults(func=run_quantize)
 
     p = sub.add_parser("quantize-export", help="export the Q/DQ transformer ONNX again from a saved calibration "
@@ -41,7 +44,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     report = quantize(QuantizeRequest(
         model=args.model, precision=args.precision, out=args.out, calib=args.calib, calib_size=args.calib_size,
         calib_steps=args.calib_steps, attention=args.attention, report_size=args.report_size, dtype=args.dtype,
-        auto_resize=args.auto_resize, device=args.device))
+        auto_resize=args.auto_resize, device=args.device, loras=tuple(args.lora)))
     print(markdown(report))
     print(f"{args.out / 'manifest.json'}: add the other stages with `kontext-trt export --model {args.model} --out "
           f"{args.out} --stages clip,t5,vae_encoder,vae_decoder`, then `kontext-trt build --onnx {args.out} "

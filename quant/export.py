@@ -65,14 +65,28 @@ def export_stage(ckpt, recipe, amax: dict, dtype: str, opset: int, out: Path, ex
         shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_folder(out, STAGE)
     try:
-        quantized = quantize_transformer(ck.load_transformer(ckpt, DTYPES[dtype]), recipe, amax, DTYPES[dtype])
+        quantized = quantize_transformer(fused_transformer(ckpt, DTYPES[dtype], recipe.loras), recipe, amax,
+                                         DTYPES[dtype])
         trace(TransformerModule(fp32_rope(quantized)), ckpt.transformer_config, DTYPES[dtype], opset, tmp)
         del quantized
-        return finish_stage(tmp, out, STAGE, dtype, opset, external_threshold, recipe.precision)
+        entry = finish_stage(tmp, out, STAGE, dtype, opset, external_threshold, recipe.precision)
+        if recipe.loras:
+            entry["loras"] = [{"file": Path(path).name, "scale": scale} for path, scale in recipe.loras]
+        return entry
     except OSError as error:
         raise KontextError(f"{STAGE}: writing the ONNX failed ({error}); nothing was left in {out}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fused_transformer(ckpt, dtype: torch.dtype, loras: list) -> torch.nn.Module:
+    """The checkpoint's transformer with LoRAs [[file, scale]] fused into its weights for good."""
+    from kontext_trt.runtime import checkpoint as ck
+    from kontext_trt.runtime.lora import fuse_into
+
+    model = ck.load_transformer(ckpt, dtype)
+    fuse_into(model, [tuple(lora) for lora in loras])
+    return model
 
 
 def trace(module: torch.nn.Module, transformer_config: dict, dtype: torch.dtype, opset: int, folder: Path) -> None:

@@ -15,7 +15,7 @@ from kontext_trt.export.export import prepare_folder
 from kontext_trt.export.manifest import read_manifest
 from kontext_trt.quant import calib_data, recipe as rc, state
 from kontext_trt.quant.calibrate import calibrate
-from kontext_trt.quant.export import export_quantized
+from kontext_trt.quant.export import export_quantized, fused_transformer
 from kontext_trt.quant.qmodel import quantize_transformer
 from kontext_trt.quant.report import quality_report, write_report
 from kontext_trt.runtime.errors import KontextError
@@ -42,6 +42,7 @@ class QuantizeRequest:
     dtype: str = "bf16"  # of the exported ONNX
     auto_resize: bool = True
     device: str = "cpu"
+    loras: tuple = ()  # [(file or folder, scale)]: fused into the transformer before calibration (runtime.lora)
 
 
 def quantize(req: QuantizeRequest) -> dict:
@@ -50,14 +51,16 @@ def quantize(req: QuantizeRequest) -> dict:
 
     ckpt, attention, pairs = check_request(req)
     device = resolve_device(req.device)
-    k = reference_kontext(ckpt, device)
+    loras = [[str(Path(path).resolve()), float(scale)] for path, scale in req.loras]
+    k = reference_kontext(ckpt, device, loras)
     recipe = recipe_for(k, ckpt, req, attention, pairs)
+    recipe.loras = loras
     prepare_folder(req.out)
     if not ensure_calibration(k, recipe, pairs, req):
-        k.stages["transformer"] = transformer_stage(ck.load_transformer(ckpt, REFERENCE), device)  # un-instrumented
+        k.stages["transformer"] = transformer_stage(fused_transformer(ckpt, REFERENCE, loras), device)  # un-instrumented
     recipe, amax = state.load_state(req.out)
-    quantized = transformer_stage(quantize_transformer(ck.load_transformer(ckpt, REFERENCE), recipe, amax, REFERENCE),
-                                  device)
+    quantized = transformer_stage(quantize_transformer(fused_transformer(ckpt, REFERENCE, loras), recipe, amax,
+                                                       REFERENCE), device)
     info = {"precision": recipe.precision, "attention": recipe.attention,
             "quantized_layers": sum(fmt is not None for fmt in recipe.layers.values()),
             "linear_layers": len(recipe.layers), "calibration": describe_calibration(recipe)}
@@ -131,7 +134,7 @@ def transformer_stage(model: torch.nn.Module, device: torch.device) -> TorchStag
     return TorchStage("transformer", TransformerModule(model).to(device), device, REFERENCE)
 
 
-def reference_kontext(ckpt, device: torch.device) -> Kontext:
+def reference_kontext(ckpt, device: torch.device, loras: list = ()) -> Kontext:
     """The torch pipeline of the report: bf16 transformer; the other stages in bf16 on CUDA, fp32 on the CPU (where
     bf16 convolutions are slow); they are shared by both sides of every comparison."""
     from kontext_trt.runtime import checkpoint as ck
@@ -141,7 +144,7 @@ def reference_kontext(ckpt, device: torch.device) -> Kontext:
     modules = {"clip": ClipModule(ck.load_clip(ckpt, aux)), "t5": T5Module(ck.load_t5(ckpt, aux)),
                "vae_encoder": VaeEncoderModule(vae), "vae_decoder": VaeDecoderModule(vae)}
     stages = {name: TorchStage(name, module.to(device), device, aux) for name, module in modules.items()}
-    stages["transformer"] = transformer_stage(ck.load_transformer(ckpt, REFERENCE), device)
+    stages["transformer"] = transformer_stage(fused_transformer(ckpt, REFERENCE, loras), device)
     clip_tok, t5_tok = ck.load_tokenizers(ckpt)
     info = {"backend": "torch", "dtype": "bf16 transformer", "checkpoint": ck.checkpoint_fingerprint(ckpt)[:16]}
     return Kontext(stages, clip_tok, t5_tok, KontextConfig.from_checkpoint(ckpt), device, info=info)

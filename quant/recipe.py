@@ -55,6 +55,7 @@ class Recipe:
     checkpoint: dict = field(default_factory=dict)  # {"path", "fingerprint"}
     calibration: dict = field(default_factory=dict)  # {"source", "size", "steps", "auto_resize", "pairs"}
     exclusions: list = field(default_factory=lambda: [list(e) for e in EXCLUSIONS])
+    loras: list = field(default_factory=list)  # [[file, scale]]: LoRAs fused into the weights before calibration
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:

@@ -93,3 +93,25 @@ def test_quantize_export_needs_a_saved_calibration(tmp_path, tiny_ckpt, capsys):
     assert capsys.readouterr().err.strip() == f"error: no calibration in {tmp_path}: run `kontext-trt quantize --out " \
                                               f"{tmp_path}` first"
     assert not any(tmp_path.iterdir())
+
+
+def test_lora_is_fused_before_calibrating(tmp_path, tiny_ckpt, calib_jsonl, fp8_run, capsys):
+    """quantize --lora: the LoRA goes into the weights first, so calibration and the Q/DQ ONNX see the fused model."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    lora = tmp_path / "style.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 64, generator=gen),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(64, 4, generator=gen)}, lora)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_ckpt), "--out", str(out), "--calib", str(calib_jsonl),
+                 "--calib-size", "2", "--calib-steps", "2", "--report-size", "1", "--no-auto-resize",
+                 "--precision", "fp8", "--attention", "fp8", "--dtype", "fp32", "--lora", f"{lora}:0.5"]) == 0
+    recipe = json.loads((out / "quant/recipe.json").read_text())
+    entry = json.loads((out / "manifest.json").read_text())["stages"]["transformer"]
+    assert recipe["loras"] == [[str(lora.resolve()), 0.5]]
+    assert entry["loras"] == [{"file": "style.safetensors", "scale": 0.5}] and entry["precision"] == "fp8"
+    plain = fp8_run[0]
+    assert (out / "quant/amax.safetensors").read_bytes() != (plain / "quant/amax.safetensors").read_bytes()
+    assert (out / "transformer/model.onnx").read_bytes() != (plain / "transformer/model.onnx").read_bytes()
