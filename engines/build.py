@@ -156,9 +156,11 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
         stage_flags = stage_flags if stage in REFIT_STAGES else replace(stage_flags, refit=False)
         key = stage_key(pick, profile, req.target, stage_flags, api.version)
         entry, plan_path = manifest["stages"].get(stage, {}), folder / f"{stage}.plan"
-        if entry.get("key") == key and plan_path.is_file() and plan_path.stat().st_size == entry.get("engine_bytes"):
-            print(f"{stage}: up to date ({plan_path})", file=sys.stderr)
+        if entry.get("key") == key and cache.plan_problem(plan_path, entry) is None:
+            print(f"{stage}: up to date ({plan_path}, sha256 checked)", file=sys.stderr)
             continue
+        if entry.get("key") == key:
+            print(f"{stage}: rebuilding: {cache.plan_problem(plan_path, entry)}", file=sys.stderr)
         start = time.perf_counter()
         with progress(f"building {stage} ({pick.precision}, {api.folder}, {','.join(build['targets'])})"):
             try:
@@ -175,10 +177,21 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
         manifest["stages"][stage] = _stage_entry(pick, plan_path, key, profile, axes, stage_flags, seconds, plan,
                                                  inspected)
         built.append(stage)
-        cache.write_manifest(folder, manifest)
-    if manifest != old:
-        cache.write_manifest(folder, manifest)
+        _record(folder, manifest, {s: manifest["stages"][s] for s in built})
+    _record(folder, manifest, {s: manifest["stages"][s] for s in built})
     return folder, built
+
+
+def _record(folder: Path, manifest: dict, built: dict[str, dict]) -> None:
+    """Write this build's manifest under the folder lock, keeping stages a concurrent build recorded meanwhile (its
+    stages, not this build's, win for stages this build did not make); unchanged manifests are not rewritten."""
+    with files.folder_lock(folder):
+        disk = cache.read_manifest(folder) or {}
+        stages = {**manifest["stages"], **disk.get("stages", {}), **built}
+        build = {**manifest["build"], "stages": list(dict.fromkeys([*manifest["build"]["stages"], *stages]))}
+        merged = {**manifest, "build": build, "command": cache.build_command(build), "stages": stages}
+        if merged != disk:
+            cache.write_manifest(folder, merged)
 
 
 def _stage_entry(pick: OnnxStage, plan_path: Path, key: str, profile: profiles.Profile, axes: dict,
@@ -186,7 +199,8 @@ def _stage_entry(pick: OnnxStage, plan_path: Path, key: str, profile: profiles.P
     """One stage's manifest entry: its source, shapes, flags, build time, size and what the build host could check."""
     used = {a for rule in profiles.STAGE_AXES[pick.stage].values() for a in rule if isinstance(a, str)}
     return {
-        "file": plan_path.name, "key": key, "onnx_file": str(pick.path), "onnx_sha256": pick.sha256,
+        "file": plan_path.name, "key": key, "sha256": hashlib.sha256(plan).hexdigest(), "onnx_file": str(pick.path),
+        "onnx_sha256": pick.sha256,
         "precision": pick.precision,
         "inputs": {n: {"shape": list(pick.shapes[n]), "dtype": pick.dtypes[n]} for n in pick.shapes},
         "profile": {n: dict(zip(("min", "opt", "max"), map(list, s))) for n, s in profile.items()},

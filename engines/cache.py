@@ -14,6 +14,7 @@ from kontext_trt.engines.skus import SKUS, Sku
 from kontext_trt.runtime import files
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.stages import STAGE_NAMES
+from kontext_trt.runtime.timing import progress
 
 MANIFEST = "manifest.json"
 RUNTIME_CACHE = "runtime.cache"  # TensorRT-RTX JIT kernels, per engine folder, filled at run time
@@ -56,6 +57,18 @@ def read_manifest(folder: Path) -> dict | None:
 def write_manifest(folder: Path, manifest: dict) -> None:
     """Write manifest.json atomically."""
     files.write_json(Path(folder) / MANIFEST, manifest, sort_keys=True)
+
+
+def plan_problem(plan: Path, entry: dict) -> str | None:
+    """Why a plan file is not the one its manifest entry records (missing, other size, other sha256), or None."""
+    if not plan.is_file():
+        return f"{plan} is missing"
+    if plan.stat().st_size != entry.get("engine_bytes"):
+        return f"{plan} is not the size the manifest records"
+    if files.sha256_file(plan) != entry.get("sha256"):
+        return (f"{plan} does not have the sha256 the manifest records (changed or damaged since the build)"
+                if entry.get("sha256") else f"{plan} was built before plans were hashed")
+    return None
 
 
 def build_command(build: dict) -> str:
@@ -154,14 +167,17 @@ def find_engines(engines_dir: Path, sku: Sku | str, flavor_version: str, precisi
         if stage not in needed:
             continue
         entry, plan = manifest["stages"][stage], found.plans[stage]
-        if not plan.is_file() or plan.stat().st_size != entry["engine_bytes"]:
-            raise fail(f"{plan} is missing or not the size the manifest records", manifest)
         for axis, value in axes.items():
             lo, _, hi = entry["axes"].get(axis, (value, value, value))
             if not lo <= value <= hi:
                 outside.append(f"{stage} {axis}={value} outside {lo}..{hi}")
     if outside:
         raise fail(", ".join(outside), manifest)
+    with progress(f"hashing the {len(needed)} plans in {folder} (sha256, checked once against the manifest)"):
+        for stage in needed:
+            problem = plan_problem(found.plans[stage], manifest["stages"][stage])
+            if problem:
+                raise fail(problem, manifest)
     # every stage the set has, not only this request's: a text-to-image first request must not leave a later edit
     # (a session's next turn, the server) without its VAE encoder
     plans = {s: found.plans[s] for s in stages if s in found.plans and found.plans[s].is_file()}

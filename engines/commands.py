@@ -105,6 +105,10 @@ def run_check(args: argparse.Namespace) -> int:
         raise KontextError(f"no engine set in {base} for precision {precision} (built: {built}): "
                            f"build it with kontext-trt build --onnx {args.onnx} --out {args.engines} --precision "
                            f"{precision}")
+    for stage, plan in engines.plans.items():
+        problem = cache.plan_problem(plan, engines.manifest["stages"][stage])
+        if problem:
+            raise KontextError(f"{problem}: rebuild with {engines.manifest.get('command', 'kontext-trt build')}")
     rows = check.check_engines(engines, read_onnx_dir(args.onnx), api, args.atol, args.rtol)
     print(check.format_rows(rows))
     return 0 if all(r.get("passed") for r in rows) else 1

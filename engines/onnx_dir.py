@@ -11,6 +11,7 @@ import onnx
 
 from kontext_trt.runtime import files
 from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.timing import progress
 from kontext_trt.runtime.stages import STAGE_IO, STAGE_NAMES
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "nvfp4")  # widest to narrowest
@@ -134,13 +135,17 @@ def _dtype(value: onnx.ValueInfoProto) -> str:
     return _ELEM.DataType.Name(value.type.tensor_type.elem_type).lower()
 
 
-def file_identity(path: Path, model: onnx.ModelProto) -> str:
-    """sha256 of the .onnx file plus the names and sizes of the external data files it points to."""
-    digest = hashlib.sha256(path.read_bytes())
+def file_identity(path: Path, model: onnx.ModelProto | None = None) -> str:
+    """sha256 of the .onnx file's content followed by the name and content of each external data file it points to."""
+    model = model or onnx.load(str(path), load_external_data=False)
+    digest = hashlib.sha256(Path(path).read_bytes())
     locations = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
     for location in locations:
-        data = path.parent / location
-        digest.update(f"{location}:{data.stat().st_size if data.exists() else -1}".encode())
+        data = Path(path).parent / location
+        digest.update(f"\0{location}\0".encode())
+        if not data.is_file():
+            raise KontextError(f"{path} keeps its weights in {data}, which is missing: export it again")
+        files.sha256_file(data, digest)
     return digest.hexdigest()
 
 
@@ -158,16 +163,20 @@ def read_onnx_dir(root: Path) -> OnnxDir:
         found.manifest_sha256 = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
         stages = found.manifest.get("stages")
         if not isinstance(stages, dict) or not all(
-                name in STAGE_NAMES and isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                name in STAGE_IO and isinstance(entry, dict) and isinstance(entry.get("file"), str)
                 for name, entry in stages.items()):
-            raise KontextError(f"{manifest_path} is malformed: 'stages' must map stage names ({', '.join(STAGE_NAMES)})"
+            raise KontextError(f"{manifest_path} is malformed: 'stages' must map stage names ({', '.join(STAGE_IO)})"
                                f" to entries with a 'file'; {fix}")
-        for name, entry in stages.items():
-            stage = read_stage(root / entry["file"], name, entry.get("precision"))
-            if stage is None:
-                raise KontextError(f"{root / entry['file']} does not have the {name} inputs/outputs of the stage "
-                                   "contract")
-            found.stages.setdefault(name, {})[stage.precision] = stage
+        with progress(f"hashing the ONNX files of {root} (sha256, checked against its manifest)"):
+            for name, entry in stages.items():
+                stage = read_stage(root / entry["file"], name, entry.get("precision"))
+                if stage is None:
+                    raise KontextError(f"{root / entry['file']} does not have the {name} inputs/outputs of the stage "
+                                       "contract")
+                if entry.get("sha256", stage.sha256) != stage.sha256:
+                    raise KontextError(f"{stage.path} (or its external data) is not what {manifest_path} records "
+                                       f"(sha256 differs): it changed or was damaged since the export; export it again")
+                found.stages.setdefault(name, {})[stage.precision] = stage
     elif any((root / folder).is_dir() for folder in BFL_FOLDERS):
         found.layout = "bfl"
         read_bfl(found)

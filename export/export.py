@@ -17,10 +17,14 @@ import torch
 from torch import nn
 
 from kontext_trt.export import onnx_file
-from kontext_trt.export.manifest import TOKENIZERS, new_manifest, read_manifest, stage_entry, tool_versions, write_manifest
+from kontext_trt.engines.onnx_dir import file_identity
+from kontext_trt.export.manifest import (TOKENIZERS, new_manifest, read_manifest, record_stage, stage_entry,
+                                         tool_versions, write_manifest)
 from kontext_trt.export.rope import fp32_rope
 from kontext_trt.export.specs import stage_dims
 from kontext_trt.export.weight_map import param_signatures, weight_map
+from kontext_trt.runtime import files
+from kontext_trt.runtime.checks import check_output_folder
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.lora import LoraSpec, fuse_into
 from kontext_trt.runtime.stages import STAGE_NAMES, TRANSFORMER_PARTS
@@ -49,23 +53,23 @@ def export_checkpoint(model: str | Path, out: str | Path, stages: tuple[str, ...
     out = prepare_folder(Path(out))
     ckpt = ck.open_checkpoint(model)
     fingerprint = ck.checkpoint_fingerprint(ckpt)
-    manifest = read_manifest(out)
-    if manifest is not None and manifest["checkpoint"]["fingerprint"] != fingerprint:
-        if not force:
-            raise KontextError(f"{out} holds an export of another checkpoint ({manifest['checkpoint']['path']}); "
-                               f"choose another --out or pass --force to replace it")
-        for stage in manifest["stages"]:
-            shutil.rmtree(out / stage, ignore_errors=True)
-        manifest = None
-    manifest = manifest or new_manifest(ckpt.root, fingerprint, KontextConfig.from_checkpoint(ckpt).to_dict())
-    manifest.update(tools=tool_versions())
+    fresh = new_manifest(ckpt.root, fingerprint, KontextConfig.from_checkpoint(ckpt).to_dict())
+    with files.folder_lock(out):  # a sibling export into `out` reads and writes the manifest under the same lock
+        manifest = read_manifest(out)
+        if manifest is not None and manifest["checkpoint"]["fingerprint"] != fingerprint:
+            if not force:
+                raise KontextError(f"{out} holds an export of another checkpoint ({manifest['checkpoint']['path']}); "
+                                   f"choose another --out or pass --force to replace it")
+            for stage in manifest["stages"]:
+                shutil.rmtree(out / stage, ignore_errors=True)
+            manifest = None
+        write_manifest(out, {**(manifest or fresh), "tools": tool_versions()})
     with progress(f"copying the tokenizers to {out}"):
         copy_tokenizers(ckpt, out)
-    write_manifest(out, manifest)
     for stage in stages:
         with progress(f"exporting {stage} ({dtype}, opset {opset}) to {out / stage}"):
-            manifest["stages"][stage] = export_stage(ckpt, stage, dtype, opset, out, external_threshold, loras)
-        write_manifest(out, manifest)
+            entry = export_stage(ckpt, stage, dtype, opset, out, external_threshold, loras)
+        record_stage(out, stage, entry, fresh)
     return out / "manifest.json"
 
 
@@ -73,8 +77,6 @@ def export_stage(ckpt, stage: str, dtype: str, opset: int, out: Path, external_t
                  loras: Sequence[LoraSpec] = ()) -> dict:
     """Load one stage (the transformer with `loras` fused), trace, free it, clean and check the graph, then swap
     out/stage in; its manifest entry (the transformer's with its weight map, export.weight_map)."""
-    for stale in out.glob(f".{stage}.*"):  # left by a killed export
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_folder(out, stage)
     try:
         module = load_stage(ckpt, stage, DTYPES[dtype])
@@ -104,6 +106,7 @@ def finish_stage(tmp: Path, out: Path, stage: str, dtype: str, opset: int, exter
                         onnx_file.describe(model.graph.input), onnx_file.describe(model.graph.output), stage_dims(stage))
     if precision is not None:
         entry["precision"] = precision
+    entry["sha256"] = file_identity(tmp / "model.onnx")
     replace_folder(tmp, out / stage)
     return entry
 
@@ -148,6 +151,7 @@ def check_request(stages: tuple[str, ...], dtype: str, opset: int) -> None:
 
 def prepare_folder(out: Path) -> Path:
     """Create the output folder, or fail with one line if it cannot be written."""
+    check_output_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -171,18 +175,13 @@ def copy_tokenizers(ckpt, out: Path) -> None:
 
 
 def temp_folder(out: Path, name: str) -> Path:
-    """A fresh hidden out/.name.PID.tmp folder to build `name` in."""
-    tmp = out / f".{name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
+    """A fresh hidden out/.name.PID-RANDOM.tmp folder to build `name` in; those of killed exports are removed first
+    (a live sibling's are left alone)."""
+    files.remove_stale_temps(out, name)
+    return files.temp_dir(out / name)
 
 
 def replace_folder(new: Path, final: Path) -> None:
-    """Move a finished folder into place, replacing (then deleting) any previous one."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(new, final)
-    shutil.rmtree(old, ignore_errors=True)
+    """Move a finished folder into place, replacing (then deleting) any previous one, under the folder's lock."""
+    with files.folder_lock(final.parent):
+        files.replace_dir(new, final)

@@ -18,6 +18,8 @@ Fields (plain JSON; every path is relative to DIR):
                          "profile": {"min": [int], "opt": [int], "max": [int]}}]: concrete shapes for TensorRT
         outputs        [{"name", "dtype", "shape": [int | dim name | "8*dim" | "dim/8"]}]
         dims           {dim name: {"min", "opt", "max", "multiple_of"}} for every dynamic input dim (see specs.py)
+        sha256         of model.onnx's content then each external data file's name and content (engines.onnx_dir
+                       file_identity); build and the onnxruntime backend refuse a file that no longer matches
         weights        transformer only: {diffusers parameter name: {"name": ONNX initializer, "transpose": bool}}
                        (export/weight_map.py): how onnxruntime swaps and TensorRT refits its weights (LoRAs)
         loras          transformer only, when export --lora fused LoRAs in for good: [{"file", "scale"}]
@@ -45,6 +47,15 @@ def read_manifest(folder: Path) -> dict | None:
 def write_manifest(folder: Path, manifest: dict) -> Path:
     """Write DIR/manifest.json atomically (temp file, then rename)."""
     return files.write_json(Path(folder) / MANIFEST, manifest, indent=2)
+
+
+def record_stage(folder: Path, stage: str, entry: dict, fresh: dict) -> Path:
+    """Add one stage's entry to DIR/manifest.json under the folder lock, keeping the stages siblings recorded meanwhile
+    (`fresh` when there is no manifest yet)."""
+    with files.folder_lock(folder):
+        manifest = read_manifest(folder) or fresh
+        manifest["stages"][stage] = entry
+        return write_manifest(folder, manifest)
 
 
 def new_manifest(checkpoint_path: Path, fingerprint: str, kontext: dict) -> dict:

@@ -15,7 +15,7 @@ import torch
 from kontext_trt.export import onnx_file
 from kontext_trt.export.export import (DEFAULT_OPSET, DTYPES, EXTERNAL_THRESHOLD, copy_tokenizers, finish_stage,
                                       temp_folder)
-from kontext_trt.export.manifest import new_manifest, read_manifest, write_manifest
+from kontext_trt.export.manifest import new_manifest, read_manifest, record_stage
 from kontext_trt.export.rope import fp32_rope
 from kontext_trt.export.specs import dynamic_shapes, sample_inputs
 from kontext_trt.quant import ops
@@ -47,22 +47,21 @@ def export_quantized(model: str | Path, out: str | Path, dtype: str = "bf16", op
     if fingerprint != recipe.checkpoint["fingerprint"]:
         raise KontextError(f"{out} was calibrated on {recipe.checkpoint['path']}, not on {model}: quantize this "
                            "checkpoint into another folder")
-    manifest = read_manifest(out) or new_manifest(ckpt.root, fingerprint, KontextConfig.from_checkpoint(ckpt).to_dict())
+    fresh = new_manifest(ckpt.root, fingerprint, KontextConfig.from_checkpoint(ckpt).to_dict())
+    manifest = read_manifest(out) or fresh
     if manifest["checkpoint"]["fingerprint"] != fingerprint:
         raise KontextError(f"{out} holds an export of another checkpoint ({manifest['checkpoint']['path']}): "
                            "quantize into another folder")
     copy_tokenizers(ckpt, out)  # the manifest names them, as export/'s does
     with progress(f"exporting the {recipe.precision} transformer ({dtype}, opset {opset}) to {out / STAGE}"):
-        manifest["stages"][STAGE] = export_stage(ckpt, recipe, amax, dtype, opset, out, external_threshold)
-    return write_manifest(out, manifest)
+        entry = export_stage(ckpt, recipe, amax, dtype, opset, out, external_threshold)
+    return record_stage(out, STAGE, entry, fresh)
 
 
 def export_stage(ckpt, recipe, amax: dict, dtype: str, opset: int, out: Path, external_threshold: int) -> dict:
     """Build, trace, clean and check the quantized transformer in a temp folder, then swap it in; its manifest entry."""
     from kontext_trt.runtime import checkpoint as ck
 
-    for stale in out.glob(f".{STAGE}.*"):  # left by a killed export
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_folder(out, STAGE)
     try:
         quantized = quantize_transformer(fused_transformer(ckpt, DTYPES[dtype], recipe.loras), recipe, amax,

@@ -6,6 +6,7 @@ name, and `remove_stale_temps` deletes only those whose owner process is gone (a
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -79,6 +80,15 @@ def _fsync(path: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def sha256_file(path: str | Path, digest=None) -> str:
+    """The sha256 of a file's content, read in 16 MiB chunks (pass `digest` to hash several files into one)."""
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_error(path: Path, error: OSError) -> WriteError:

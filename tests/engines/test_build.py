@@ -71,7 +71,8 @@ def test_interrupted_build_leaves_no_plan(engine_onnx, tmp_path, monkeypatch):
     monkeypatch.undo()
     (folder / ".clip.plan.999999999.tmp").write_bytes(b"partial")  # left by a build killed with SIGKILL
     _, done = build.build_set(request(engine_onnx, tmp_path))
-    assert done == ["clip"] and sorted(p.name for p in folder.iterdir()) == ["clip.plan", "manifest.json"]
+    assert done == ["clip"] and sorted(p.name for p in folder.iterdir()) == [".kontext-trt.lock", "clip.plan",
+                                                                             "manifest.json"]
 
 
 def test_changed_flags_rebuild(engine_onnx, tmp_path):
