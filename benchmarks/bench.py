@@ -57,8 +57,7 @@ def run_bench(target: Target, configs: list[RunConfig], warmup: int, iters: int,
     with progress(f"loading {source} ({target.backend}, {target.dtype}, {target.device})"):
         k = target.load()
     system = system_info(k.device)
-    dtype = k.info.get("dtype", target.dtype)  # an export or engine set knows its own
-    precision = k.info.get("precision", dtype)
+    dtype, precision = k.info.dtype, k.info.precision  # an export or engine set knows its own
     peak = (system["gpu"] or {}).get("peak_tflops", {}).get(precision)
     config = target.transformer_config()
     runs = []
@@ -70,8 +69,8 @@ def run_bench(target: Target, configs: list[RunConfig], warmup: int, iters: int,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "system": system,
         "target": {
-            "backend": k.info.get("backend", target.backend), "model": target.model and Path(target.model).name,
-            "checkpoint": k.info.get("checkpoint"), "onnx": target.onnx and str(target.onnx),
+            "backend": k.info.backend, "model": target.model and Path(target.model).name,
+            "checkpoint": k.info.checkpoint, "onnx": target.onnx and str(target.onnx),
             "engines": target.engines and str(target.engines), "dtype": dtype, "precision": precision,
             "device": str(k.device), "transformer_config": config, "loras": k.info.get("loras", []),
         },

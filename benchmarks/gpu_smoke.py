@@ -26,7 +26,7 @@ import torch
 from kontext_trt.runtime.errors import KontextError
 
 SIZE = 128
-MODES = (  # label, load_trt_kontext options, CUDA graphs
+MODES = (  # label, runtime.pipeline.load_engines options, CUDA graphs
     ("resident", {}, False),
     ("resident + graphs", {}, True),
     ("low-vram", {"low_vram": True}, False),
@@ -62,10 +62,9 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
 def timed_edits(k, req, iters: int) -> tuple[object, float]:
     """One warm-up edit (captures graphs, JIT-compiles RTX kernels), then `iters` timed: (last result, mean ms)."""
     from kontext_trt.runtime.flow import edit
-    from kontext_trt.runtime.timing import StageTimes
 
     edit(k, req)
-    k.times = StageTimes()
+    k.reset_times()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(iters):
@@ -77,23 +76,19 @@ def timed_edits(k, req, iters: int) -> tuple[object, float]:
 def run_mode(engines: Path, onnx: Path, req, reference: torch.Tensor, options: dict, graphs: bool,
              iters: int) -> tuple[float, str]:
     """Load the engines in one mode, time the edits; (max |latents - reference|, the report lines)."""
-    from kontext_trt.runtime.cudagraphs import graphed
-    from kontext_trt.runtime.pipeline import load_kontext
-    from kontext_trt.runtime.trt_stages import memory_summary, request_geometry
+    from kontext_trt.runtime.pipeline import load_kontext, request_geometry
+    from kontext_trt.runtime.trt_stages import memory_summary
 
     torch.cuda.reset_peak_memory_stats()
     k = load_kontext(None, backend="tensorrt", engines=engines, precision="fp32", onnx=onnx,
                      geometry=request_geometry(req), cuda_graphs=graphs, **options)
-    trt = dict(k.stages)
-    if graphs:
-        k.stages = graphed(k.stages)
     result, ms = timed_edits(k, req, iters)
     diff = (result.latents.cpu() - reference).abs().max().item()
-    lines = [f"max |latents - onnxruntime| {diff:.2e}, {ms:.1f} ms per edit", k.times.table(), memory_summary(trt)]
+    lines = [f"max |latents - onnxruntime| {diff:.2e}, {ms:.1f} ms per edit", k.times.table(), memory_summary(k.stages)]
     if graphs:
-        lines.append(f"cuda graphs: {k.stages['transformer'].stats()}")
-    trt["transformer"].pool.release()
-    del k, trt
+        lines.append(f"cuda graphs: {k.graphs['transformer'].stats()}")
+    k.stages["transformer"].pool.release()
+    del k
     gc.collect()
     torch.cuda.empty_cache()
     return diff, "\n".join(lines)
@@ -101,8 +96,7 @@ def run_mode(engines: Path, onnx: Path, req, reference: torch.Tensor, options: d
 
 def streamable_half(engines: Path, onnx: Path, req) -> int:
     """Half the transformer engine's streamable weights (the weight-streaming modes' budget)."""
-    from kontext_trt.runtime.pipeline import load_kontext
-    from kontext_trt.runtime.trt_stages import request_geometry
+    from kontext_trt.runtime.pipeline import load_kontext, request_geometry
 
     k = load_kontext(None, backend="tensorrt", engines=engines, precision="fp32", onnx=onnx, geometry=request_geometry(req),
                      low_vram=True)
@@ -118,7 +112,7 @@ def smoke(work: Path, steps: int, iters: int, atol: float) -> int:
     from kontext_trt.runtime import image as im
     from kontext_trt.runtime.flow import EditRequest, edit
     from kontext_trt.runtime.pipeline import load_kontext
-    from kontext_trt.runtime.trt_stages import cuda_gpu
+    from kontext_trt.runtime.engine_select import cuda_gpu
 
     gpu = cuda_gpu()
     print(f"GPU: {gpu.name} (sm{gpu.sm}, {gpu.memory_gib:.0f} GiB)")

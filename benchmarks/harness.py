@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -18,11 +18,10 @@ import torch
 from kontext_trt.benchmarks.flops import achieved, transformer_flops
 from kontext_trt.benchmarks.memory import memory_report, reset_peaks
 from kontext_trt.runtime import image as im
-from kontext_trt.runtime.cudagraphs import graphed
 from kontext_trt.runtime.flow import EditRequest, Kontext, edit
+from kontext_trt.runtime.pipeline import with_cuda_graphs
 from kontext_trt.runtime.stages import STAGE_NAMES
 from kontext_trt.runtime.text import T5_LEN
-from kontext_trt.runtime.timing import StageTimes
 from kontext_trt.safety import guard
 from kontext_trt.safety.guard import CHECK_STAGE, MARK_STAGE, OutputPolicy
 
@@ -63,7 +62,7 @@ def one_edit(k: Kontext, req: EditRequest, policy: OutputPolicy | None = None) -
     """Wall-clock seconds of one edit (through the safety policy's checks and watermark when given) and the seconds
     of each stage call in it."""
     cuda = k.device.type == "cuda"
-    k.times = StageTimes()
+    k.reset_times()
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -88,7 +87,7 @@ def run_config(k: Kontext, cfg: RunConfig, warmup: int, iters: int, transformer_
     """Warm up, time `iters` edits of one configuration and summarise them (see the JSON schema's run)."""
     req = EditRequest(prompts=[PROMPT] * cfg.batch, image=im.sample_image(cfg.width, cfg.height), steps=cfg.steps,
                       auto_resize=False)
-    kk = replace(k, stages=graphed(k.stages)) if cfg.cuda_graphs else k
+    kk = with_cuda_graphs(k) if cfg.cuda_graphs else k
     reset_peaks(k.device)
     warm = [one_edit(kk, req, policy)[0] for _ in range(warmup)]
     walls, calls = [], defaultdict(list)

@@ -1,15 +1,16 @@
 """Memory figures: peak device memory (torch allocator, the driver's used bytes, per-stage hooks), peak host RSS,
 engine sizes.
 
-Hook for other backends: a stage object may define `memory_stats() -> dict[str, int]` (bytes), e.g. a
-TensorRT stage returning {"engine_bytes": ..., "device_memory_bytes": context.device_memory_size}; the
-figures are reported per stage under memory.stages.
+Hook for other backends: a stage that is a runtime.stages.SupportsMemoryStats (`memory_stats() -> dict[str, int]`,
+bytes), e.g. a TensorRT stage; the figures are reported per stage under memory.stages.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from kontext_trt.runtime.stages import SupportsMemoryStats
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
@@ -52,7 +53,8 @@ def memory_report(stages: dict, device: torch.device) -> dict:
         "device_peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
         "device_used_bytes": device_used(device),
         "host_peak_rss_bytes": host_peak_rss(),
-        "stages": {name: stage.memory_stats() for name, stage in stages.items() if hasattr(stage, "memory_stats")},
+        "stages": {name: stage.memory_stats() for name, stage in stages.items()
+                   if isinstance(stage, SupportsMemoryStats)},
     }
 
 

@@ -12,26 +12,26 @@ from kontext_trt.quant.recipe import Recipe, modelopt_config
 from kontext_trt.runtime import flow
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.timing import progress
+from kontext_trt.runtime.torch_stages import TorchStage, TransformerModule
 
 
-def calibrate(k: flow.Kontext, recipe: Recipe, pairs: list[Pair], steps: int,
+def calibrate(k: flow.Kontext, transformer: nn.Module, recipe: Recipe, pairs: list[Pair], steps: int,
               auto_resize: bool) -> dict[str, torch.Tensor]:
-    """Edit every pair (seed = its index) with the transformer stage's module swapped for its ModelOpt-quantized self
-    in calibration mode: quantizers record the amax of what they see over all denoising steps (target and context
+    """Edit every pair (seed = its index) with k's other stages and the transformer as ModelOpt quantizes it in
+    calibration mode: quantizers record the amax of what they see over all denoising steps (target and context
     tokens alike) and leave the outputs untouched. Returns the amax of every quantized input."""
     import modelopt.torch.quantization as mtq
 
-    holder = k.stages["transformer"].module  # runtime.torch_stages.TransformerModule
-
     def forward_loop(model: nn.Module) -> None:
-        holder.model = model
+        stage = TorchStage("transformer", TransformerModule(model), k.device, next(model.parameters()).dtype)
+        calibrating = k.with_stages(transformer=stage)
         for i, pair in enumerate(pairs):
             with progress(f"calibrating {i + 1}/{len(pairs)}: {pair.prompt!r} on {pair.source}, {steps} steps"):
-                flow.edit(k, flow.EditRequest(prompts=[pair.prompt], image=pair.image, steps=steps, seed=i,
-                                              auto_resize=auto_resize))
+                flow.edit(calibrating, flow.EditRequest(prompts=[pair.prompt], image=pair.image, steps=steps, seed=i,
+                                                        auto_resize=auto_resize))
 
     with contextlib.redirect_stdout(sys.stderr):  # ModelOpt prints its progress; stdout is for the report
-        model = mtq.quantize(holder.model, modelopt_config(recipe), forward_loop)
+        model = mtq.quantize(transformer, modelopt_config(recipe), forward_loop)
     return collect_amax(model, recipe)
 
 

@@ -19,8 +19,8 @@ from kontext_trt.quant.export import export_quantized, fused_transformer
 from kontext_trt.quant.qmodel import quantize_transformer
 from kontext_trt.quant.report import quality_report, write_report
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.flow import Kontext, KontextConfig
-from kontext_trt.runtime.pipeline import resolve_device
+from kontext_trt.runtime.flow import Kontext, KontextConfig, PipelineInfo
+from kontext_trt.runtime.pipeline import assemble, resolve_device
 from kontext_trt.runtime.torch_stages import (ClipModule, T5Module, TorchStage, TransformerModule, VaeDecoderModule,
                                               VaeEncoderModule)
 
@@ -47,17 +47,17 @@ class QuantizeRequest:
 
 def quantize(req: QuantizeRequest) -> dict:
     """Run a quantization request; the quality report (also in req.out/report.json and report.md)."""
-    from kontext_trt.runtime import checkpoint as ck
-
     ckpt, attention, pairs = check_request(req)
     device = resolve_device(req.device)
     loras = [[str(Path(path).resolve()), float(scale)] for path, scale in req.loras]
-    k = reference_kontext(ckpt, device, loras)
-    recipe = recipe_for(k, ckpt, req, attention, pairs)
+    transformer = fused_transformer(ckpt, REFERENCE, loras)
+    k = reference_kontext(ckpt, device, transformer)
+    recipe = recipe_for(transformer, ckpt, req, attention, pairs)
     recipe.loras = loras
     prepare_folder(req.out)
-    if not ensure_calibration(k, recipe, pairs, req):
-        k.stages["transformer"] = transformer_stage(fused_transformer(ckpt, REFERENCE, loras), device)  # un-instrumented
+    if not ensure_calibration(k, transformer, recipe, pairs, req):  # calibration instrumented k's transformer
+        k = k.with_stages(transformer=transformer_stage(fused_transformer(ckpt, REFERENCE, loras), device))
+    del transformer
     recipe, amax = state.load_state(req.out)
     quantized = transformer_stage(quantize_transformer(fused_transformer(ckpt, REFERENCE, loras), recipe, amax,
                                                        REFERENCE), device)
@@ -89,11 +89,12 @@ def check_request(req: QuantizeRequest) -> tuple[object, str, list[calib_data.Pa
     return ckpt, attention, pairs
 
 
-def recipe_for(k: Kontext, ckpt, req: QuantizeRequest, attention: str, pairs: list[calib_data.Pair]) -> rc.Recipe:
-    """The recipe of k's transformer, with the checkpoint and the calibration settings it is valid for."""
+def recipe_for(transformer: torch.nn.Module, ckpt, req: QuantizeRequest, attention: str,
+               pairs: list[calib_data.Pair]) -> rc.Recipe:
+    """The recipe of this transformer, with the checkpoint and the calibration settings it is valid for."""
     from kontext_trt.runtime import checkpoint as ck
 
-    recipe = rc.make_recipe(k.stages["transformer"].module.model, req.precision, attention)
+    recipe = rc.make_recipe(transformer, req.precision, attention)
     recipe.checkpoint = {"path": str(Path(ckpt.root).resolve()), "fingerprint": ck.checkpoint_fingerprint(ckpt)}
     recipe.calibration = {"source": str(req.calib) if req.calib else "shipped drawn set", "size": len(pairs),
                           "steps": req.calib_steps, "auto_resize": req.auto_resize,
@@ -101,14 +102,16 @@ def recipe_for(k: Kontext, ckpt, req: QuantizeRequest, attention: str, pairs: li
     return recipe
 
 
-def ensure_calibration(k: Kontext, recipe: rc.Recipe, pairs: list, req: QuantizeRequest) -> bool:
-    """Calibrate and save, unless req.out already holds this exact calibration; True when it was reused."""
+def ensure_calibration(k: Kontext, transformer: torch.nn.Module, recipe: rc.Recipe, pairs: list,
+                       req: QuantizeRequest) -> bool:
+    """Calibrate `transformer` (k's, instrumented in place) and save, unless req.out already holds this exact
+    calibration; True when it was reused."""
     saved = state.load_state(req.out)
     if saved is not None and saved[0].to_dict() == recipe.to_dict():
         print(f"reusing the calibration in {req.out / state.FOLDER} (same checkpoint, recipe and calibration set)",
               file=sys.stderr)
         return True
-    state.save_state(req.out, recipe, calibrate(k, recipe, pairs, req.calib_steps, req.auto_resize))
+    state.save_state(req.out, recipe, calibrate(k, transformer, recipe, pairs, req.calib_steps, req.auto_resize))
     return False
 
 
@@ -134,9 +137,9 @@ def transformer_stage(model: torch.nn.Module, device: torch.device) -> TorchStag
     return TorchStage("transformer", TransformerModule(model).to(device), device, REFERENCE)
 
 
-def reference_kontext(ckpt, device: torch.device, loras: list = ()) -> Kontext:
-    """The torch pipeline of the report: bf16 transformer; the other stages in bf16 on CUDA, fp32 on the CPU (where
-    bf16 convolutions are slow); they are shared by both sides of every comparison."""
+def reference_kontext(ckpt, device: torch.device, transformer: torch.nn.Module) -> Kontext:
+    """The torch pipeline of the report over this bf16 transformer; the other stages in bf16 on CUDA, fp32 on the CPU
+    (where bf16 convolutions are slow); they are shared by both sides of every comparison."""
     from kontext_trt.runtime import checkpoint as ck
 
     aux = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -144,7 +147,7 @@ def reference_kontext(ckpt, device: torch.device, loras: list = ()) -> Kontext:
     modules = {"clip": ClipModule(ck.load_clip(ckpt, aux)), "t5": T5Module(ck.load_t5(ckpt, aux)),
                "vae_encoder": VaeEncoderModule(vae), "vae_decoder": VaeDecoderModule(vae)}
     stages = {name: TorchStage(name, module.to(device), device, aux) for name, module in modules.items()}
-    stages["transformer"] = transformer_stage(fused_transformer(ckpt, REFERENCE, loras), device)
-    clip_tok, t5_tok = ck.load_tokenizers(ckpt)
-    info = {"backend": "torch", "dtype": "bf16 transformer", "checkpoint": ck.checkpoint_fingerprint(ckpt)[:16]}
-    return Kontext(stages, clip_tok, t5_tok, KontextConfig.from_checkpoint(ckpt), device, info=info)
+    stages["transformer"] = transformer_stage(transformer, device)
+    info = PipelineInfo("torch", "bf16" if aux == torch.bfloat16 else "fp32", "bf16",
+                        ck.checkpoint_fingerprint(ckpt)[:16], str(ckpt.root))
+    return assemble(stages, ck.load_tokenizers(ckpt), KontextConfig.from_checkpoint(ckpt), device, info)

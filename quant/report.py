@@ -51,21 +51,17 @@ def image_metrics(reference, quantized) -> dict:
 
 def quality_report(k: flow.Kontext, quantized, pairs: list[Pair], steps: int, auto_resize: bool, info: dict) -> dict:
     """Edit each pair (seed = its index) with the bf16 transformer (k's) and the quantized stage; the report dict."""
-    reference = k.stages["transformer"]
+    reference, on_quantized = k.stages["transformer"], k.with_stages(transformer=quantized)
     samples = []
-    try:
-        for i, pair in enumerate(pairs):
-            request = flow.EditRequest(prompts=[pair.prompt], image=pair.image, steps=steps, seed=i,
-                                       auto_resize=auto_resize)
-            with progress(f"report {i + 1}/{len(pairs)}: {pair.prompt!r} on {pair.source}, bf16 and quantized"):
-                k.stages["transformer"] = paired = PairedStage(reference, quantized)
-                ref_image = flow.edit(k, request).images[0]
-                k.stages["transformer"] = quantized
-                q_image = flow.edit(k, request).images[0]
-            samples.append({"prompt": pair.prompt, "source": pair.source, "seed": i, "steps": paired.steps,
-                            **image_metrics(ref_image, q_image)})
-    finally:
-        k.stages["transformer"] = reference
+    for i, pair in enumerate(pairs):
+        request = flow.EditRequest(prompts=[pair.prompt], image=pair.image, steps=steps, seed=i,
+                                   auto_resize=auto_resize)
+        with progress(f"report {i + 1}/{len(pairs)}: {pair.prompt!r} on {pair.source}, bf16 and quantized"):
+            paired = PairedStage(reference, quantized)
+            ref_image = flow.edit(k.with_stages(transformer=paired), request).images[0]
+            q_image = flow.edit(on_quantized, request).images[0]
+        samples.append({"prompt": pair.prompt, "source": pair.source, "seed": i, "steps": paired.steps,
+                        **image_metrics(ref_image, q_image)})
     return {**info, "reference": "bf16 transformer", "samples": samples, "per_step": per_step(samples),
             "summary": summary(samples)}
 

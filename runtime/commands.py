@@ -143,34 +143,12 @@ def run_edit(args: argparse.Namespace) -> int:
 
 def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontext:
     """The pipeline `edit` runs on: a checkpoint, an export folder, or the engines for this GPU and this request."""
-    from kontext_trt.runtime.cudagraphs import graphed
-    from kontext_trt.runtime.pipeline import load_kontext
+    from kontext_trt.runtime.pipeline import load_kontext, request_geometry
 
-    if args.engines is None:
-        if args.low_vram or args.weight_streaming_budget is not None:
-            raise KontextError("--low-vram and --weight-streaming-budget are TensorRT memory modes: add --engines DIR")
-        if args.precision is not None or args.sku != "auto":
-            raise KontextError("--precision and --sku pick an engine set: add --engines DIR (the torch and "
-                               "onnxruntime backends take --dtype)")
-        if args.cuda_graphs and not args.device.startswith("cuda"):
-            raise KontextError("--cuda-graphs replays on a GPU: add --device cuda (or run engines with --engines DIR)")
-        if args.model is None and args.backend != "onnxruntime":
-            raise KontextError("no model given: pass --model CHECKPOINT_DIR (or run `kontext-trt synth DIR` for a "
-                               "test one)")
-        k = load_kontext(args.model, backend=args.backend, dtype=args.dtype, device=args.device, onnx=args.onnx,
-                        loras=args.lora)
-    else:
-        from kontext_trt.runtime.trt_stages import request_geometry
-
-        if args.backend != "torch":
-            raise KontextError(f"--engines runs the TensorRT backend: drop --backend {args.backend}")
-        k = load_kontext(args.model, backend="tensorrt", onnx=args.onnx, engines=args.engines,
-                         precision=args.precision, sku=args.sku,
-                         geometry=request_geometry(request) if request else None, low_vram=args.low_vram,
-                         weight_budget=args.weight_streaming_budget, cuda_graphs=args.cuda_graphs, loras=args.lora)
-    if args.cuda_graphs:
-        k.stages = graphed(k.stages)
-    return k
+    return load_kontext(args.model, backend=args.backend, dtype=args.dtype, device=args.device, onnx=args.onnx,
+                        engines=args.engines, cuda_graphs=args.cuda_graphs, precision=args.precision, sku=args.sku,
+                        geometry=request_geometry(request) if args.engines is not None and request else None,
+                        low_vram=args.low_vram, weight_budget=args.weight_streaming_budget, loras=args.lora)
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from kontext_trt.runtime.lru import LruCache
+from kontext_trt.runtime.stages import SupportsGraphCapture
 
 Key = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 Call = Callable[[], dict[str, torch.Tensor]]
@@ -126,7 +127,7 @@ class GraphedStage:
 
     def _stage_epoch(self) -> Any:
         """The wrapped stage's graph epoch (None for stages whose buffers never move)."""
-        return getattr(self.stage, "graph_epoch", None)
+        return self.stage.graph_epoch if isinstance(self.stage, SupportsGraphCapture) else None
 
     def _capture(self, key: Key, inputs: dict[str, torch.Tensor]) -> Graph | None:
         """Warm up and capture one call on static copies of the inputs, or None (eager) if refused or failed."""
@@ -137,7 +138,7 @@ class GraphedStage:
 
         before = self._stage_epoch()
         self.backend.warm_up(call)  # the stage's own errors (a shape outside the profile) surface here, uncaught
-        refusal = getattr(self.stage, "graph_refusal", lambda: None)()
+        refusal = self.stage.graph_refusal() if isinstance(self.stage, SupportsGraphCapture) else None
         if refusal is None:
             try:
                 handle, outputs = self.backend.capture(call)

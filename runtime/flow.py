@@ -1,7 +1,7 @@
 """The Kontext flow-matching loop, once, over any backend's five stages (named tensors in and out)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +13,7 @@ from kontext_trt.runtime import image as im
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.latents import draw_noise, latent_ids, pack_latents, text_ids, unpack_latents
 from kontext_trt.runtime.schedule import ShiftConfig, flow_schedule
-from kontext_trt.runtime.stages import Stage
+from kontext_trt.runtime.stages import SetsWeights, Stage
 from kontext_trt.runtime.step_cache import StepCache, parse_cache, step_cache, uncached_report
 from kontext_trt.runtime.text import CLIP_LEN, T5_LEN, tokenize
 from kontext_trt.runtime.timing import StageTimes
@@ -52,39 +52,69 @@ class KontextConfig:
         )
 
 
+@dataclass(frozen=True)
+class PipelineInfo:
+    """What a pipeline runs on, the same keys for every backend; goes into image metadata and benchmark targets."""
+
+    backend: str  # torch, onnxruntime, tensorrt or tensorrt-rtx
+    dtype: str  # the stages' compute dtype: bf16, fp32 (an export of mixed stages: "bf16,fp32")
+    precision: str  # the transformer's weight format: bf16, fp32, fp8, nvfp4
+    checkpoint: str | None  # first 16 hex digits of the checkpoint fingerprint
+    source: str  # the checkpoint, export or engine folder the stages came from
+    memory_mode: str = "resident"  # TensorRT: resident, low-vram, weight-streaming or both
+    cuda_graphs: bool = False
+    loras: tuple[dict, ...] = ()  # the transformer's LoRAs, {"file", "scale"} each (Kontext.set_loras)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
 @dataclass
 class Kontext:
-    """A ready pipeline: five stages, the two tokenizers, the config and where the loop's tensors live."""
+    """A ready pipeline: five stages, the two tokenizers, the config and where the loop's tensors live.
+
+    Made by runtime.pipeline; `graphs` holds CUDA-graphed stand-ins the loop calls in place of those stages."""
 
     stages: dict[str, Stage]
     clip_tokenizer: object
     t5_tokenizer: object
     config: KontextConfig
-    device: torch.device = torch.device("cpu")
+    device: torch.device
+    info: PipelineInfo
+    graphs: dict[str, Stage] = field(default_factory=dict)
     times: StageTimes = field(default_factory=StageTimes)
-    info: dict = field(default_factory=dict)  # backend, dtype, checkpoint fingerprint: goes into PNG metadata
 
     def run(self, stage: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Call one stage, timing it."""
+        """Call one stage (its CUDA-graphed stand-in if it has one), timing it."""
         with self.times(stage, self.device):
-            return self.stages[stage](**inputs)
+            return self.graphs.get(stage, self.stages[stage])(**inputs)
+
+    def reset_times(self) -> StageTimes:
+        """Start timing afresh; returns the times recorded so far."""
+        done, self.times = self.times, StageTimes()
+        return done
+
+    def with_stages(self, **stages: Stage) -> "Kontext":
+        """A pipeline sharing everything with this one but these stages (and its own times)."""
+        return replace(self, stages={**self.stages, **stages}, times=StageTimes(),
+                       graphs={name: g for name, g in self.graphs.items() if name not in stages})
+
+    def with_graphs(self, graphs: dict[str, Stage]) -> "Kontext":
+        """A pipeline sharing this one's stages that calls these graphed stand-ins instead (see runtime.pipeline)."""
+        return replace(self, graphs=graphs, times=StageTimes(), info=replace(self.info, cuda_graphs=bool(graphs)))
 
     def set_loras(self, loras: list[tuple[str | Path, float]]) -> None:
         """Swap the transformer's LoRAs, [(file or folder, scale), ...]; [] restores the base weights exactly."""
-        from kontext_trt.runtime.cudagraphs import GraphedStage
         from kontext_trt.runtime.lora import apply_loras
-        from kontext_trt.runtime.trt_stages import TrtStage
 
         stage = self.stages["transformer"]
-        stage = stage.stage if isinstance(stage, GraphedStage) else stage
-        if isinstance(stage, TrtStage):  # its weights are the engine's: refit (runtime.trt_refit)
+        if not isinstance(stage, SetsWeights):  # a TensorRT engine: its weights are refit (runtime.trt_refit)
             from kontext_trt.runtime.trt_refit import weight_target
 
             stage = weight_target(stage)
-        applied = apply_loras(stage, loras)
-        self.info["loras"] = [lora.describe() for lora in applied]
-        if not applied:
-            del self.info["loras"]
+        applied = apply_loras(stage, loras)  # in place: graphs replaying the stage stay valid
+        self.info = replace(self.info, loras=tuple(lora.describe() for lora in applied))
 
 
 @dataclass(frozen=True)
@@ -215,13 +245,11 @@ def check_request(req: EditRequest) -> None:
     parse_cache(req.cache)
 
 
-def output_size(req: EditRequest, context: Context | None) -> tuple[int, int]:
+def output_size(req: EditRequest, context_size: tuple[int, int] | None) -> tuple[int, int]:
     """Explicit size if given; else the resized input size (BFL's behaviour); else 1024x1024."""
     if req.width is not None:
         return req.width, req.height
-    if context is not None:
-        return context.width, context.height
-    return 1024, 1024
+    return context_size or (1024, 1024)
 
 
 def edit(k: Kontext, req: EditRequest, prompt: Prompt | None = None, context: Context | None = None) -> EditResult:
@@ -233,7 +261,7 @@ def batch_key(req: EditRequest) -> tuple:
     """What requests must share to run as one batch: output size, input image size, steps, the true-CFG pass and the
     step cache (one policy decides for the whole batch)."""
     context = None if req.image is None else im.context_size(*req.image.size, auto_resize=req.auto_resize)
-    size = (req.width, req.height) if req.width is not None else context or (1024, 1024)
+    size = output_size(req, context)
     cfg = req.true_cfg if req.negative_prompt is not None and req.true_cfg > 1 else None
     return size, context, req.steps, cfg, str(parse_cache(req.cache))
 
@@ -292,7 +320,7 @@ def metadata(k: Kontext, req: EditRequest, width: int, height: int, cache: dict 
     return {"prompts": req.prompts, "negative_prompt": req.negative_prompt, "true_cfg": req.true_cfg, "seed": req.seed,
             "steps": req.steps, "guidance": req.guidance, "width": width, "height": height,
             "auto_resize": req.auto_resize, "edited": req.image is not None,
-            "cache": cache or uncached_report(req.steps), **k.info}
+            "cache": cache or uncached_report(req.steps), **k.info.to_dict()}
 
 
 def image_metadata(result: EditResult) -> list[dict]:

@@ -94,6 +94,11 @@ class OrtStage:
             self.onnx_weights = OnnxWeights(self.path, self.entry.get("weights"))
         return self.onnx_weights
 
+    @property
+    def graph_epoch(self) -> int:
+        """Constant: a session's buffers never move under a captured graph."""
+        return 0
+
     def graph_refusal(self) -> str | None:
         """Why runtime.cudagraphs must not capture this stage: a CUDA run waits on the host, which capture forbids."""
         if self.device.type == "cuda":
@@ -139,22 +144,3 @@ def ort_stages(folder: str | Path, manifest: dict, device: str = "cpu") -> dict[
             raise KontextError(f"{path}: missing; re-export with `kontext-trt export --out {folder} --stages {name}`")
         stages[name] = OrtStage(name, path, device, manifest["stages"][name])
     return stages
-
-
-def load_ort_kontext(folder: str | Path, device: torch.device):
-    """A Kontext pipeline over an export folder alone: its ONNX stages, tokenizers and manifest config."""
-    from kontext_trt.export.manifest import read_manifest
-    from kontext_trt.runtime.checkpoint import load_tokenizer_folders
-    from kontext_trt.runtime.flow import Kontext, KontextConfig
-
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise KontextError(f"{folder}: no manifest.json, so not an export folder; "
-                           f"run `kontext-trt export --model CHECKPOINT --out {folder}`")
-    clip_tok, t5_tok = load_tokenizer_folders(folder / manifest["tokenizers"]["clip"],
-                                              folder / manifest["tokenizers"]["t5"])
-    dtypes = sorted({entry["dtype"] for entry in manifest["stages"].values()})
-    info = {"backend": "onnxruntime", "dtype": ",".join(dtypes), "checkpoint": manifest["checkpoint"]["fingerprint"][:16]}
-    return Kontext(ort_stages(folder, manifest, str(device)), clip_tok, t5_tok,
-                   KontextConfig.from_dict(manifest["kontext"]), device, info=info)

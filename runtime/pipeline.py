@@ -1,15 +1,27 @@
-"""Assemble a Kontext pipeline from a checkpoint and a backend."""
+"""Assemble a Kontext pipeline, in this one place for every backend: torch stages over a checkpoint, onnxruntime over an
+export folder, TensorRT over an engine cache; tokenizers, loop config, CUDA graphs and `info` the same way for all.
+
+The stage adapters (torch_stages, ort_stages, trt_stages) know only runtime.stages; what a request or a pipeline is
+lives here and in runtime.flow.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from kontext_trt.runtime import image as im
 from kontext_trt.runtime.checks import check_device
+from kontext_trt.runtime.cudagraphs import GRAPHED_STAGES, graphed
+from kontext_trt.runtime.engine_select import Geometry, select_engines
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.flow import Kontext, KontextConfig
+from kontext_trt.runtime.flow import EditRequest, Kontext, KontextConfig, PipelineInfo, output_size
+from kontext_trt.runtime.stages import STAGE_NAMES, Stage
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+Tokenizers = tuple[Any, Any]  # (CLIPTokenizer, T5TokenizerFast)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -21,41 +33,151 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def load_kontext(model: str | Path | None, backend: str = "torch", dtype: str = "bf16", device: str = "cpu",
-                 onnx: Path | None = None, engines: Path | None = None, loras: list[tuple[str | Path, float]] = (),
-                 **trt_options) -> Kontext:
-    """Load a checkpoint's stages on a backend (onnxruntime: an export folder `onnx`; tensorrt: the engine cache
-    `engines` with trt_stages.load_trt_kontext's options, precision included: dtype is the torch backend's), with
-    tokenizers and config, and the transformer's LoRAs [(file or folder, scale), ...] applied (Kontext.set_loras)."""
-    k = _load_kontext(model, backend, dtype, device, onnx, engines, **trt_options)
+def request_geometry(req: EditRequest) -> Geometry:
+    """What a request needs of the engines: the sizes flow.edit will use and the batch."""
+    context = im.context_size(*req.image.size, auto_resize=req.auto_resize) if req.image is not None else None
+    return Geometry(*output_size(req, context), len(req.prompts), context)
+
+
+def load_kontext(model: str | Path | None = None, backend: str = "torch", dtype: str = "bf16", device: str = "cpu",
+                 onnx: Path | None = None, engines: Path | None = None, cuda_graphs: bool = False,
+                 precision: str | None = None, sku: str = "auto", geometry: Geometry | None = None,
+                 low_vram: bool = False, weight_budget: int | str | None = None,
+                 loras: list[tuple[str | Path, float]] = ()) -> Kontext:
+    """A ready pipeline: TensorRT when `engines` is given (an engine cache made by `kontext-trt build`, the set picked
+    by precision, sku and geometry), else onnxruntime over the export folder `onnx`, else torch over the checkpoint
+    `model` in `dtype` on `device`. cuda_graphs replays the transformer step as a CUDA graph; the transformer's LoRAs
+    [(file or folder, scale), ...] are applied (Kontext.set_loras)."""
+    k = _load_kontext(model, backend, dtype, device, onnx, engines, cuda_graphs, precision, sku, geometry, low_vram,
+                      weight_budget)
     if loras:
         k.set_loras(list(loras))
     return k
 
 
 def _load_kontext(model: str | Path | None, backend: str, dtype: str, device: str, onnx: Path | None,
-                  engines: Path | None, **trt_options) -> Kontext:
+                  engines: Path | None, cuda_graphs: bool, precision: str | None, sku: str, geometry: Geometry | None,
+                  low_vram: bool, weight_budget: int | str | None) -> Kontext:
     """load_kontext without the LoRAs."""
+    if backend not in BACKENDS:
+        raise KontextError(f"unknown backend {backend!r}: use torch or onnxruntime (TensorRT: pass --engines DIR)")
+    if engines is not None or backend == "tensorrt":
+        if backend == "onnxruntime":
+            raise KontextError("--engines runs the TensorRT backend: drop --backend onnxruntime")
+        if engines is None:
+            raise KontextError("the TensorRT backend needs --engines DIR (made by `kontext-trt build`)")
+        return load_engines(engines, precision, sku, geometry, onnx, model, low_vram, weight_budget, cuda_graphs)
+    if low_vram or weight_budget is not None:
+        raise KontextError("--low-vram and --weight-streaming-budget are TensorRT memory modes: add --engines DIR")
+    if precision is not None or sku != "auto":
+        raise KontextError("--precision and --sku pick an engine set: add --engines DIR (the torch and onnxruntime "
+                           "backends take --dtype)")
+    dev = resolve_device(device)
+    if cuda_graphs and dev.type != "cuda":
+        raise KontextError("--cuda-graphs replays on a GPU: add --device cuda (or run engines with --engines DIR)")
+    if backend == "onnxruntime":
+        if onnx is None:
+            raise KontextError("--backend onnxruntime needs --onnx DIR (made by `kontext-trt export`)")
+        return load_onnx(onnx, dev, cuda_graphs)
+    if model is None:
+        raise KontextError("no model given: pass --model CHECKPOINT_DIR (or run `kontext-trt synth DIR` for a test one)")
+    return load_torch(model, dtype, dev, cuda_graphs)
+
+
+def assemble(stages: dict[str, Stage], tokenizers: Tokenizers, config: KontextConfig, device: torch.device,
+             info: PipelineInfo, cuda_graphs: bool = False) -> Kontext:
+    """The pipeline over these stages; with cuda_graphs, its transformer step replays as a CUDA graph."""
+    k = Kontext(stages, *tokenizers, config, device, info)
+    return with_cuda_graphs(k) if cuda_graphs else k
+
+
+def with_cuda_graphs(k: Kontext, names: tuple[str, ...] = GRAPHED_STAGES, max_graphs: int = 8) -> Kontext:
+    """The pipeline sharing k's stages with those named replayed as CUDA graphs (runtime.cudagraphs)."""
+    if k.device.type != "cuda":
+        raise KontextError("--cuda-graphs replays on a GPU: add --device cuda (or run engines with --engines DIR)")
+    wrapped = graphed(k.stages, names, max_graphs)
+    return k.with_graphs({name: wrapped[name] for name in names if name in wrapped})
+
+
+def load_torch(model: str | Path, dtype: str, device: torch.device, cuda_graphs: bool = False) -> Kontext:
+    """The torch backend over a checkpoint folder (diffusers layout or BFL single files)."""
     from kontext_trt.runtime import checkpoint as ck
     from kontext_trt.runtime.torch_stages import torch_stages
 
-    if backend == "tensorrt":
-        from kontext_trt.runtime.trt_stages import load_trt_kontext
-
-        if engines is None:
-            raise KontextError("--backend tensorrt needs --engines DIR (made by `kontext-trt build`)")
-        return load_trt_kontext(engines, onnx=onnx, model=model, **trt_options)
-    if backend == "onnxruntime":
-        from kontext_trt.runtime.ort_stages import load_ort_kontext
-
-        if onnx is None:
-            raise KontextError("--backend onnxruntime needs --onnx DIR (made by `kontext-trt export`)")
-        return load_ort_kontext(onnx, resolve_device(device))
-    if backend != "torch":
-        raise KontextError(f"unknown backend {backend!r}: use torch, onnxruntime or tensorrt")
-    dev = resolve_device(device)
+    if dtype not in DTYPES:
+        raise KontextError(f"unknown dtype {dtype!r}: use {' or '.join(DTYPES)}")
     ckpt = ck.open_checkpoint(model)
-    clip_tok, t5_tok = ck.load_tokenizers(ckpt)
-    info = {"backend": backend, "dtype": dtype, "checkpoint": ck.checkpoint_fingerprint(ckpt)[:16]}
-    return Kontext(torch_stages(ckpt, DTYPES[dtype], str(dev)), clip_tok, t5_tok,
-                   KontextConfig.from_checkpoint(ckpt), dev, info=info)
+    info = PipelineInfo("torch", dtype, dtype, ck.checkpoint_fingerprint(ckpt)[:16], str(model))
+    return assemble(torch_stages(ckpt, DTYPES[dtype], str(device)), ck.load_tokenizers(ckpt),
+                    KontextConfig.from_checkpoint(ckpt), device, info, cuda_graphs)
+
+
+def load_onnx(folder: str | Path, device: torch.device, cuda_graphs: bool = False) -> Kontext:
+    """The onnxruntime backend over an export folder alone: its ONNX stages, tokenizers and manifest config."""
+    from kontext_trt.export.manifest import read_manifest
+    from kontext_trt.runtime.ort_stages import ort_stages
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise KontextError(f"{folder}: no manifest.json, so not an export folder; "
+                           f"run `kontext-trt export --model CHECKPOINT --out {folder}`")
+    entries = manifest["stages"]
+    dtype = ",".join(sorted({entry["dtype"] for entry in entries.values()}))
+    precision = entries.get("transformer", {}).get("precision", dtype)
+    info = PipelineInfo("onnxruntime", dtype, precision, manifest["checkpoint"]["fingerprint"][:16], str(folder))
+    return assemble(ort_stages(folder, manifest, str(device)), export_tokenizers(folder, manifest),
+                    KontextConfig.from_dict(manifest["kontext"]), device, info, cuda_graphs)
+
+
+def load_engines(engines: Path, precision: str | None = None, sku: str = "auto", geometry: Geometry | None = None,
+                 onnx: Path | None = None, model: Path | None = None, low_vram: bool = False,
+                 weight_budget: int | str | None = None, cuda_graphs: bool = False) -> Kontext:
+    """The TensorRT backend over the engine set of `engines` that runs here and covers `geometry` (see
+    runtime.engine_select); tokenizers and config from the export it was built from (or `onnx`, or `model`).
+    Resident mode loads every engine now, the transformer last (an auto weight-streaming budget then sees what the
+    others took); low_vram loads each when its stage is first called."""
+    from kontext_trt.runtime.trt_stages import EnginePool, TrtStage
+
+    chosen = select_engines(engines, precision, sku, geometry)
+    found = chosen.found
+    tokenizers, config = engine_text_side(found.manifest, onnx, model)
+    device = torch.device("cuda", chosen.gpu.cuda_index)  # the device whose SKU was detected
+    pool = EnginePool(chosen.api, device, low_vram, weight_budget is not None, found.runtime_cache)
+    rebuild = found.manifest.get("command", "kontext-trt build")
+    stages = {name: TrtStage(name, found.plans[name], pool, weight_budget if name == "transformer" else None,
+                             cuda_graphs and name in GRAPHED_STAGES, rebuild)
+              for name in STAGE_NAMES if name in found.plans}
+    if not low_vram:
+        for name in sorted(stages, key=lambda name: name == "transformer"):
+            pool.admit(stages[name])
+    checkpoint = (found.manifest.get("checkpoint_fingerprint") or "")[:16] or None
+    info = PipelineInfo(chosen.api.flavor, chosen.precision, chosen.precision, checkpoint, str(found.folder), pool.mode)
+    return assemble(stages, tokenizers, config, device, info, cuda_graphs)
+
+
+def export_tokenizers(folder: Path, manifest: dict) -> Tokenizers:
+    """The CLIP and T5 tokenizers an export folder copied from its checkpoint."""
+    from kontext_trt.runtime.checkpoint import load_tokenizer_folders
+
+    return load_tokenizer_folders(Path(folder) / manifest["tokenizers"]["clip"],
+                                  Path(folder) / manifest["tokenizers"]["t5"])
+
+
+def engine_text_side(manifest: dict, onnx: Path | None, model: Path | None) -> tuple[Tokenizers, KontextConfig]:
+    """(tokenizers, KontextConfig) of an engine set: from the export folder it was built from (or `onnx`), else from
+    the checkpoint `model`."""
+    from kontext_trt.export.manifest import read_manifest
+
+    folder = onnx or manifest.get("onnx", {}).get("dir")
+    export = read_manifest(Path(folder)) if folder and Path(folder).is_dir() else None
+    if export is not None:
+        config = KontextConfig.from_dict(manifest.get("onnx", {}).get("kontext") or export["kontext"])
+        return export_tokenizers(Path(folder), export), config
+    if model is None:
+        raise KontextError(f"the export folder the engines were built from ({folder}) holds no manifest.json, and "
+                           "the tokenizers and loop config come from it: pass --onnx EXPORT_DIR or --model CHECKPOINT")
+    from kontext_trt.runtime import checkpoint as ck
+
+    ckpt = ck.open_checkpoint(model)
+    return ck.load_tokenizers(ckpt), KontextConfig.from_checkpoint(ckpt)

@@ -26,10 +26,12 @@ and proj_out. The body returns hidden states, not a residual, so a computed step
 
 The loop hands float inputs over as float32 (ids and timestep stay float32); each adapter casts to the
 dtype its backend wants and may return outputs in its own dtype.
+
+Optional abilities are Protocols below: a stage has one when it has its methods (`isinstance(stage, SupportsX)`).
 """
 from __future__ import annotations
 
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Hashable, Iterable, Protocol, runtime_checkable
 
 import torch
 
@@ -61,6 +63,27 @@ class Stage(Protocol):
     """A stage: named tensors in, named tensors out."""
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class SupportsGraphCapture(Protocol):
+    """A stage that tells runtime.cudagraphs when it must not be captured, and when captured graphs went stale."""
+
+    @property
+    def graph_epoch(self) -> Hashable:
+        """Changes whenever memory a captured graph points at changes (an engine loaded or freed, scratch moved)."""
+        ...
+
+    def graph_refusal(self) -> str | None:
+        """Why the stage must not be captured now, or None if it may."""
+        ...
+
+
+@runtime_checkable
+class SupportsMemoryStats(Protocol):
+    """A stage that reports its own memory figures (bytes), e.g. a TensorRT engine's weights and scratch."""
+
+    def memory_stats(self) -> dict[str, int]: ...
 
 
 @runtime_checkable

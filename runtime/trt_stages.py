@@ -20,14 +20,10 @@ from typing import Any
 
 import torch
 
-from kontext_trt.engines import cache, device as gpus, profiles, trt_api
-from kontext_trt.engines.skus import PRECISION_FALLBACK, Sku, precision_refusal
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime.cudagraphs import GRAPHED_STAGES
+from kontext_trt.engines import trt_api
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.flow import EditRequest, Kontext, KontextConfig
 from kontext_trt.runtime.lru import LruCache
-from kontext_trt.runtime.stages import STAGE_IO, STAGE_NAMES
+from kontext_trt.runtime.stages import STAGE_IO
 from kontext_trt.runtime.trt_io import TensorSpec, check_io, engine_io, plan_inputs
 from kontext_trt.runtime.trt_pool import EnginePool, device_memory
 
@@ -310,118 +306,3 @@ def memory_summary(stages: dict) -> str:
     return (f"device memory ({pool.mode}): engines + scratch {pool.resident_bytes() / 2**30:.2f} GiB "
             f"resident, {pool.peak_bytes / 2**30:.2f} GiB peak; torch tensors {torch_peak / 2**30:.2f} GiB peak "
             f"(scratch {pool.scratch_bytes / 2**30:.2f} GiB of it)")
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What a request needs of the engines: output size, batch and the context image size (None: text-to-image)."""
-
-    width: int
-    height: int
-    batch: int = 1
-    context: tuple[int, int] | None = None
-
-
-def request_geometry(req: EditRequest) -> Geometry:
-    """The geometry of an EditRequest: the sizes flow.edit will use."""
-    context = im.context_size(*req.image.size, auto_resize=req.auto_resize) if req.image is not None else None
-    width, height = (req.width, req.height) if req.width is not None else context or (1024, 1024)
-    return Geometry(width, height, len(req.prompts), context)
-
-
-def cuda_gpu() -> gpus.Gpu:
-    """The GPU the engines must run on, or one line saying there is none."""
-    gpu, why = gpus.detect_gpu()  # torch's current CUDA device, found in NVML by its UUID
-    if gpu is not None and gpu.cuda_index is None:
-        gpu, why = None, f"torch {torch.__version__} sees no CUDA device (a CPU-only torch build?)"
-    if gpu is None:
-        raise KontextError(f"--engines runs TensorRT engines on an NVIDIA GPU and none is usable here ({why}): run on "
-                           "the GPU the engines were built for, or use --backend onnxruntime --onnx DIR")
-    return gpu
-
-
-def pick_api(root: Path, sku: Sku) -> trt_api.TrtApi:
-    """The installed TensorRT flavour that root has engines of for this SKU (the SKU's own flavour first)."""
-    installed = []
-    for flavor in dict.fromkeys([sku.flavor, *trt_api.MODULES]):
-        try:
-            installed.append(trt_api.load_api(flavor))
-        except KontextError:
-            continue
-    if not installed:
-        trt_api.load_api(sku.flavor)  # raises the one-line install hint
-    return next((api for api in installed if (Path(root) / sku.tag / api.folder).is_dir()), installed[0])
-
-
-def default_geometry(folder: Path) -> Geometry:
-    """The geometry an engine set covers if it covers anything: its opt size, batch at its low end, an edit when it
-    has a VAE encoder."""
-    manifest = cache.read_manifest(folder) or {}
-    build = manifest.get("build", {})
-    width, height = profiles.opt_size(profiles.parse_sizes(build.get("static") or build.get("sizes") or "1024x1024"))
-    edit = "vae_encoder" in manifest.get("stages", {"vae_encoder": None})
-    return Geometry(width, height, profiles.parse_batch(build.get("batch", "1"))[0], (width, height) if edit else None)
-
-
-def text_side(manifest: dict, onnx: Path | None, model: Path | None) -> tuple[Any, Any, KontextConfig]:
-    """(CLIP tokenizer, T5 tokenizer, KontextConfig): from the export folder the engines were built from (or --onnx),
-    else from the checkpoint (--model)."""
-    from kontext_trt.export.manifest import read_manifest
-    from kontext_trt.runtime.checkpoint import load_tokenizer_folders
-
-    folder = onnx or manifest.get("onnx", {}).get("dir")
-    export = read_manifest(Path(folder)) if folder and Path(folder).is_dir() else None
-    if export is not None:
-        clip, t5 = load_tokenizer_folders(Path(folder) / export["tokenizers"]["clip"],
-                                          Path(folder) / export["tokenizers"]["t5"])
-        return clip, t5, KontextConfig.from_dict(manifest.get("onnx", {}).get("kontext") or export["kontext"])
-    if model is None:
-        raise KontextError(f"the export folder the engines were built from ({folder}) holds no manifest.json, and "
-                           "the tokenizers and loop config come from it: pass --onnx EXPORT_DIR or --model CHECKPOINT")
-    from kontext_trt.runtime import checkpoint as ck
-
-    ckpt = ck.open_checkpoint(model)
-    return (*ck.load_tokenizers(ckpt), KontextConfig.from_checkpoint(ckpt))
-
-
-def gpu_sku(name: str, gpu: gpus.Gpu) -> Sku:
-    """The SKU whose engines run on this GPU: NVML's ('auto'), or one named, which must be this GPU's architecture
-    (an engine runs only on the compute capability it was built for)."""
-    sku = gpus.resolve_sku(name, gpu)
-    if sku.sm != gpu.sm:
-        raise KontextError(f"--sku {name} engines are for sm{sku.sm} and this GPU ({gpu.name}) is sm{gpu.sm}: use "
-                           f"--sku auto, or build engines for it with kontext-trt build --sku auto")
-    return sku
-
-
-def load_trt_kontext(engines: Path, precision: str | None = None, sku: str = "auto", geometry: Geometry | None = None,
-                     onnx: Path | None = None, model: Path | None = None, low_vram: bool = False,
-                     weight_budget: int | str | None = None, cuda_graphs: bool = False) -> Kontext:
-    """A Kontext pipeline over the engine set in `engines` for this GPU (or the SKU named), the installed TensorRT and
-    `precision` (default: the only one built) that covers `geometry` (default: the set's own opt size), or one line
-    saying why not and the build command that makes it."""
-    gpu = cuda_gpu()
-    sku = gpu_sku(sku, gpu)
-    api = pick_api(engines, sku)
-    precision = cache.pick_precision(Path(engines) / sku.tag / api.folder, precision)
-    refusal = precision_refusal(precision, gpu.sm)
-    if refusal is not None:
-        fallback = PRECISION_FALLBACK.get(precision, "fp32")
-        raise KontextError(f"{gpu.name} cannot run {precision} engines: {refusal}: run {fallback} engines instead "
-                           f"(--precision {fallback.split()[0]})")
-    folder = cache.engine_folder(engines, sku, api.folder, precision)
-    g = geometry or default_geometry(folder)
-    found = cache.find_engines(engines, sku, api.folder, precision, g.width, g.height, g.batch, g.context)
-    clip_tok, t5_tok, config = text_side(found.manifest, onnx, model)
-    device = torch.device("cuda", gpu.cuda_index)  # the device whose SKU was detected
-    pool = EnginePool(api, device, low_vram, weight_budget is not None, found.runtime_cache)
-    rebuild = found.manifest.get("command", "kontext-trt build")
-    stages = {name: TrtStage(name, found.plans[name], pool, weight_budget if name == "transformer" else None,
-                             cuda_graphs and name in GRAPHED_STAGES, rebuild)
-              for name in STAGE_NAMES if name in found.plans}
-    if not low_vram:  # the transformer last: an auto weight-streaming budget sees what the other engines took
-        for name in sorted(stages, key=lambda name: name == "transformer"):
-            pool.admit(stages[name])
-    info = {"backend": api.flavor, "dtype": precision, "precision": precision, "engines": str(found.folder),
-            "checkpoint": (found.manifest.get("checkpoint_fingerprint") or "")[:16] or None, "memory_mode": pool.mode}
-    return Kontext(stages, clip_tok, t5_tok, config, device, info=info)

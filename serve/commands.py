@@ -98,11 +98,11 @@ def warm_request(k):
     from kontext_trt.runtime.flow import EditRequest
     from kontext_trt.serve.service import small_edit
 
-    if "engines" not in k.info:
+    if not k.info.backend.startswith("tensorrt"):
         return small_edit(k)
-    from kontext_trt.runtime.trt_stages import default_geometry
+    from kontext_trt.runtime.engine_select import default_geometry
 
-    g = default_geometry(Path(k.info["engines"]))
+    g = default_geometry(Path(k.info.source))
     image = None if g.context is None else im.sample_image(*g.context)
     return EditRequest(prompts=["warm up"] * g.batch, image=image, width=g.width, height=g.height, steps=1,
                        auto_resize=False)
@@ -110,11 +110,11 @@ def warm_request(k):
 
 def engine_max_batch(k) -> int | None:
     """The largest batch of the engine profile the pipeline runs, if it runs engines."""
-    if "engines" not in k.info:
+    if not k.info.backend.startswith("tensorrt"):
         return None
     from kontext_trt.engines import cache, profiles
 
-    build = (cache.read_manifest(Path(k.info["engines"])) or {}).get("build", {})
+    build = (cache.read_manifest(Path(k.info.source)) or {}).get("build", {})
     return profiles.parse_batch(build.get("batch", "1"))[1]
 
 

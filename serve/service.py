@@ -94,7 +94,7 @@ class EditService:
         """Run requests sharing a batch key as one batch; should the batch fail, each request runs alone so one bad
         request cannot fail its batch-mates."""
         start = time.perf_counter()
-        self.k.times = StageTimes()
+        self.k.reset_times()
         try:
             outcomes = self.run_batch(reqs)
         except Exception as exc:  # noqa: BLE001 - an outcome per request, never a dead server

@@ -54,19 +54,21 @@ def test_fp8_is_closer_to_bf16_than_nvfp4(fp8_run, nvfp4_run):
 
 def test_same_request_reuses_the_calibration(fp8_run, tiny_ckpt, calib_jsonl, monkeypatch, capsys):
     from kontext_trt.quant import quantize as qz
+    from kontext_trt.runtime.checkpoint import load_transformer
 
     out, _ = fp8_run
     req = qz.QuantizeRequest(model=tiny_ckpt, precision="fp8", out=out, calib=calib_jsonl, calib_size=2, calib_steps=2,
                              attention="fp8", report_size=1, dtype="fp32", auto_resize=False)
     ckpt, attention, pairs = qz.check_request(req)
-    k = qz.reference_kontext(ckpt, qz.resolve_device("cpu"))
+    transformer = load_transformer(ckpt, qz.REFERENCE)
+    k = qz.reference_kontext(ckpt, qz.resolve_device("cpu"), transformer)
     monkeypatch.setattr(qz, "calibrate", lambda *a: pytest.fail("calibrated again"))
-    assert qz.ensure_calibration(k, qz.recipe_for(k, ckpt, req, attention, pairs), pairs, req)
+    assert qz.ensure_calibration(k, transformer, qz.recipe_for(transformer, ckpt, req, attention, pairs), pairs, req)
     assert "reusing the calibration" in capsys.readouterr().err
     req.calib_steps = 3  # another calibration: it would be redone
     monkeypatch.setattr(qz, "calibrate", lambda *a: (_ for _ in ()).throw(RuntimeError("recalibrating")))
     with pytest.raises(RuntimeError, match="recalibrating"):
-        qz.ensure_calibration(k, qz.recipe_for(k, ckpt, req, attention, pairs), pairs, req)
+        qz.ensure_calibration(k, transformer, qz.recipe_for(transformer, ckpt, req, attention, pairs), pairs, req)
 
 
 @pytest.mark.parametrize("case, message", [

@@ -88,7 +88,7 @@ def test_latents_match_the_torch_backend(backend, reference, expected, prompts, 
     ours = edit(backend, make_request(prompts, size))
     assert ours.latents.shape == expected(prompts, size).shape
     assert (ours.latents.cpu() - expected(prompts, size)).abs().max().item() < 1e-4
-    assert ours.metadata["checkpoint"] == reference.info["checkpoint"]
+    assert ours.metadata["checkpoint"] == reference.info.checkpoint
 
 
 def test_session_caches_and_batches(backend, expected):

@@ -155,17 +155,15 @@ def host_ms_per_call(stage, feeds: dict, calls: int = 20) -> float:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs capture and replay on one")
 def test_replayed_edit_matches_eager_and_costs_less_host_time(tiny_ckpt):
-    from dataclasses import replace
-
-    from kontext_trt.runtime.pipeline import load_kontext
+    from kontext_trt.runtime.pipeline import load_kontext, with_cuda_graphs
 
     k = load_kontext(tiny_ckpt, dtype="fp32", device="cuda")
     req = EditRequest(prompts=["add a cat", "make it night"], image=im.sample_image(80, 64, seed=3), width=96,
                       height=64, steps=4, seed=11, auto_resize=False)
     eager = edit(k, req)
-    kg = replace(k, stages=graphed(k.stages))
+    kg = with_cuda_graphs(k)
     first, second = edit(kg, req), edit(kg, req)  # the second edit replays the graph the first captured
-    graphs = kg.stages["transformer"].stats()
+    graphs = kg.graphs["transformer"].stats()
     assert graphs["captures"] == 1 and graphs["replays"] == 2 * req.steps and graphs["eager"] == 0
     for result in (first, second):
         assert (result.latents - eager.latents).abs().max().item() < 1e-3
@@ -173,6 +171,6 @@ def test_replayed_edit_matches_eager_and_costs_less_host_time(tiny_ckpt):
 
     feeds = step_inputs(preset_config("tiny"), 1, 24, 24, torch.device("cuda"))
     eager_ms = host_ms_per_call(k.stages["transformer"], feeds)
-    graphed_ms = host_ms_per_call(kg.stages["transformer"], feeds)
+    graphed_ms = host_ms_per_call(kg.graphs["transformer"], feeds)
     print(f"\nper-step host time: eager {eager_ms:.3f} ms, graph replay {graphed_ms:.3f} ms")
     assert graphed_ms < eager_ms

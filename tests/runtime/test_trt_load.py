@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kontext_trt.engines import cache, device as gpus, trt_api
-from kontext_trt.runtime import image as im, trt_stages as ts
+from kontext_trt.runtime import engine_select as es, image as im, pipeline as pl
 from kontext_trt.runtime.cli import main
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.flow import EditRequest
@@ -18,24 +18,24 @@ API = trt_api.load_api("tensorrt-rtx")
 
 def test_request_geometry():
     image = im.sample_image(80, 64)
-    assert ts.request_geometry(EditRequest(prompts=["a", "b"], image=image, auto_resize=False)) == \
-        ts.Geometry(80, 64, 2, (80, 64))
-    assert ts.request_geometry(EditRequest(prompts=["a"], image=image, width=96, height=64, auto_resize=False)) == \
-        ts.Geometry(96, 64, 1, (80, 64))
-    assert ts.request_geometry(EditRequest(prompts=["a"])) == ts.Geometry(1024, 1024, 1, None)
+    assert pl.request_geometry(EditRequest(prompts=["a", "b"], image=image, auto_resize=False)) == \
+        pl.Geometry(80, 64, 2, (80, 64))
+    assert pl.request_geometry(EditRequest(prompts=["a"], image=image, width=96, height=64, auto_resize=False)) == \
+        pl.Geometry(96, 64, 1, (80, 64))
+    assert pl.request_geometry(EditRequest(prompts=["a"])) == pl.Geometry(1024, 1024, 1, None)
 
 
 def test_default_geometry_is_the_sets_opt_edit(trt_engines):
-    assert ts.default_geometry(trt_engines / "rtx4090-sm89" / API.folder / "fp32") == ts.Geometry(96, 64, 1, (96, 64))
+    assert es.default_geometry(trt_engines / "rtx4090-sm89" / API.folder / "fp32") == pl.Geometry(96, 64, 1, (96, 64))
 
 
 def test_tokenizers_and_config_come_from_the_export(trt_manifest, tiny_ckpt, tmp_path):
-    clip, t5, config = ts.text_side(trt_manifest, None, None)
+    (clip, t5), config = pl.engine_text_side(trt_manifest, None, None)
     assert clip.model_max_length and config.latent_channels == 16
     gone = {**trt_manifest, "onnx": {**trt_manifest["onnx"], "dir": str(tmp_path / "moved")}}
     with pytest.raises(KontextError, match="pass --onnx EXPORT_DIR or --model CHECKPOINT"):
-        ts.text_side(gone, None, None)
-    assert ts.text_side(gone, None, tiny_ckpt)[2] == config
+        pl.engine_text_side(gone, None, None)
+    assert pl.engine_text_side(gone, None, tiny_ckpt)[1] == config
 
 
 def edit_error(capsys, trt_engines, tmp_path, *extra) -> str:

@@ -118,7 +118,6 @@ def app_in_thread(k, wrap: dict, max_batch: int = 4, max_queue: int = 64, window
     """The app over pipeline k with stages replaced by wrap[name](stage), served by uvicorn in a thread; its URL.
     `policy`: the service's safety OutputPolicy (default: NudeNet and the watermark)."""
     import asyncio
-    from dataclasses import replace
 
     import uvicorn
 
@@ -127,7 +126,7 @@ def app_in_thread(k, wrap: dict, max_batch: int = 4, max_queue: int = 64, window
     from kontext_trt.serve.metrics import Metrics
     from kontext_trt.serve.service import EditService
 
-    faked = replace(k, stages={name: wrap[name](stage) if name in wrap else stage for name, stage in k.stages.items()})
+    faked = k.with_stages(**{name: make(k.stages[name]) for name, make in wrap.items()})
     service = EditService(lambda: faked, policy=policy)
     metrics = Metrics()
     batcher = MicroBatcher(service, metrics, max_batch, max_queue, window_s)
