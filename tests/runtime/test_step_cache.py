@@ -13,7 +13,6 @@ from kontext_trt.runtime.pipeline import load_kontext
 from kontext_trt.runtime.stages import STAGE_IO, TRANSFORMER_PARTS
 from kontext_trt.runtime.step_cache import (TEACACHE_FLUX, CacheSpec, FirstBlockCache, TeaCache, parse_cache,
                                             relative_l1)
-from kontext_trt.runtime.timing import StageTimes
 
 STEPS = 6
 
@@ -122,7 +121,7 @@ def test_zero_threshold_is_the_uncached_edit_bf16(tiny_ckpt):
                                            ("fbcache:1e9,warmup=2,cooldown=2", 4)])
 def test_huge_threshold_computes_only_the_protected_steps(torch_k, spec, computed):
     off = edit(torch_k, request("off"))
-    torch_k.times = StageTimes()
+    torch_k.reset_times()
     cached = edit(torch_k, request(spec))
     assert cached.metadata["cache"]["steps_computed"] == computed
     assert cached.metadata["cache"]["steps_skipped"] == STEPS - computed
