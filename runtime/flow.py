@@ -150,6 +150,7 @@ class EditRequest:
     negative_prompt: str | None = None
     true_cfg: float = 1.0
     cache: str = "off"  # step caching: off | fbcache:T | teacache:T (runtime/step_cache.py)
+    lora: str | None = None  # serve only: NAME[:SCALE],... of the server's --lora-dir, applied by serve/service.py
 
 
 @dataclass
@@ -258,12 +259,12 @@ def edit(k: Kontext, req: EditRequest, prompt: Prompt | None = None, context: Co
 
 
 def batch_key(req: EditRequest) -> tuple:
-    """What requests must share to run as one batch: output size, input image size, steps, the true-CFG pass and the
-    step cache (one policy decides for the whole batch)."""
+    """What requests must share to run as one batch: output size, input image size, steps, the true-CFG pass, the
+    step cache (one policy decides for the whole batch) and the server's LoRA set (one transformer weight set)."""
     context = None if req.image is None else im.context_size(*req.image.size, auto_resize=req.auto_resize)
     size = output_size(req, context)
     cfg = req.true_cfg if req.negative_prompt is not None and req.true_cfg > 1 else None
-    return size, context, req.steps, cfg, str(parse_cache(req.cache))
+    return size, context, req.steps, cfg, str(parse_cache(req.cache)), req.lora
 
 
 def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None] | None = None,
@@ -277,8 +278,9 @@ def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None]
     prompts = [p or encode_prompts(k, r.prompts) for r, p in zip(reqs, prompts or [None] * len(reqs))]
     keys = {batch_key(r) for r in reqs}
     if len(keys) != 1:
-        raise KontextError("requests of one batch must share output size, input image size, steps, true CFG and cache")
-    (width, height), _, steps, true_cfg, cache_spec = keys.pop()
+        raise KontextError("requests of one batch must share output size, input image size, steps, true CFG, cache "
+                           "and LoRA set")
+    (width, height), _, steps, true_cfg, cache_spec, _ = keys.pop()
     sizes = [len(r.prompts) for r in reqs]
     prompt = concat_prompts(prompts)
     negative = None

@@ -31,6 +31,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight "
                    "requests before exiting")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--lora-dir", type=Path, help="folder of named LoRAs (NAME.safetensors or NAME/) a request picks "
+                   "with its `lora` field (NAME[:SCALE],...); batches group by LoRA set and swap between batches")
     add_ray_arguments(p)
     add_output_arguments(p)
     p.set_defaults(func=run_serve)
@@ -77,6 +79,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise KontextError("--timeout must be positive and --batch-window-ms and --drain-timeout not negative")
     if not 0 <= args.port <= 65535:
         raise KontextError(f"--port {args.port} is not a TCP port: use 0..65535 (0: any free port)")
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise KontextError(f"--lora-dir {args.lora_dir} is not a folder: pass the folder of NAME.safetensors LoRAs")
     if args.model is not None and not Path(args.model).exists():
         raise KontextError(f"--model {args.model} does not exist: pass a checkpoint folder (or omit --model to "
                            "serve the embedded tiny checkpoint)")
@@ -140,7 +144,8 @@ def run_local(args: argparse.Namespace) -> int:
 
     from kontext_trt.safety.commands import output_policy
 
-    service = EditService(lambda: load_pipeline(args), warm_request, policy=output_policy(args, args.device))
+    service = EditService(lambda: load_pipeline(args), warm_request, policy=output_policy(args, args.device),
+                          lora_dir=args.lora_dir, default_loras=args.lora)
     metrics = Metrics()
     batcher = MicroBatcher(service, metrics, args.max_batch or DEFAULT_MAX_BATCH, args.max_queue,
                            args.batch_window_ms / 1e3)

@@ -31,12 +31,15 @@ class Metrics:
                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.flagged = Counter("kontext_safety_flagged", "images the safety checker flagged, by where (input, "
                                "output) and label", ["where", "label"], registry=r)
+        self.lora_swaps = Counter("kontext_lora_swaps", "times the transformer's LoRA set was swapped between "
+                                  "batches", registry=r)
         self.gpu_memory = Gauge("kontext_gpu_memory_bytes", "GPU memory: used and total on the device, allocated "
                                 "by torch", ["kind"], registry=r)
 
     def observe_batch(self, images: int, run: BatchRun) -> None:
         """Record one batch: its size, and the seconds it spent in each stage and in all."""
         self.batch_size.observe(images)
+        self.lora_swaps.inc(run.lora_swaps)
         for stage, seconds in run.stage_seconds.items():
             self.stage_latency.labels(stage).observe(seconds)
         self.stage_latency.labels("batch").observe(run.seconds)

@@ -87,6 +87,7 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "negative_prompt": (text, "text"),
     "true_cfg": (number, "a number like 4.0 (above 1 with negative_prompt)"),
     "auto_resize": (boolean, "true or false"),
+    "lora": (text, "LoRA names of the server's --lora-dir with optional scales, like relight:0.8,style"),
 }
 
 

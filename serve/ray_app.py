@@ -36,7 +36,8 @@ class KontextDeployment:
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-model")
         from kontext_trt.safety.commands import output_policy
 
-        self.service = EditService(lambda: load_pipeline(args), warm_request, policy=output_policy(args, args.device))
+        self.service = EditService(lambda: load_pipeline(args), warm_request, policy=output_policy(args, args.device),
+                                   lora_dir=args.lora_dir, default_loras=args.lora)
         self.model_thread.submit(self.service.load).result()
         self.max_batch = args.max_batch or engine_max_batch(self.service.k) or DEFAULT_MAX_BATCH
         self.batched.set_max_batch_size(self.max_batch)

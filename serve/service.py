@@ -10,6 +10,7 @@ from typing import Callable
 
 from kontext_trt.runtime import flow
 from kontext_trt.runtime import image as im
+from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.flow import EditRequest, EditResult, Kontext
 from kontext_trt.runtime.session import EditSession
 from kontext_trt.runtime.timing import StageTimes
@@ -41,6 +42,31 @@ def small_edit(k: Kontext) -> EditRequest:
     return EditRequest(prompts=["warm up"], image=im.sample_image(64, 64), steps=1, auto_resize=False)
 
 
+def lora_set(lora_dir: Path | None, text: str) -> list[tuple[Path, float]]:
+    """A request's `lora` value, NAME[:SCALE],..., as (file or folder in lora_dir, scale) pairs."""
+    from kontext_trt.runtime.commands import parse_lora
+
+    if lora_dir is None:
+        raise KontextError("lora: this server has no LoRAs: start it with --lora-dir DIR to serve named LoRAs")
+    loras = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, scale = parse_lora(item)
+        if name.name != str(name) or name.name.startswith("."):
+            raise KontextError(f"lora: {str(name)!r} is not a LoRA name: use a name of {available(lora_dir)}")
+        path = next((p for p in (lora_dir / f"{name}.safetensors", lora_dir / str(name)) if p.exists()), None)
+        if path is None:
+            raise KontextError(f"lora: no LoRA named {str(name)!r}: this server has {available(lora_dir)}")
+        loras.append((path, scale))
+    return loras
+
+
+def available(lora_dir: Path) -> str:
+    """The LoRA names of a --lora-dir, for error messages."""
+    names = sorted(p.stem if p.is_file() else p.name for p in lora_dir.iterdir()
+                   if (p.is_file() and p.suffix == ".safetensors") or p.is_dir())
+    return ", ".join(names) or "none"
+
+
 @dataclass
 class Served:
     """A request's result and how it was served: its batch's size, its wait in the queue, the batch's stage seconds."""
@@ -64,14 +90,18 @@ class BatchRun:
     outcomes: list[EditResult | BaseException]
     stage_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    lora_swaps: int = 0
 
 
 class EditService:
     """Loads the pipeline once, then runs batches of requests (one at a time: call from one thread)."""
 
     def __init__(self, load: Callable[[], Kontext], warm_request: Callable[[Kontext], EditRequest] = small_edit,
-                 cache_size: int = 64, policy: guard.OutputPolicy | None = None) -> None:
+                 cache_size: int = 64, policy: guard.OutputPolicy | None = None, lora_dir: Path | None = None,
+                 default_loras: list[tuple[Path, float]] = ()) -> None:
         self.load_pipeline, self.warm_request, self.cache_size = load, warm_request, cache_size
+        self.lora_dir, self.default_loras = lora_dir, list(default_loras)  # the --lora set serves requests without one
+        self.lora: str | None = None  # the request `lora` whose set the transformer holds now (None: the default)
         self.policy = policy  # None: the default (NudeNet on the pipeline's device, watermark), made at load
         self.k: Kontext | None = None
         self.session: EditSession | None = None
@@ -96,6 +126,10 @@ class EditService:
         start = time.perf_counter()
         self.k.reset_times()
         try:
+            swaps = self.use_loras(reqs[0].lora)  # one LoRA set per batch: it is part of the batch key
+        except Exception as exc:  # noqa: BLE001 - a bad LoRA name fails its batch, the server and its set stay
+            return BatchRun([exc] * len(reqs), {}, time.perf_counter() - start)
+        try:
             outcomes = self.run_batch(reqs)
         except Exception as exc:  # noqa: BLE001 - an outcome per request, never a dead server
             if len(reqs) == 1:
@@ -103,7 +137,16 @@ class EditService:
             else:
                 log.warning("a batch of %d failed (%s); running its requests one by one", len(reqs), exc)
                 outcomes = [self.run_alone(req) for req in reqs]
-        return BatchRun(outcomes, self.k.times.totals(), time.perf_counter() - start)
+        return BatchRun(outcomes, self.k.times.totals(), time.perf_counter() - start, swaps)
+
+    def use_loras(self, lora: str | None) -> int:
+        """Put the transformer on a request's LoRA set (NAME[:SCALE],... of --lora-dir; None: the --lora set);
+        returns 1 if that took a swap."""
+        if lora == self.lora:
+            return 0
+        self.k.set_loras(self.default_loras if lora is None else lora_set(self.lora_dir, lora))
+        self.lora = lora
+        return 1
 
     def run_alone(self, req: EditRequest) -> EditResult | BaseException:
         """One request, its failure returned rather than raised."""
