@@ -88,3 +88,16 @@ def test_folder_without_manifest(engine_onnx, tmp_path):
     assert t.precision == "fp32" and t.shapes["txt_ids"] == (512, 3) and t.path.parent.name == "fp32"
     with pytest.raises(KontextError, match=r"no bf16 transformer ONNX .* \(found fp32\)"):
         found.pick("transformer", "bf16")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU with NVML")
+def test_detected_gpu_is_torchs_device():
+    """On a GPU host: the GPU NVML describes is the one torch runs on (found by its UUID)."""
+    import torch
+
+    gpu, why = device.detect_gpu()
+    assert gpu is not None, why
+    props = torch.cuda.get_device_properties(gpu.cuda_index)
+    assert gpu.cuda_index == torch.cuda.current_device() and gpu.sm == 10 * props.major + props.minor
+    assert gpu.name == props.name and abs(gpu.memory_gib - props.total_memory / 2**30) < 1
