@@ -66,7 +66,7 @@ _DTYPES = {
     "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-_REFETCH = f"re-download it (huggingface-cli download {HUB_ID} --local-dir DIR) or regenerate it"
+_REFETCH = f"re-download it (hf download {HUB_ID} --local-dir DIR) or regenerate it"
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):
             raise KontextError(
                 f"{path}: not a local folder; if it is a Hugging Face hub id, download it first with "
-                f"`huggingface-cli download {path} --local-dir DIR` and pass DIR"
+                f"`hf download {path} --local-dir DIR` and pass DIR"
             )
         raise KontextError(f"{root}: no such checkpoint folder; pass the local folder of {HUB_ID}")
     if not root.is_dir():
@@ -101,7 +101,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return _open_bfl(root)
     raise KontextError(
         f"{root}: holds neither model_index.json (diffusers layout) nor {BFL_TRANSFORMER} (BFL layout); "
-        f"download the checkpoint with `huggingface-cli download {HUB_ID} --local-dir {root}`"
+        f"download the checkpoint with `hf download {HUB_ID} --local-dir {root}`"
     )
 
 

@@ -178,7 +178,7 @@ def test_bad_checkpoints_raise_one_line_naming_the_file(
 
 
 def test_hub_id_says_how_to_download():
-    expected = r"huggingface-cli download black-forest-labs/FLUX\.1-Kontext-dev --local-dir"
+    expected = r"hf download black-forest-labs/FLUX\.1-Kontext-dev --local-dir"
     with pytest.raises(KontextError, match=expected):
         ck.open_checkpoint("black-forest-labs/FLUX.1-Kontext-dev")
 
