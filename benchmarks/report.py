@@ -15,11 +15,9 @@ STAGE_COLUMNS = (("clip", "clip"), ("t5", "t5"), ("vae_encoder", "vae enc"), ("t
 
 
 def validate(results: dict, source: str = "results") -> None:
-    """Refuse results that do not match bench.schema.json, in one line (skipped without jsonschema)."""
-    try:
-        import jsonschema
-    except ImportError:
-        return
+    """Refuse results that do not match bench.schema.json, in one line."""
+    import jsonschema  # the bench extra
+
     try:
         jsonschema.validate(results, json.loads(SCHEMA_PATH.read_text()))
     except jsonschema.ValidationError as exc:
