@@ -137,7 +137,12 @@ def _dtype(value: onnx.ValueInfoProto) -> str:
 
 def file_identity(path: Path, model: onnx.ModelProto | None = None) -> str:
     """sha256 of the .onnx file's content followed by the name and content of each external data file it points to."""
-    model = model or onnx.load(str(path), load_external_data=False)
+    if model is None:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as error:  # protobuf's DecodeError and friends: a corrupted or truncated file
+            raise KontextError(f"{path} is not a readable ONNX model ({type(error).__name__}): it is corrupted or "
+                               "truncated; export it again") from None
     digest = hashlib.sha256(Path(path).read_bytes())
     locations = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
     for location in locations:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from kontext_trt.export.specs import DimRange, eval_dim
 from kontext_trt.runtime import files
+from kontext_trt.runtime.errors import KontextError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -56,6 +57,19 @@ def record_stage(folder: Path, stage: str, entry: dict, fresh: dict) -> Path:
         manifest = read_manifest(folder) or fresh
         manifest["stages"][stage] = entry
         return write_manifest(folder, manifest)
+
+
+def verify_files(folder: Path, manifest: dict) -> None:
+    """Hash each stage's ONNX (external data included) once and refuse, in one line, one that no longer matches."""
+    from kontext_trt.engines.onnx_dir import file_identity
+    from kontext_trt.runtime.timing import progress
+
+    with progress(f"hashing the ONNX files of {folder} (sha256, checked once against its manifest)"):
+        for entry in manifest["stages"].values():
+            path = Path(folder) / entry["file"]
+            if "sha256" in entry and file_identity(path) != entry["sha256"]:
+                raise KontextError(f"{path} (or its external data) is not what {Path(folder) / MANIFEST} records "
+                                   "(sha256 differs): it changed or was damaged since the export; export it again")
 
 
 def new_manifest(checkpoint_path: Path, fingerprint: str, kontext: dict) -> dict:

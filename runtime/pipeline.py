@@ -114,7 +114,7 @@ def load_torch(model: str | Path, dtype: str, device: torch.device, cuda_graphs:
 
 def load_onnx(folder: str | Path, device: torch.device, cuda_graphs: bool = False) -> Kontext:
     """The onnxruntime backend over an export folder alone: its ONNX stages, tokenizers and manifest config."""
-    from kontext_trt.export.manifest import read_manifest
+    from kontext_trt.export.manifest import read_manifest, verify_files
     from kontext_trt.runtime.ort_stages import ort_stages
 
     folder = Path(folder)
@@ -122,6 +122,7 @@ def load_onnx(folder: str | Path, device: torch.device, cuda_graphs: bool = Fals
     if manifest is None:
         raise KontextError(f"{folder}: no manifest.json, so not an export folder; "
                            f"run `kontext-trt export --model CHECKPOINT --out {folder}`")
+    verify_files(folder, manifest)
     entries = manifest["stages"]
     dtype = ",".join(sorted({entry["dtype"] for entry in entries.values()}))
     precision = entries.get("transformer", {}).get("precision", dtype)

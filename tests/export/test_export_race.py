@@ -33,3 +33,25 @@ def test_concurrent_exports_keep_every_stage_and_hash_it(tiny_ckpt, tmp_path):
         assert "sha256 differs" in str(error) and str(data) in str(error)
     else:
         raise AssertionError("a changed ONNX file was accepted")
+
+
+def test_onnxruntime_backend_refuses_a_changed_onnx(tiny_onnx, tmp_path):
+    import shutil
+
+    import torch
+
+    from kontext_trt.runtime.pipeline import load_onnx as load_ort_kontext
+
+    copy = Path(shutil.copytree(tiny_onnx, tmp_path / "onnx"))
+    load_ort_kontext(copy, torch.device("cpu"))  # matches: loads
+    graph = copy / "vae_decoder" / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 1  # one bit flipped in the graph's last byte
+    graph.write_bytes(bytes(data))
+    try:
+        load_ort_kontext(copy, torch.device("cpu"))
+    except KontextError as error:
+        assert str(graph) in str(error) and ("sha256 differs" in str(error) or "not a readable ONNX" in str(error))
+        assert "\n" not in str(error)
+    else:
+        raise AssertionError("a changed ONNX file was loaded")
