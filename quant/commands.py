@@ -20,6 +20,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-size", type=int, default=32, help="calibration edits (default 32)")
     p.add_argument("--calib-steps", type=int, default=20, help="denoising steps per calibration and report edit")
     p.add_argument("--attention", help="fp8 or bf16 (default: bf16 with --precision fp8, fp8 with nvfp4)")
+    p.add_argument("--svd-rank", type=int, help="SVDQuant: rank of the bf16 low-rank branch of every NVFP4 layer "
+                                                "(default 32; 0: plain NVFP4)")
+    p.add_argument("--svd-alpha", type=float, help="SVDQuant smoothing strength in [0, 1] (default: searched per "
+                                                   "layer, as ModelOpt's awq_lite)")
     p.add_argument("--report-size", type=int, default=4, help="held-out edits the quality report compares")
     p.add_argument("--dtype", default="bf16", help="ONNX dtype: bf16 for TensorRT, fp32 for ONNX Runtime")
     p.add_argument("--no-auto-resize", dest="auto_resize", action="store_false",
@@ -44,7 +48,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     report = quantize(QuantizeRequest(
         model=args.model, precision=args.precision, out=args.out, calib=args.calib, calib_size=args.calib_size,
         calib_steps=args.calib_steps, attention=args.attention, report_size=args.report_size, dtype=args.dtype,
-        auto_resize=args.auto_resize, device=args.device, loras=tuple(args.lora)))
+        auto_resize=args.auto_resize, device=args.device, loras=tuple(args.lora), svd_rank=args.svd_rank,
+        svd_alpha=args.svd_alpha))
     print(markdown(report))
     print(f"{args.out / 'manifest.json'}: add the other stages with `kontext-trt export --model {args.model} --out "
           f"{args.out} --stages clip,t5,vae_encoder,vae_decoder`, then `kontext-trt build --onnx {args.out} "

@@ -9,19 +9,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kontext_trt.quant import formats, ops
-from kontext_trt.quant.recipe import Recipe
+from kontext_trt.quant import formats, ops, svdquant
+from kontext_trt.quant.recipe import Recipe, svd_layers
 from kontext_trt.runtime.errors import KontextError
 
 
 class QuantLinear(nn.Module):
-    """nn.Linear with stored FP8 or NVFP4 weights and a calibrated activation scale: y = QDQ(x) @ DQ(W)^T + b."""
+    """nn.Linear with stored FP8 or NVFP4 weights and a calibrated activation scale: y = QDQ(x) @ DQ(W)^T + b.
 
-    def __init__(self, linear: nn.Linear, fmt: str, input_amax: torch.Tensor, dtype: torch.dtype) -> None:
+    With a smoothing s and rank r > 0 (NVFP4 only) it is an SVDQuant layer (quant/svdquant.py):
+    y = (x * inv_s) @ L1 @ L2 + QDQ(x * inv_s) @ DQ(R)^T + b, the branch in dtype, R the NVFP4 residual."""
+
+    def __init__(self, linear: nn.Linear, fmt: str, input_amax: torch.Tensor, dtype: torch.dtype,
+                 smooth: torch.Tensor | None = None, rank: int = 0) -> None:
         super().__init__()
-        self.fmt = fmt
+        self.fmt, self.svd = fmt, smooth is not None and rank > 0
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
         w = linear.weight.detach().float()  # (N, K)
+        if self.svd:
+            if fmt != "nvfp4":
+                raise KontextError(f"SVDQuant needs an nvfp4 layer, not {fmt!r}: quantize again")
+            inv_s, l1, l2, w = svdquant.split(w, smooth, rank, dtype)
+            self.register_buffer("smooth_inv", inv_s)  # (K,) multiplies x
+            self.register_buffer("lora_down", l1)  # (K, r)
+            self.register_buffer("lora_up", l2)  # (r, N)
         if fmt == "fp8":
             self.register_buffer("weight_scale", formats.scale_for(w.abs().max(), formats.E4M3_MAX, dtype))
             self.register_buffer("weight", formats.round_e4m3(w.T.contiguous() / self.weight_scale.float()))  # (K, N)
@@ -36,11 +47,17 @@ class QuantLinear(nn.Module):
             raise KontextError(f"unknown layer format {fmt!r} in the recipe: quantize again")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = None
+        if self.svd:
+            x = x * self.smooth_inv
+            branch = torch.matmul(torch.matmul(x, self.lora_down), self.lora_up)
         if self.fmt == "fp8":
             y = torch.matmul(ops.fp8_qdq(x, self.input_scale), ops.fp8_dq(self.weight, self.weight_scale))
         else:
             w = ops.nvfp4_dq(self.weight, self.weight_block_scale, self.weight_scale)  # (N, K)
             y = torch.matmul(ops.nvfp4_qdq(x, self.input_scale), w.T)
+        if branch is not None:
+            y = y + branch
         return y if self.bias is None else y + self.bias
 
 
@@ -92,14 +109,16 @@ def quantize_transformer(model: nn.Module, recipe: Recipe, amax: dict[str, torch
     """Swap the recipe's linears for QuantLinear and give its attention modules FP8 attention, in place.
 
     `model` is already in dtype (loaded so); the quantized layers' scales and biases are stored in dtype too."""
-    modules = dict(model.named_modules())
+    modules, svd = dict(model.named_modules()), set(svd_layers(recipe))
     for name, fmt in recipe.layers.items():
         if fmt is None:
             continue
-        if f"{name}.input" not in amax or not isinstance(modules.get(name), nn.Linear):
+        if f"{name}.input" not in amax or not isinstance(modules.get(name), nn.Linear) or \
+                (name in svd and f"{name}.smooth" not in amax):
             raise KontextError(f"the saved calibration does not fit this transformer (layer {name}): quantize again")
         parent, _, child = name.rpartition(".")
-        layer = QuantLinear(modules[name], fmt, amax[f"{name}.input"], dtype)
+        layer = QuantLinear(modules[name], fmt, amax[f"{name}.input"], dtype, amax.get(f"{name}.smooth"),
+                            recipe.svd_rank if name in svd else 0)
         setattr(modules[parent] if parent else model, child, layer)
     for name in recipe.attention_layers:
         attn = modules[name]

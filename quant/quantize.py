@@ -13,7 +13,7 @@ import torch
 
 from kontext_trt.export.export import prepare_folder
 from kontext_trt.export.manifest import read_manifest
-from kontext_trt.quant import calib_data, recipe as rc, state
+from kontext_trt.quant import calib_data, recipe as rc, state, svdquant
 from kontext_trt.quant.calibrate import calibrate
 from kontext_trt.quant.export import export_quantized, fused_transformer
 from kontext_trt.quant.qmodel import quantize_transformer
@@ -43,6 +43,8 @@ class QuantizeRequest:
     auto_resize: bool = True
     device: str = "cpu"
     loras: tuple = ()  # [(file or folder, scale)]: fused into the transformer before calibration (runtime.lora)
+    svd_rank: int | None = None  # SVDQuant rank of the nvfp4 layers; None: 32 for nvfp4, 0 (plain) for fp8
+    svd_alpha: float | None = None  # SVDQuant smoothing strength; None: searched per layer
 
 
 def quantize(req: QuantizeRequest) -> dict:
@@ -63,7 +65,10 @@ def quantize(req: QuantizeRequest) -> dict:
                                                        REFERENCE), device)
     info = {"precision": recipe.precision, "attention": recipe.attention,
             "quantized_layers": sum(fmt is not None for fmt in recipe.layers.values()),
-            "linear_layers": len(recipe.layers), "calibration": describe_calibration(recipe)}
+            "linear_layers": len(recipe.layers), "calibration": describe_calibration(recipe),
+            "narrowed": recipe.narrowed,
+            "svdquant": svdquant.branch_summary(k.stages["transformer"].module.model, rc.svd_layers(recipe),
+                                                recipe.svd_rank, amax) if recipe.svd_rank else None}
     held_out = calib_data.drawn_pairs(req.report_size, calib_data.REPORT_SEED, small=not req.auto_resize)
     report = quality_report(k, quantized, held_out, req.calib_steps, req.auto_resize, info)
     write_report(req.out, report)
@@ -77,6 +82,7 @@ def check_request(req: QuantizeRequest) -> tuple[object, str, list[calib_data.Pa
     from kontext_trt.runtime import checkpoint as ck
 
     attention = rc.check_precision(req.precision, req.attention)
+    rc.check_svd(req.precision, req.svd_rank, req.svd_alpha)
     for name in ("calib_size", "calib_steps", "report_size"):
         if getattr(req, name) < 1:
             raise KontextError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(req, name)}")
@@ -94,7 +100,8 @@ def recipe_for(transformer: torch.nn.Module, ckpt, req: QuantizeRequest, attenti
     """The recipe of this transformer, with the checkpoint and the calibration settings it is valid for."""
     from kontext_trt.runtime import checkpoint as ck
 
-    recipe = rc.make_recipe(transformer, req.precision, attention)
+    recipe = rc.make_recipe(transformer, req.precision, attention,
+                            rc.check_svd(req.precision, req.svd_rank, req.svd_alpha), req.svd_alpha)
     recipe.checkpoint = {"path": str(Path(ckpt.root).resolve()), "fingerprint": ck.checkpoint_fingerprint(ckpt)}
     recipe.calibration = {"source": str(req.calib) if req.calib else "shipped drawn set", "size": len(pairs),
                           "steps": req.calib_steps, "auto_resize": req.auto_resize,

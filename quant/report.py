@@ -97,7 +97,8 @@ def markdown(report: dict) -> str:
              f"| worst step cosine similarity | {s['cosine_min']:.5f} |",
              f"| worst step relative error | {s['rel_error_max']:.4f} |",
              f"| PSNR mean / min | {s['psnr_mean_db']:.2f} / {s['psnr_min_db']:.2f} dB |",
-             f"| SSIM mean / min | {s['ssim_mean']:.4f} / {s['ssim_min']:.4f} |", "",
+             f"| SSIM mean / min | {s['ssim_mean']:.4f} / {s['ssim_min']:.4f} |", "", *svd_lines(report),
+             *narrowed_lines(report),
              "| step | sigma | cosine mean | cosine min | rel. error mean | rel. error max |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {r['sigma']:.4f} | {r['cosine_mean']:.5f} | {r['cosine_min']:.5f} | "
@@ -105,6 +106,27 @@ def markdown(report: dict) -> str:
     lines += ["", "| edit | input | PSNR dB | SSIM |", "|---|---|---|---|"]
     lines += [f"| {x['prompt']} | {x['source']} | {x['psnr_db']:.2f} | {x['ssim']:.4f} |" for x in report["samples"]]
     return "\n".join(lines) + "\n"
+
+
+def svd_lines(report: dict) -> list[str]:
+    """SVDQuant: rank, layers, alphas, the branch's parameters and FLOP per token (none for plain NVFP4 / FP8)."""
+    svd = report.get("svdquant")
+    if not svd:
+        return []
+    alpha = "n/a" if svd["alpha_mean"] is None else \
+        f"{svd['alpha_mean']:.2f} (min {svd['alpha_min']:.1f}, max {svd['alpha_max']:.1f})"
+    return [f"SVDQuant rank {svd['rank']} on {svd['layers']} NVFP4 layers, smoothing alpha {alpha}; the bf16 low-rank "
+            f"branches hold {svd['branch_params']:,} parameters and cost {svd['branch_flop_per_token']:,} FLOP per "
+            "token (2 r (d_in + d_out) per layer).", ""]
+
+
+def narrowed_lines(report: dict) -> list[str]:
+    """The layers kept below the requested format, with why."""
+    narrowed = report.get("narrowed") or {}
+    if not narrowed:
+        return []
+    return ["| layer kept in a lower precision | why |", "|---|---|",
+            *(f"| {name} | {why} |" for name, why in narrowed.items()), ""]
 
 
 def write_report(out: Path, report: dict) -> tuple[Path, Path]:

@@ -2,9 +2,12 @@
 
     recipe.json        quant.recipe.Recipe: precision, attention, every layer's format, checkpoint, calibration
     amax.safetensors   float32 0-d tensors: "<linear>.input" for every quantized linear's input and
-                       "<attention>.q" / ".k" / ".v" for FP8 attention (ModelOpt max calibration)
+                       "<attention>.q" / ".k" / ".v" for FP8 attention (ModelOpt max calibration);
+                       SVDQuant layers: "<linear>.smooth" (K,) smoothing, "<linear>.alpha" and ".input" the amax of
+                       the smoothed input (quant/svdquant.py)
 
-Weight scales are not saved: they are the weights' own amax and are recomputed from the checkpoint.
+Weight scales and SVDQuant's low-rank factors are not saved: they follow from the weights (and the smoothing) and are
+recomputed from the checkpoint.
 """
 from __future__ import annotations
 

@@ -64,9 +64,12 @@ TRANSFORMER_SHARDS, T5_SHARDS = 3, 2
 
 
 def write_synthetic_checkpoint(
-    out: Path, preset: str = "tiny", seed: int = 0, fmt: str = "diffusers", force: bool = False
+    out: Path, preset: str = "tiny", seed: int = 0, fmt: str = "diffusers", force: bool = False,
+    transformer: dict | None = None,
 ) -> Path:
-    """Write a random FLUX.1 Kontext [dev] checkpoint ("diffusers" folder or "bfl" single files) atomically to `out`."""
+    """Write a random FLUX.1 Kontext [dev] checkpoint ("diffusers" folder or "bfl" single files) atomically to `out`.
+
+    `transformer` overrides entries of the preset's transformer config (e.g. odd widths for tests)."""
     out = Path(out)
     if preset not in PRESETS:
         raise KontextError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -81,7 +84,8 @@ def write_synthetic_checkpoint(
     remove_stale_temps(out.parent, out.name)
     tmp = temp_dir(out)
     try:
-        _write_all(tmp, PRESETS[preset], seed, fmt)
+        _write_all(tmp, {**PRESETS[preset], "transformer": {**PRESETS[preset]["transformer"], **(transformer or {})}},
+                   seed, fmt)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

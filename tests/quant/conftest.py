@@ -1,5 +1,6 @@
-"""Quantization fixtures: a small calibration JSONL and one FP8 and one NVFP4 `kontext-trt quantize` of the tiny
-checkpoint (2 edits of 2 steps, a 1-edit report, auto-resize off), each run once per session."""
+"""Quantization fixtures: a small calibration JSONL and one FP8, one NVFP4 (SVDQuant rank 32, the default) and one
+plain NVFP4 (--svd-rank 0) `kontext-trt quantize` of the tiny checkpoint (2 edits of 2 steps, a 1-edit report,
+auto-resize off), each run once per session."""
 from __future__ import annotations
 
 import json
@@ -49,5 +50,18 @@ def fp8_run(tmp_path_factory, tiny_ckpt, calib_jsonl) -> tuple[Path, str]:
 
 @pytest.fixture(scope="session")
 def nvfp4_run(tmp_path_factory, tiny_ckpt, calib_jsonl) -> tuple[Path, str]:
-    """NVFP4 with its default FP8 attention, exported in bf16 (TensorRT-RTX builds it for sm120)."""
+    """NVFP4 with SVDQuant rank 32 and its default FP8 attention, exported in bf16 (TensorRT-RTX builds it for sm120)."""
     return quantize_once(tmp_path_factory, tiny_ckpt, calib_jsonl, "nvfp4", "--precision", "nvfp4")
+
+
+@pytest.fixture(scope="session")
+def nvfp4_plain_run(tmp_path_factory, tiny_ckpt, calib_jsonl) -> tuple[Path, str]:
+    """Plain NVFP4 (--svd-rank 0) with its default FP8 attention, exported in bf16."""
+    return quantize_once(tmp_path_factory, tiny_ckpt, calib_jsonl, "nvfp4_plain", "--precision", "nvfp4",
+                         "--svd-rank", "0")
+
+
+@pytest.fixture(scope="session")
+def quantize_run(tmp_path_factory, calib_jsonl):
+    """quantize_once for any checkpoint: quantize_run(ckpt, name, *args) -> (folder, printed)."""
+    return lambda ckpt, name, *args: quantize_once(tmp_path_factory, ckpt, calib_jsonl, name, *args)
