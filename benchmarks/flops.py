@@ -6,6 +6,10 @@ projection, and attention's two products (QK^T and PV: 4 * L^2 * hidden per bloc
 work (RoPE, RMS/LayerNorm, softmax, GELU, gating, residuals) is left out, as torch's FlopCounterMode and
 the usual MFU convention leave it out; it is below 1% of the total at real sizes (softmax ~1% of attention).
 The sequence inside every block is [text T | target N | context M], L = T + N + M.
+
+SVDQuant (svd_rank r > 0, quant/svdquant.py) adds a bf16 low-rank branch to every NVFP4 layer of the blocks (q, k, v,
+out and the MLPs of both streams; q, k, v, MLP in and out of the single blocks; not the modulations): 2 r (d_in + d_out)
+FLOP per token per layer, the "svdquant" part.
 """
 from __future__ import annotations
 
@@ -22,9 +26,14 @@ def linear(n_in: int, n_out: int, rows: int) -> int:
     return 2 * n_in * n_out * rows
 
 
+def branch(n_in: int, n_out: int, rank: int) -> int:
+    """FLOP per token of a rank-r low-rank branch n_in -> r -> n_out (rank capped at the layer's widths)."""
+    return 2 * min(rank, n_in, n_out) * (n_in + n_out)
+
+
 def transformer_flops(config: dict, target_tokens: int, context_tokens: int = 0, text_tokens: int = 512,
-                      batch: int = 1) -> dict[str, int]:
-    """FLOP of one transformer forward, split into embed, double, single, attention, out and total."""
+                      batch: int = 1, svd_rank: int = 0) -> dict[str, int]:
+    """FLOP of one transformer forward, split into embed, double, single, attention, out, svdquant and total."""
     c = {**DEFAULTS, **{k: v for k, v in config.items() if k in DEFAULTS}}
     d = c["num_attention_heads"] * c["attention_head_dim"]
     channels_in = c["in_channels"]
@@ -42,8 +51,14 @@ def transformer_flops(config: dict, target_tokens: int, context_tokens: int = 0,
               + linear((1 + MLP_RATIO) * d, d, seq))
     attention = 4 * seq * seq * d
     out = linear(d, 2 * d, 1) + linear(d, channels_out, image)
+    # SVDQuant branch x -> r -> n_out of each NVFP4 layer: double (per stream: 4 d->d, d->4d, 4d->d), single
+    # (3 d->d, d->4d, 5d->d); each layer runs on its stream's tokens
+    r = svd_rank
+    double_svd = (4 * branch(d, d, r) + 2 * branch(d, MLP_RATIO * d, r)) * seq
+    single_svd = (3 * branch(d, d, r) + branch(d, MLP_RATIO * d, r) + branch((1 + MLP_RATIO) * d, d, r)) * seq
     parts = {"embed": embed, "double": c["num_layers"] * double, "single": c["num_single_layers"] * single,
-             "attention": (c["num_layers"] + c["num_single_layers"]) * attention, "out": out}
+             "attention": (c["num_layers"] + c["num_single_layers"]) * attention, "out": out,
+             "svdquant": c["num_layers"] * double_svd + c["num_single_layers"] * single_svd}
     parts = {name: batch * value for name, value in parts.items()}
     return {**parts, "total": sum(parts.values())}
 

@@ -13,6 +13,7 @@ Fields (plain JSON; every path is relative to DIR):
         weight_bytes   bytes of all initializers
         dtype          "fp32" | "bf16" | "fp16": the dtype the graph was traced in (weights and activations)
         precision      numeric format of the weights: "fp32" | "bf16" | "fp16" (quantization adds "fp8", "nvfp4")
+        svd_rank       nvfp4 transformer only: rank of its SVDQuant low-rank branches (0: plain NVFP4)
         opset          ONNX opset of the default domain
         inputs         [{"name", "dtype" ("float32", "bfloat16", "int64", ...), "shape": [int | dim name],
                          "profile": {"min": [int], "opt": [int], "max": [int]}}]: concrete shapes for TensorRT

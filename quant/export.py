@@ -55,6 +55,7 @@ def export_quantized(model: str | Path, out: str | Path, dtype: str = "bf16", op
     copy_tokenizers(ckpt, out)  # the manifest names them, as export/'s does
     with progress(f"exporting the {recipe.precision} transformer ({dtype}, opset {opset}) to {out / STAGE}"):
         entry = export_stage(ckpt, recipe, amax, dtype, opset, out, external_threshold)
+    entry |= {"svd_rank": recipe.svd_rank} if recipe.precision == "nvfp4" else {}
     return record_stage(out, STAGE, entry, fresh)
 
 

@@ -45,6 +45,7 @@ class QuantizeRequest:
     loras: tuple = ()  # [(file or folder, scale)]: fused into the transformer before calibration (runtime.lora)
     svd_rank: int | None = None  # SVDQuant rank of the nvfp4 layers; None: 32 for nvfp4, 0 (plain) for fp8
     svd_alpha: float | None = None  # SVDQuant smoothing strength; None: searched per layer
+    export: bool = True  # write the Q/DQ ONNX after the report (measurements skip it)
 
 
 def quantize(req: QuantizeRequest) -> dict:
@@ -73,7 +74,8 @@ def quantize(req: QuantizeRequest) -> dict:
     report = quality_report(k, quantized, held_out, req.calib_steps, req.auto_resize, info)
     write_report(req.out, report)
     del k, quantized
-    export_quantized(req.model, req.out, req.dtype)
+    if req.export:
+        export_quantized(req.model, req.out, req.dtype)
     return report
 
 

@@ -116,8 +116,10 @@ def svd_lines(report: dict) -> list[str]:
     alpha = "n/a" if svd["alpha_mean"] is None else \
         f"{svd['alpha_mean']:.2f} (min {svd['alpha_min']:.1f}, max {svd['alpha_max']:.1f})"
     return [f"SVDQuant rank {svd['rank']} on {svd['layers']} NVFP4 layers, smoothing alpha {alpha}; the bf16 low-rank "
-            f"branches hold {svd['branch_params']:,} parameters and cost {svd['branch_flop_per_token']:,} FLOP per "
-            "token (2 r (d_in + d_out) per layer).", ""]
+            f"branches hold {svd['branch_params']:,} parameters ({svd['branch_bytes'] / 2**20:.2f} MiB beside "
+            f"{svd['nvfp4_weight_bytes'] / 2**20:.2f} MiB of NVFP4 weights) and cost {svd['branch_flop_per_token']:,} "
+            "FLOP per token (2 r (d_in + d_out) per layer). The smoothing is an explicit Mul before each layer's FP4 "
+            "quantizer (q, k, v share their input but not their smoothing, so it cannot fold into the norm).", ""]
 
 
 def narrowed_lines(report: dict) -> list[str]:

@@ -127,13 +127,16 @@ def split(w: torch.Tensor, s: torch.Tensor, rank: int,
 
 
 def branch_summary(model: nn.Module, names: list[str], rank: int, amax: dict[str, torch.Tensor]) -> dict:
-    """The low-rank branches' size and cost: parameters r (K + N) and FLOP 2 r (K + N) per token, summed over layers
-    (a layer is called once per token of its stream), and the chosen alphas."""
+    """The low-rank branches' size and cost: parameters r (K + N) (bf16 bytes), FLOP 2 r (K + N) per token, summed
+    over layers (a layer is called once per token of its stream), the NVFP4 weight bytes they sit beside (the
+    branches' share of the engine's weights), and the chosen alphas."""
     modules = dict(model.named_modules())
     widths = [(modules[n].in_features, modules[n].out_features) for n in names]
     ranks = [min(rank, k, n) for k, n in widths]
     alphas = [float(amax[f"{n}.alpha"]) for n in names if f"{n}.alpha" in amax]
-    return {"rank": rank, "layers": len(names), "branch_params": sum(r * (k + n) for r, (k, n) in zip(ranks, widths)),
+    params = sum(r * (k + n) for r, (k, n) in zip(ranks, widths))
+    return {"rank": rank, "layers": len(names), "branch_params": params, "branch_bytes": 2 * params,
+            "nvfp4_weight_bytes": sum(n * k // 2 + n * k // formats.BLOCK for k, n in widths),  # E2M1 + E4M3 scales
             "branch_flop_per_token": sum(2 * r * (k + n) for r, (k, n) in zip(ranks, widths)),
             "alpha_mean": sum(alphas) / len(alphas) if alphas else None,
             "alpha_min": min(alphas, default=None), "alpha_max": max(alphas, default=None)}

@@ -82,3 +82,46 @@ def test_activation_stats_mean_amax_and_reservoir():
     assert stats.rows["0"].shape == (sq.SAMPLE_ROWS, 16)
     calls = [int((every == row).all(1).nonzero()[0]) // 200 for row in stats.rows["0"]]  # rows that were seen
     assert 0.35 < sum(c >= 15 for c in calls) / sq.SAMPLE_ROWS < 0.65  # uniform over calls: about half are late
+
+
+@pytest.mark.parametrize("rank", [0, 8, 32])
+def test_flop_model_counts_the_branch_like_torch(tiny_ckpt, rank):
+    """The SVDQuant tiny transformer under torch's FlopCounterMode (Q/DQ ops are opaque, so it counts the GEMMs:
+    the dense layers, attention's two products and the branches) is exactly the FLOP model with svd_rank."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kontext_trt.benchmarks.flops import transformer_flops
+    from kontext_trt.benchmarks.transformer_step import step_inputs
+    from kontext_trt.quant import recipe as rc
+    from kontext_trt.quant.qmodel import quantize_transformer
+    from kontext_trt.runtime import checkpoint as ck
+
+    ckpt = ck.open_checkpoint(tiny_ckpt)
+    model = ck.load_transformer(ckpt, torch.float32)
+    recipe = rc.make_recipe(model, "nvfp4", "fp8", rank)
+    modules = dict(model.named_modules())
+    amax = {f"{n}.input": torch.tensor(4.0) for n, f in recipe.layers.items() if f}
+    amax |= {f"{n}.{q}": torch.tensor(4.0) for n in recipe.attention_layers for q in "qkv"}
+    amax |= {f"{n}.smooth": torch.ones(modules[n].in_features) for n in rc.svd_layers(recipe)}
+    quantized = quantize_transformer(model, recipe, amax, torch.float32)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        quantized(**step_inputs(ckpt.transformer_config, 1, 16, 16, torch.device("cpu")), return_dict=False)
+    flops = transformer_flops(ckpt.transformer_config, 16, 16, 512, 1, svd_rank=rank)
+    assert counter.get_total_flops() == flops["total"]
+    assert (flops["svdquant"] > 0) == (rank > 0)
+
+
+def test_low_rank_factors_match_modelopts_svd():
+    """ModelOpt's svdquant takes lora_b = U_r S_r (N, r) and lora_a = V_r^T (r, K) of the smoothed weight (its svd(),
+    float64, which runs on the CPU) and quantizes W s - lora_b lora_a: our L2^T and L1^T, the same residual."""
+    from modelopt.torch.quantization.model_calib import svd
+
+    w, x = outlier_layer(seed=3)
+    s = sq.smoothing(x.abs().mean(0), sq.weight_scale(w), 0.4)
+    inv_s, l1, l2, residual = sq.split(w, s, 16, torch.float32)
+    smoothed = (w.double() / inv_s.double()).float()
+    lora_b, lora_a = svd(smoothed, 16)
+    assert torch.allclose(l2.T.abs(), lora_b.abs(), atol=1e-5 * lora_b.abs().max())  # columns up to sign
+    assert torch.allclose(l1.T.abs(), lora_a.abs(), atol=1e-5)
+    assert torch.allclose(residual, smoothed - lora_b @ lora_a, atol=1e-5 * smoothed.abs().max())
