@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--report-size", type=int, default=1)
     args = parser.parse_args(argv)
-    from kontext_trt.runtime.synth import write_synthetic_checkpoint
+    from kontext_trt.synth import write_synthetic_checkpoint
 
     ranks = [int(r) for r in args.ranks.split(",")]
     channels = args.channels if args.channels is not None else {"tiny": 2}.get(args.preset, 8)
