@@ -48,7 +48,7 @@ def inject_outliers(src: Path, dst: Path, channels: int, seed: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, copy_function=os.link)
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # StudentT samples from torch's global generator
     for shard in sorted((tmp / "transformer").glob("*.safetensors")):
         tensors = load_file(str(shard))
         for name, w in tensors.items():

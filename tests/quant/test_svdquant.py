@@ -125,3 +125,25 @@ def test_low_rank_factors_match_modelopts_svd():
     assert torch.allclose(l2.T.abs(), lora_b.abs(), atol=1e-5 * lora_b.abs().max())  # columns up to sign
     assert torch.allclose(l1.T.abs(), lora_a.abs(), atol=1e-5)
     assert torch.allclose(residual, smoothed - lora_b @ lora_a, atol=1e-5 * smoothed.abs().max())
+
+
+def test_outlier_checkpoint_and_layer_errors(tiny_ckpt, tmp_path):
+    """inject_outliers scales a few input columns of exactly the NVFP4 block linears (x1 .. x100); on such weights
+    SVDQuant's per-layer error is below plain NVFP4's."""
+    from safetensors.torch import load_file
+
+    from kontext_trt.quant import outliers
+
+    ckpt = outliers.inject_outliers(tiny_ckpt, tmp_path / "outliers", channels=2)
+    before, after = ({k: v for f in sorted((c / "transformer").glob("*.safetensors")) for k, v in load_file(f).items()}
+                     for c in (tiny_ckpt, ckpt))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if outliers.BLOCK_LINEAR.fullmatch(k)} and len(changed) == 34
+    for k in changed:
+        ratio = (after[k].float() / before[k].float()).nan_to_num(1.0)  # (N, K) column factors
+        moved = (ratio - 1).abs().amax(0) > 1e-2
+        assert moved.sum() <= 2 and ratio.max() <= 100.5
+    rows = outliers.layer_errors(ckpt, [0, 32], rows=64, limit=3)
+    assert [r["layer"] for r in rows] == ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                          "transformer_blocks.0.attn.to_v"]
+    assert all(r["nvfp4_r32"] < r["nvfp4_r0"] for r in rows), rows
