@@ -50,9 +50,9 @@ class Target:
 
 
 def run_bench(target: Target, configs: list[RunConfig], warmup: int, iters: int,
-              policy: OutputPolicy | None = None) -> dict:
+              policy: OutputPolicy | None = None, quality: bool = False) -> dict:
     """Load the target once, run every configuration with a progress line each (through the safety policy's checks
-    and watermark when given), and assemble the results."""
+    and watermark when given; with `quality`, cached configurations against uncached), and assemble the results."""
     source = target.engines or target.onnx or target.model
     with progress(f"loading {source} ({target.backend}, {target.dtype}, {target.device})"):
         k = target.load()
@@ -63,7 +63,7 @@ def run_bench(target: Target, configs: list[RunConfig], warmup: int, iters: int,
     runs = []
     for i, cfg in enumerate(configs, 1):
         with progress(f"[{i}/{len(configs)}] {cfg.label}, {cfg.steps} steps, {warmup} warm-up + {iters} timed"):
-            runs.append(run_config(k, cfg, warmup, iters, config, peak, policy))
+            runs.append(run_config(k, cfg, warmup, iters, config, peak, policy, quality))
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -20,6 +20,16 @@ def size_list(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"sizes are WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {text!r}") from None
 
 
+def cache_spec(text: str) -> str:
+    """A --cache value, normalised (runtime/step_cache.py's grammar)."""
+    from kontext_trt.runtime.step_cache import parse_cache
+
+    try:
+        return str(parse_cache(text))
+    except KontextError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def int_list(text: str) -> list[int]:
     """'1,2,4' -> [1, 2, 4], each at least 1."""
     try:
@@ -52,6 +62,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed edits per configuration")
     p.add_argument("--iters", type=int, default=10, help="timed edits per configuration")
     p.add_argument("--cuda-graphs", choices=tuple(GRAPH_MODES), default="off")
+    p.add_argument("--cache", action="append", type=cache_spec, metavar="SPEC",
+                   help="step cache: off, fbcache:T or teacache:T; repeat to measure several (default off)")
+    p.add_argument("--quality", action="store_true", help="with --cache: PSNR, SSIM and per-step cosine of each "
+                   "cached configuration against the uncached edit of the same seed")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("out/bench"))
@@ -110,9 +124,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
     check_arguments(args)
     target = Target(args.backend, args.model, args.dtype, args.device, args.onnx, args.engines, args.precision,
                     args.sku, tuple(args.lora))
-    configs = run_configs(args.sizes, args.batch, args.steps, GRAPH_MODES[args.cuda_graphs])
+    configs = run_configs(args.sizes, args.batch, args.steps, GRAPH_MODES[args.cuda_graphs], args.cache or ["off"])
     policy = OutputPolicy.from_options(args.safety_checker, device=args.device)
-    results = run_bench(target, configs, args.warmup, args.iters, policy)
+    results = run_bench(target, configs, args.warmup, args.iters, policy, args.quality)
     paths = write_all(results, args.out)
     print(markdown(results))
     for path in paths:

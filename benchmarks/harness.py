@@ -20,7 +20,7 @@ from kontext_trt.benchmarks.memory import memory_report, reset_peaks
 from kontext_trt.runtime import image as im
 from kontext_trt.runtime.flow import EditRequest, Kontext, edit
 from kontext_trt.runtime.pipeline import with_cuda_graphs
-from kontext_trt.runtime.stages import STAGE_NAMES
+from kontext_trt.runtime.stages import STAGE_NAMES, TRANSFORMER_PARTS
 from kontext_trt.runtime.text import T5_LEN
 from kontext_trt.safety import guard
 from kontext_trt.safety.guard import CHECK_STAGE, MARK_STAGE, OutputPolicy
@@ -38,16 +38,20 @@ class RunConfig:
     batch: int
     steps: int
     cuda_graphs: bool
+    cache: str = "off"  # step cache spec (runtime/step_cache.py)
 
     @property
     def label(self) -> str:
         """A short name for tables and plots."""
-        return f"{self.width}x{self.height} b{self.batch}" + (" graphs" if self.cuda_graphs else "")
+        return (f"{self.width}x{self.height} b{self.batch}" + (" graphs" if self.cuda_graphs else "")
+                + ("" if self.cache == "off" else f" {self.cache}"))
 
 
-def run_configs(sizes: list[tuple[int, int]], batches: list[int], steps: int, graphs: list[bool]) -> list[RunConfig]:
-    """Every combination, sizes outermost."""
-    return [RunConfig(w, h, b, steps, g) for (w, h), b, g in itertools.product(sizes, batches, graphs)]
+def run_configs(sizes: list[tuple[int, int]], batches: list[int], steps: int, graphs: list[bool],
+                caches: list[str] = ("off",)) -> list[RunConfig]:
+    """Every combination, sizes outermost, step caches innermost."""
+    return [RunConfig(w, h, b, steps, g, c)
+            for (w, h), b, g, c in itertools.product(sizes, batches, graphs, caches)]
 
 
 def summarize(seconds: list[float]) -> dict:
@@ -58,19 +62,20 @@ def summarize(seconds: list[float]) -> dict:
             "p95": float(p95), "p99": float(p99), "max": float(ms.max())}
 
 
-def one_edit(k: Kontext, req: EditRequest, policy: OutputPolicy | None = None) -> tuple[float, dict[str, list[float]]]:
-    """Wall-clock seconds of one edit (through the safety policy's checks and watermark when given) and the seconds
-    of each stage call in it."""
+def one_edit(k: Kontext, req: EditRequest, policy: OutputPolicy | None = None
+             ) -> tuple[float, dict[str, list[float]], dict]:
+    """Wall-clock seconds of one edit (through the safety policy's checks and watermark when given), the seconds of
+    each stage call in it and its step-cache report."""
     cuda = k.device.type == "cuda"
     k.reset_times()
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    edit(k, req) if policy is None else guard.edit(k, req, policy)
+    result = edit(k, req) if policy is None else guard.edit(k, req, policy)
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    return wall, k.times.seconds
+    return wall, k.times.seconds, result.metadata["cache"]
 
 
 def roofline(transformer_config: dict | None, tokens: int, batch: int, step_seconds: float,
@@ -83,17 +88,18 @@ def roofline(transformer_config: dict | None, tokens: int, batch: int, step_seco
 
 
 def run_config(k: Kontext, cfg: RunConfig, warmup: int, iters: int, transformer_config: dict | None = None,
-               peak_tflops: float | None = None, policy: OutputPolicy | None = None) -> dict:
-    """Warm up, time `iters` edits of one configuration and summarise them (see the JSON schema's run)."""
+               peak_tflops: float | None = None, policy: OutputPolicy | None = None, quality: bool = False) -> dict:
+    """Warm up, time `iters` edits of one configuration and summarise them (see the JSON schema's run); with
+    `quality`, a cached configuration is also compared with the uncached edit of the same seed."""
     req = EditRequest(prompts=[PROMPT] * cfg.batch, image=im.sample_image(cfg.width, cfg.height), steps=cfg.steps,
-                      auto_resize=False)
+                      auto_resize=False, cache=cfg.cache)
     kk = with_cuda_graphs(k) if cfg.cuda_graphs else k
     reset_peaks(k.device)
     warm = [one_edit(kk, req, policy)[0] for _ in range(warmup)]
     walls, calls = [], defaultdict(list)
     per_edit = defaultdict(list)  # stage -> seconds summed within each edit
     for _ in range(iters):
-        wall, seconds = one_edit(kk, req, policy)
+        wall, seconds, cache = one_edit(kk, req, policy)
         walls.append(wall)
         for name, values in seconds.items():
             calls[name] += values
@@ -101,16 +107,22 @@ def run_config(k: Kontext, cfg: RunConfig, warmup: int, iters: int, transformer_
     breakdown = {name: 1e3 * float(np.mean(per_edit[name])) for name in STAGES if name in per_edit}
     breakdown["other"] = max(0.0, 1e3 * float(np.mean(walls)) - sum(breakdown.values()))
     tokens = (cfg.width // 16) * (cfg.height // 16)
-    return {
+    step_s = float(np.median(calls["transformer"]))  # with a step cache: the whole step, cached or computed
+    run = {
         **asdict(cfg),
+        "cache": cache,
         "tokens": {"target": tokens, "context": tokens, "text": T5_LEN},
         "warmup": {"iters": warmup, "e2e_ms": [1e3 * w for w in warm]},
         "iters": iters,
         "e2e_ms": summarize(walls),
         "images_per_s": cfg.batch / float(np.mean(walls)),
-        "stages_ms": {name: summarize(calls[name]) for name in STAGES if name in calls},
+        "stages_ms": {name: summarize(calls[name]) for name in (*STAGES, *TRANSFORMER_PARTS) if name in calls},
         "breakdown_ms": breakdown,
-        "roofline": roofline(transformer_config, tokens, cfg.batch, float(np.median(calls["transformer"])),
-                             peak_tflops),
+        "roofline": roofline(transformer_config, tokens, cfg.batch, step_s, peak_tflops) if cfg.cache == "off" else None,
         "memory": memory_report(k.stages, k.device),
     }
+    if quality and cfg.cache != "off":
+        from kontext_trt.benchmarks.cache_quality import cache_quality
+
+        run["quality"] = cache_quality(kk, req)
+    return run

@@ -59,9 +59,20 @@ def header(results: dict) -> str:
 
 def label(run: dict, sep: str = " ") -> str:
     """A run's configuration as RunConfig.label writes it: `1024x1024 b1 graphs` (bench serve adds `c16`)."""
-    cfg = RunConfig(run["width"], run["height"], run["batch"], run["steps"], run["cuda_graphs"])
+    cfg = RunConfig(run["width"], run["height"], run["batch"], run["steps"], run["cuda_graphs"], cache_spec(run))
     load = f" c{run['load']['concurrency']}" if "load" in run else ""
     return cfg.label.replace(" ", sep, 1) + load
+
+
+def cache_spec(run: dict) -> str:
+    """A run's step cache spec (off for results written before step caching)."""
+    return run.get("cache", {}).get("spec", "off")
+
+
+def steps_cell(run: dict) -> str:
+    """Steps, and how many reused the cached residual: `28 (12 reused)`."""
+    skipped = run.get("cache", {}).get("steps_skipped", 0)
+    return f"{run['steps']}" + (f" ({skipped} reused)" if skipped else "")
 
 
 def gib(n: int | None) -> str:
@@ -83,7 +94,7 @@ def markdown(results: dict) -> str:
     rows = [head, ["---"] * len(head)]
     for run in results["runs"]:
         roof, mem = run["roofline"], run["memory"]
-        rows.append([label(run), str(run["steps"]), f"{run['e2e_ms']['p50']:.1f}", f"{run['e2e_ms']['p95']:.1f}",
+        rows.append([label(run), steps_cell(run), f"{run['e2e_ms']['p50']:.1f}", f"{run['e2e_ms']['p95']:.1f}",
                      f"{run['images_per_s']:.2f}"]
                     + [p50(run, s) for s, _ in STAGE_COLUMNS]
                     + [f"{run['stages_ms']['transformer']['p95']:.1f}",
@@ -95,13 +106,25 @@ def markdown(results: dict) -> str:
              f"{run['load']['mean_server_batch']:.2f}"
              for run in results["runs"] if "load" in run]
     table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
-    return f"{header(results)}\n\n{table}\n" + ("\n" + "\n".join(loads) + "\n" if loads else "")
+    return (f"{header(results)}\n\n{table}\n" + ("\n" + "\n".join(loads) + "\n" if loads else "")
+            + quality_table(results["runs"]))
+
+
+def quality_table(runs: list[dict]) -> str:
+    """Markdown of the --quality figures of cached runs against uncached (empty without any)."""
+    rows = [[label(r), steps_cell(r), "identical" if r["quality"]["psnr_db"] is None else f"{r['quality']['psnr_db']:.2f}",
+             f"{r['quality']['ssim']:.4f}", f"{r['quality']['cosine_min']:.5f}"] for r in runs if "quality" in r]
+    if not rows:
+        return ""
+    head = ["config", "steps", "PSNR dB vs off", "SSIM vs off", "worst step cosine"]
+    return "\nStep cache quality (same seed, uncached as reference):\n\n" + "\n".join(
+        "| " + " | ".join(row) + " |" for row in [head, ["---"] * len(head), *rows]) + "\n"
 
 
 def run_key(run: dict) -> tuple:
-    """What makes two runs comparable: size, batch, steps, CUDA graphs (and bench serve's concurrency)."""
-    return run["width"], run["height"], run["batch"], run["steps"], run["cuda_graphs"], run.get("load", {}).get(
-        "concurrency")
+    """What makes two runs comparable: size, batch, steps, CUDA graphs, step cache (and bench serve's concurrency)."""
+    return (run["width"], run["height"], run["batch"], run["steps"], run["cuda_graphs"], cache_spec(run),
+            run.get("load", {}).get("concurrency"))
 
 
 def compare(a: dict, b: dict) -> str:
@@ -151,12 +174,12 @@ def plot(results: dict, out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
-    series = sorted({(r["batch"], r["cuda_graphs"]) for r in runs})
-    for batch, graphs in series:
-        pts = sorted((r for r in runs if (r["batch"], r["cuda_graphs"]) == (batch, graphs)),
+    series = sorted({(r["batch"], r["cuda_graphs"], cache_spec(r)) for r in runs})
+    for batch, graphs, cache in series:
+        pts = sorted((r for r in runs if (r["batch"], r["cuda_graphs"], cache_spec(r)) == (batch, graphs, cache)),
                      key=lambda r: r["width"] * r["height"])
         megapixels = [r["width"] * r["height"] / 1e6 for r in pts]
-        name = f"b{batch}" + (" graphs" if graphs else "")
+        name = f"b{batch}" + (" graphs" if graphs else "") + ("" if cache == "off" else f" {cache}")
         left.plot(megapixels, [r["e2e_ms"]["p50"] for r in pts], marker="o", label=name)
         right.plot(megapixels, [r["stages_ms"]["transformer"]["p50"] for r in pts], marker="o", label=name)
     for ax, what in ((left, "end to end p50 ms"), (right, "transformer step p50 ms")):

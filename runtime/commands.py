@@ -103,6 +103,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-auto-resize", dest="auto_resize", action="store_false")
     p.add_argument("--negative-prompt")
     p.add_argument("--true-cfg", type=float, default=1.0, help="> 1 with --negative-prompt enables true CFG")
+    p.add_argument("--cache", default="off", metavar="SPEC", help="step cache: off, fbcache:T (First-Block Cache, "
+                   "FLUX default 0.12) or teacache:T (0.25/0.4/0.6); needs the split transformer (torch: always)")
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -124,7 +126,7 @@ def run_edit(args: argparse.Namespace) -> int:
     request = flow.EditRequest(
         prompts=args.prompt, image=image.load_image(args.image) if args.image else None,
         width=args.width, height=args.height, steps=args.steps, guidance=args.guidance, seed=args.seed,
-        auto_resize=args.auto_resize, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg)
+        auto_resize=args.auto_resize, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, cache=args.cache)
     flow.check_request(request)
     policy = output_policy(args, args.device)
     k = load_edit_pipeline(args, request)
@@ -133,6 +135,9 @@ def run_edit(args: argparse.Namespace) -> int:
     for path in guard.save(result, args.out, policy, k.times):
         print(path)
     print(f"{result.width}x{result.height}, {args.steps} steps in {time.perf_counter() - start:.2f}s")
+    cache = result.metadata["cache"]
+    if cache["spec"] != "off":
+        print(f"cache {cache['spec']}: {cache['steps_computed']} steps computed, {cache['steps_skipped']} skipped")
     print(k.times.table())
     if args.engines is not None:
         from kontext_trt.runtime.trt_stages import memory_summary

@@ -160,7 +160,11 @@ class StepCache:
 
     def velocity(self, k: Kontext, step: int, branch: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The transformer's output (B, N+M, 64) at this step for prompt pass `branch` (0: the prompt, 1: the true-CFG
-        negative), from head + body + tail, or head + cached residual + tail."""
+        negative), from head + body + tail, or head + cached residual + tail; timed as the transformer step too."""
+        with k.times("transformer", k.device):
+            return self._velocity(k, step, branch, inputs)
+
+    def _velocity(self, k: Kontext, step: int, branch: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         head = k.run("transformer_head", **inputs)
         if branch == 0:
             self.compute = self.policy.decide(head, self.protected(step))

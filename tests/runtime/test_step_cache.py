@@ -1,9 +1,12 @@
 """Step caching (fbcache, teacache) over the split transformer: spec parsing, the policies' decisions, the split parts
 against the single transformer (torch: bit-identical; onnxruntime: 1e-5), T = 0 giving the uncached edit bit for bit,
 a huge T computing only the protected steps, true CFG, and the one-line refusals."""
+import json
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from kontext_trt.runtime import checkpoint as ck
 from kontext_trt.runtime import image as im
@@ -176,3 +179,20 @@ def test_zero_threshold_is_the_uncached_edit_ort(ort_k, torch_k):
     reference = edit(torch_k, request("teacache:1e9"))
     assert skipped.metadata["cache"] == reference.metadata["cache"]
     assert (skipped.latents - reference.latents).abs().max().item() < 1e-4  # same decisions, same result as torch
+
+
+def test_cli_edit_cache(capsys, tiny_ckpt, tmp_path):
+    from kontext_trt.runtime.cli import main
+
+    source = tmp_path / "in.png"
+    im.sample_image(64, 64).save(source)
+    argv = ["edit", "--model", str(tiny_ckpt), "--dtype", "fp32", "--image", str(source), "--prompt", "a cat",
+            "--steps", "4", "--no-auto-resize", "--out", str(tmp_path / "out.png")]
+    assert main([*argv, "--cache", "teacache:1e9"]) == 0
+    out = capsys.readouterr().out
+    assert "cache teacache:1e+09: 2 steps computed, 2 skipped" in out and "transformer_body" in out
+    meta = json.loads(Image.open(tmp_path / "out.png").text["kontext-trt"])
+    assert meta["cache"] == {"spec": "teacache:1e+09", "steps_computed": 2, "steps_skipped": 2}
+    assert main([*argv, "--cache", "teacache:much"]) == 2
+    err = capsys.readouterr().err
+    assert "not a number" in err and err.count("\n") == 1
