@@ -29,6 +29,7 @@ class Target:
     precision: str | None = None  # the engine set's (default: the only one built)
     sku: str = "auto"
     loras: tuple[tuple[Path, float], ...] = ()  # transformer LoRAs applied before measuring (runtime.lora)
+    split: bool = False  # engines: load the transformer's three parts (step caching) instead of the single engine
 
     def load(self) -> Kontext:
         """The pipeline, through runtime.pipeline.load_kontext."""
@@ -36,7 +37,7 @@ class Target:
 
         if self.engines is not None:
             return load_kontext(self.model, backend="tensorrt", onnx=self.onnx, engines=self.engines,
-                                precision=self.precision, sku=self.sku, loras=self.loras)
+                                precision=self.precision, sku=self.sku, loras=self.loras, split=self.split)
         return load_kontext(self.model, backend=self.backend, dtype=self.dtype, device=self.device, onnx=self.onnx,
                             loras=self.loras)
 

@@ -42,7 +42,8 @@ def cache_quality(k: Kontext, req: EditRequest) -> dict:
     item), its minimum, and mean PSNR (dB; null: identical images) / SSIM over the batch's images. The true-CFG
     pass, if any, is left out (one prediction per step)."""
     plain = replace(req, negative_prompt=None, true_cfg=1.0)
-    reference, ref = recorded_edit(k, replace(plain, cache="off"), "transformer")
+    single = "transformer" if "transformer" in k.stages else "transformer_tail"  # engines built as parts: the parts
+    reference, ref = recorded_edit(k, replace(plain, cache="off"), single)
     cached, latents = recorded_edit(k, plain, "transformer_tail")
     n = (reference.width // 16) * (reference.height // 16)  # target tokens, first in the joint sequence
     cosines = [torch.nn.functional.cosine_similarity(c[:, :n].flatten(1), r[:, :n].flatten(1), dim=1).min().item()

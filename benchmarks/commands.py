@@ -122,9 +122,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from kontext_trt.safety.guard import OutputPolicy
 
     check_arguments(args)
+    caches = args.cache or ["off"]
     target = Target(args.backend, args.model, args.dtype, args.device, args.onnx, args.engines, args.precision,
-                    args.sku, tuple(args.lora))
-    configs = run_configs(args.sizes, args.batch, args.steps, GRAPH_MODES[args.cuda_graphs], args.cache or ["off"])
+                    args.sku, tuple(args.lora), split=any(spec != "off" for spec in caches))
+    configs = run_configs(args.sizes, args.batch, args.steps, GRAPH_MODES[args.cuda_graphs], caches)
     policy = OutputPolicy.from_options(args.safety_checker, device=args.device)
     results = run_bench(target, configs, args.warmup, args.iters, policy, args.quality)
     paths = write_all(results, args.out)

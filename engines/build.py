@@ -14,7 +14,7 @@ from kontext_trt.engines.onnx_dir import OnnxStage, read_onnx_dir
 from kontext_trt.engines.skus import PRECISION_FALLBACK, Sku, precision_refusal
 from kontext_trt.runtime import files
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.stages import STAGE_NAMES
+from kontext_trt.runtime.stages import STAGE_NAMES, TRANSFORMER_PARTS
 from kontext_trt.runtime.timing import progress
 
 
@@ -27,10 +27,7 @@ class Target:
     device_sm: int | None = None
 
 
-# --weight-streaming applies here only: the runtime streams the transformer's weights, and on TensorRT-RTX a streaming
-# engine cannot take user-allocated memory, so its contexts could not be captured in the runtime's CUDA graphs.
-STREAMED_STAGES = ("transformer",)
-# --refit: the stage LoRAs change (engines/refit.py)
+# --refit: the stage LoRAs change (engines/refit.py); --weight-streaming: profiles.STREAMED_STAGES
 REFIT_STAGES = ("transformer",)
 
 
@@ -118,7 +115,7 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
     api = trt_api.load_api(req.target.flavor)
     trt_api.check_targets(api, req.target.sms, req.target.device_sm)
     onnx = read_onnx_dir(req.onnx_dir)
-    stages = req.stages or tuple(s for s in STAGE_NAMES if s in onnx.stages)
+    stages = req.stages or tuple(s for s in (*STAGE_NAMES, *TRANSFORMER_PARTS) if s in onnx.stages)
     picks = {s: onnx.pick(s, req.precision) for s in stages}
     for stage in picks.values():
         check_precision(stage, req.target.sms)
@@ -152,7 +149,7 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
     axes, built = profiles.axis_ranges(req.shapes), []
     for stage, pick in picks.items():
         profile = profiles.stage_profile(stage, pick.shapes, axes)
-        stage_flags = flags if stage in STREAMED_STAGES else replace(flags, weight_streaming=False)
+        stage_flags = flags if stage in profiles.STREAMED_STAGES else replace(flags, weight_streaming=False)
         stage_flags = stage_flags if stage in REFIT_STAGES else replace(stage_flags, refit=False)
         key = stage_key(pick, profile, req.target, stage_flags, api.version)
         entry, plan_path = manifest["stages"].get(stage, {}), folder / f"{stage}.plan"

@@ -13,7 +13,7 @@ from kontext_trt.engines import profiles
 from kontext_trt.engines.skus import SKUS, Sku
 from kontext_trt.runtime import files
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.stages import STAGE_NAMES
+from kontext_trt.runtime.stages import STAGE_NAMES, TRANSFORMER_PARTS
 from kontext_trt.runtime.timing import progress
 
 MANIFEST = "manifest.json"
@@ -118,7 +118,8 @@ def _rebuild(root: Path, sku: Sku, flavor_version: str, precision: str, sizes: l
     return build_command({**old, "out": str(root), "static": None,
                           "sizes": profiles.format_sizes(tuple(dict.fromkeys([*keep, *sizes]))),
                           "batch": f"{lo}-{hi}" if hi > lo else str(lo),
-                          "stages": [s for s in STAGE_NAMES if s in {*old.get("stages", ()), *stages}]})
+                          "stages": [s for s in (*STAGE_NAMES, *TRANSFORMER_PARTS)
+                                     if s in {*old.get("stages", ()), *stages}]})
 
 
 def built_precisions(base: Path) -> list[str]:

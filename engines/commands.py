@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kontext_trt.engines.onnx_dir import PRECISIONS
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.stages import STAGE_NAMES
+from kontext_trt.runtime.stages import STAGE_NAMES, TRANSFORMER_PARTS
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
 
@@ -29,7 +29,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "Kontext.set_loras) without a rebuild; bf16/fp32 exports only")
     p.add_argument("--weight-streaming", action="store_true", help="transformer engine: let it stream weights from "
                    "host memory at run time (edit --weight-streaming-budget)")
-    p.add_argument("--stages", nargs="+", choices=STAGE_NAMES, help="default: every stage in the ONNX folder")
+    p.add_argument("--stages", nargs="+", choices=(*STAGE_NAMES, *TRANSFORMER_PARTS),
+                   help="default: every stage in the ONNX folder (the step-cache parts too, where exported)")
     p.set_defaults(func=run_build)
 
     p = sub.add_parser("check", help="compare engine outputs with ONNX Runtime on random inputs (needs a GPU)")
@@ -74,10 +75,10 @@ def run_build(args: argparse.Namespace) -> int:
         gpu=gpu is not None)
     folder, built = build.build_set(req)
     manifest = cache.read_manifest(folder)
-    print(f"{'stage':<13}{'precision':<11}{'status':<12}{'seconds':>9}{'MiB':>10}")
+    print(f"{'stage':<18}{'precision':<11}{'status':<12}{'seconds':>9}{'MiB':>10}")
     for stage, entry in manifest["stages"].items():
         status = "built" if stage in built else "up to date"
-        print(f"{stage:<13}{entry['precision']:<11}{status:<12}{entry['build_seconds']:>9.2f}"
+        print(f"{stage:<18}{entry['precision']:<11}{status:<12}{entry['build_seconds']:>9.2f}"
               f"{entry['engine_bytes'] / 2**20:>10.2f}")
     print(folder)
     return 0

@@ -13,6 +13,10 @@ from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.image import KONTEXT_BUCKETS, MAX_SIDE, MIN_SIDE, MULTIPLE
 
 OPT_SIZE = (1024, 1024)
+# --weight-streaming applies here only: the runtime streams the transformer's weights (split for step caching: the
+# body's, all blocks but the first), and on TensorRT-RTX a streaming engine cannot take user-allocated memory, so its
+# contexts could not be captured in the runtime's CUDA graphs.
+STREAMED_STAGES = ("transformer", "transformer_body")
 TEXT_LENGTHS = {"clip": 77, "t5": 512}
 Range = tuple[int, int, int]
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
@@ -30,6 +34,13 @@ STAGE_AXES: dict[str, dict[str, tuple[str | int | None, ...]]] = {
         "txt_ids": (TEXT_LENGTHS["t5"], 3), "guidance": ("B",),
     },
 }
+# The transformer split for step caching (runtime/stages.py): the same B and L axes, hidden widths from the ONNX.
+STAGE_AXES["transformer_head"] = STAGE_AXES["transformer"]
+STAGE_AXES["transformer_body"] = {
+    "block_hidden_states": ("B", "L", None), "block_encoder_hidden_states": ("B", TEXT_LENGTHS["t5"], None),
+    "temb": ("B", None), "img_ids": ("L", 3), "txt_ids": (TEXT_LENGTHS["t5"], 3),
+}
+STAGE_AXES["transformer_tail"] = {"final_hidden_states": ("B", "L", None), "temb": ("B", None)}
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,7 @@ def request_axes(width: int, height: int, context: tuple[int, int] | None, batch
     n, m = tokens(width, height), tokens(*context) if context else 0
     out = {"B": batch, "W": width, "H": height, "w": width // 8, "h": height // 8}
     axes = {"clip": {"B": batch}, "t5": {"B": batch}, "transformer": {"B": batch, "L": n + m}, "vae_decoder": out}
+    axes.update({part: axes["transformer"] for part in ("transformer_head", "transformer_body", "transformer_tail")})
     if context:
         cw, ch = context
         axes["vae_encoder"] = {"B": 1, "W": cw, "H": ch, "w": cw // 8, "h": ch // 8}

@@ -149,11 +149,14 @@ def run_edit(args: argparse.Namespace) -> int:
 def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontext:
     """The pipeline `edit` runs on: a checkpoint, an export folder, or the engines for this GPU and this request."""
     from kontext_trt.runtime.pipeline import load_kontext, request_geometry
+    from kontext_trt.runtime.step_cache import parse_cache
 
+    split = request is not None and parse_cache(request.cache).policy != "off"  # engines: the three parts'
     return load_kontext(args.model, backend=args.backend, dtype=args.dtype, device=args.device, onnx=args.onnx,
                         engines=args.engines, cuda_graphs=args.cuda_graphs, precision=args.precision, sku=args.sku,
                         geometry=request_geometry(request) if args.engines is not None and request else None,
-                        low_vram=args.low_vram, weight_budget=args.weight_streaming_budget, loras=args.lora)
+                        low_vram=args.low_vram, weight_budget=args.weight_streaming_budget, loras=args.lora,
+                        split=split)
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ Key = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 Call = Callable[[], dict[str, torch.Tensor]]
 
 # The stage called once per step; the encoders and the VAE run once per edit, where replay saves little.
-GRAPHED_STAGES = ("transformer",)
+GRAPHED_STAGES = ("transformer", "transformer_head", "transformer_body", "transformer_tail")  # parts: --cache
 
 
 def signature(inputs: dict[str, torch.Tensor]) -> Key:

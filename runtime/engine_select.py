@@ -10,6 +10,7 @@ import torch
 from kontext_trt.engines import cache, device as gpus, profiles, trt_api
 from kontext_trt.engines.skus import PRECISION_FALLBACK, Sku, precision_refusal
 from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.stages import STAGE_NAMES
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def default_geometry(folder: Path) -> Geometry:
 
 
 def select_engines(engines: Path, precision: str | None = None, sku: str = "auto",
-                   geometry: Geometry | None = None) -> EngineSet:
+                   geometry: Geometry | None = None, stages: tuple[str, ...] = STAGE_NAMES) -> EngineSet:
     """The engine set in `engines` for this GPU (or the SKU named), the installed TensorRT and `precision` (default:
     the only one built) that covers `geometry` (default: the set's own opt size)."""
     gpu = cuda_gpu()
@@ -91,5 +92,5 @@ def select_engines(engines: Path, precision: str | None = None, sku: str = "auto
         raise KontextError(f"{gpu.name} cannot run {precision} engines: {refusal}: run {fallback} engines instead "
                            f"(--precision {fallback.split()[0]})")
     g = geometry or default_geometry(cache.engine_folder(engines, chosen, api.folder, precision))
-    found = cache.find_engines(engines, chosen, api.folder, precision, g.width, g.height, g.batch, g.context)
+    found = cache.find_engines(engines, chosen, api.folder, precision, g.width, g.height, g.batch, g.context, stages)
     return EngineSet(gpu, api, precision, found)

@@ -17,7 +17,7 @@ from kontext_trt.runtime.cudagraphs import GRAPHED_STAGES, graphed
 from kontext_trt.runtime.engine_select import Geometry, select_engines
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.flow import EditRequest, Kontext, KontextConfig, PipelineInfo, output_size
-from kontext_trt.runtime.stages import STAGE_NAMES, Stage
+from kontext_trt.runtime.stages import SPLIT_STAGE_NAMES, STAGE_NAMES, Stage
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -43,13 +43,14 @@ def load_kontext(model: str | Path | None = None, backend: str = "torch", dtype:
                  onnx: Path | None = None, engines: Path | None = None, cuda_graphs: bool = False,
                  precision: str | None = None, sku: str = "auto", geometry: Geometry | None = None,
                  low_vram: bool = False, weight_budget: int | str | None = None,
-                 loras: list[tuple[str | Path, float]] = ()) -> Kontext:
+                 loras: list[tuple[str | Path, float]] = (), split: bool = False) -> Kontext:
     """A ready pipeline: TensorRT when `engines` is given (an engine cache made by `kontext-trt build`, the set picked
     by precision, sku and geometry), else onnxruntime over the export folder `onnx`, else torch over the checkpoint
     `model` in `dtype` on `device`. cuda_graphs replays the transformer step as a CUDA graph; the transformer's LoRAs
-    [(file or folder, scale), ...] are applied (Kontext.set_loras)."""
+    [(file or folder, scale), ...] are applied (Kontext.set_loras). `split` loads the engines of the transformer's
+    three parts instead of the single transformer (step caching; torch and onnxruntime always have both)."""
     k = _load_kontext(model, backend, dtype, device, onnx, engines, cuda_graphs, precision, sku, geometry, low_vram,
-                      weight_budget)
+                      weight_budget, split)
     if loras:
         k.set_loras(list(loras))
     return k
@@ -57,7 +58,7 @@ def load_kontext(model: str | Path | None = None, backend: str = "torch", dtype:
 
 def _load_kontext(model: str | Path | None, backend: str, dtype: str, device: str, onnx: Path | None,
                   engines: Path | None, cuda_graphs: bool, precision: str | None, sku: str, geometry: Geometry | None,
-                  low_vram: bool, weight_budget: int | str | None) -> Kontext:
+                  low_vram: bool, weight_budget: int | str | None, split: bool = False) -> Kontext:
     """load_kontext without the LoRAs."""
     if backend not in BACKENDS:
         raise KontextError(f"unknown backend {backend!r}: use torch or onnxruntime (TensorRT: pass --engines DIR)")
@@ -66,7 +67,8 @@ def _load_kontext(model: str | Path | None, backend: str, dtype: str, device: st
             raise KontextError("--engines runs the TensorRT backend: drop --backend onnxruntime")
         if engines is None:
             raise KontextError("the TensorRT backend needs --engines DIR (made by `kontext-trt build`)")
-        return load_engines(engines, precision, sku, geometry, onnx, model, low_vram, weight_budget, cuda_graphs)
+        return load_engines(engines, precision, sku, geometry, onnx, model, low_vram, weight_budget, cuda_graphs,
+                            split)
     if low_vram or weight_budget is not None:
         raise KontextError("--low-vram and --weight-streaming-budget are TensorRT memory modes: add --engines DIR")
     if precision is not None or sku != "auto":
@@ -133,24 +135,30 @@ def load_onnx(folder: str | Path, device: torch.device, cuda_graphs: bool = Fals
 
 def load_engines(engines: Path, precision: str | None = None, sku: str = "auto", geometry: Geometry | None = None,
                  onnx: Path | None = None, model: Path | None = None, low_vram: bool = False,
-                 weight_budget: int | str | None = None, cuda_graphs: bool = False) -> Kontext:
+                 weight_budget: int | str | None = None, cuda_graphs: bool = False, split: bool = False) -> Kontext:
     """The TensorRT backend over the engine set of `engines` that runs here and covers `geometry` (see
     runtime.engine_select); tokenizers and config from the export it was built from (or `onnx`, or `model`).
     Resident mode loads every engine now, the transformer last (an auto weight-streaming budget then sees what the
-    others took); low_vram loads each when its stage is first called."""
+    others took); low_vram loads each when its stage is first called. `split` (step caching) loads the transformer's
+    three parts instead of the single transformer (one or the other, never both)."""
+    from kontext_trt.engines.profiles import STREAMED_STAGES
     from kontext_trt.runtime.trt_stages import EnginePool, TrtStage
 
-    chosen = select_engines(engines, precision, sku, geometry)
+    if split and low_vram:
+        raise KontextError("--low-vram keeps one engine on the GPU and a cached step runs three transformer engines: "
+                           "drop --low-vram or --cache (use --weight-streaming-budget to save memory)")
+    names = SPLIT_STAGE_NAMES if split else STAGE_NAMES
+    chosen = select_engines(engines, precision, sku, geometry, names)
     found = chosen.found
     tokenizers, config = engine_text_side(found.manifest, onnx, model)
     device = torch.device("cuda", chosen.gpu.cuda_index)  # the device whose SKU was detected
     pool = EnginePool(chosen.api, device, low_vram, weight_budget is not None, found.runtime_cache)
     rebuild = found.manifest.get("command", "kontext-trt build")
-    stages = {name: TrtStage(name, found.plans[name], pool, weight_budget if name == "transformer" else None,
+    stages = {name: TrtStage(name, found.plans[name], pool, weight_budget if name in STREAMED_STAGES else None,
                              cuda_graphs and name in GRAPHED_STAGES, rebuild)
-              for name in STAGE_NAMES if name in found.plans}
+              for name in names if name in found.plans}
     if not low_vram:
-        for name in sorted(stages, key=lambda name: name == "transformer"):
+        for name in sorted(stages, key=lambda name: name in STREAMED_STAGES):
             pool.admit(stages[name])
     checkpoint = (found.manifest.get("checkpoint_fingerprint") or "")[:16] or None
     info = PipelineInfo(chosen.api.flavor, chosen.precision, chosen.precision, checkpoint, str(found.folder), pool.mode)

@@ -37,6 +37,7 @@ import torch
 
 STAGE_NAMES = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder")
 TRANSFORMER_PARTS = ("transformer_head", "transformer_body", "transformer_tail")
+SPLIT_STAGE_NAMES = ("clip", "t5", "vae_encoder", *TRANSFORMER_PARTS, "vae_decoder")  # step caching on engines
 
 STAGE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "clip": (("input_ids",), ("text_embeddings", "pooled_embeddings")),

@@ -138,8 +138,17 @@ class TeaCache:
         return compute
 
 
+class ComputeAll:
+    """off on a pipeline that has only the split transformer (e.g. engines built as parts): every step computed."""
+
+    def decide(self, head: dict[str, torch.Tensor], protected: bool) -> bool:
+        return True
+
+
 def make_policy(spec: CacheSpec) -> Policy:
     """The policy object of a spec (fresh state)."""
+    if spec.policy == "off":
+        return ComputeAll()
     if spec.policy == "fbcache":
         return FirstBlockCache(spec.threshold)
     return TeaCache(spec.threshold, spec.coefficients)
@@ -175,7 +184,8 @@ class StepCache:
             final = k.run("transformer_body", block_hidden_states=block,
                           block_encoder_hidden_states=head["block_encoder_hidden_states"], temb=head["temb"],
                           img_ids=inputs["img_ids"], txt_ids=inputs["txt_ids"])["final_hidden_states"]
-            self.residuals[branch] = final - block
+            if self.spec.policy != "off":
+                self.residuals[branch] = final - block
         else:
             final = block + self.residuals[branch].to(block.dtype)
         return k.run("transformer_tail", final_hidden_states=final, temb=head["temb"])["latent"]
@@ -186,9 +196,10 @@ class StepCache:
 
 
 def step_cache(k: Kontext, spec: str | CacheSpec, steps: int) -> StepCache | None:
-    """The StepCache of one edit (None for off), or one line saying the pipeline lacks the split transformer."""
+    """The StepCache of one edit (None for off where the single transformer is there), or one line saying the
+    pipeline lacks the split transformer."""
     spec = spec if isinstance(spec, CacheSpec) else parse_cache(spec)
-    if spec.policy == "off":
+    if spec.policy == "off" and "transformer" in k.stages:
         return None
     missing = [name for name in TRANSFORMER_PARTS if name not in k.stages]
     if missing:

@@ -79,6 +79,16 @@ def text(value: Any) -> str:
     return value
 
 
+def cache_spec(value: Any) -> str:
+    """A step-cache spec (runtime/step_cache.py), normalised."""
+    from kontext_trt.runtime.step_cache import parse_cache
+
+    try:
+        return str(parse_cache(text(value)))
+    except KontextError as exc:
+        raise ValueError(str(exc)) from None
+
+
 # Extension fields: name -> (parser, what a valid value looks like). Each becomes the EditRequest field of its name.
 OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "seed": (integer, "an integer like 42"),
@@ -87,6 +97,7 @@ OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "negative_prompt": (text, "text"),
     "true_cfg": (number, "a number like 4.0 (above 1 with negative_prompt)"),
     "auto_resize": (boolean, "true or false"),
+    "cache": (cache_spec, "off, fbcache:T or teacache:T, e.g. fbcache:0.12"),
     "lora": (text, "LoRA names of the server's --lora-dir with optional scales, like relight:0.8,style"),
 }
 

@@ -136,8 +136,9 @@ def test_stage_errors_are_not_swallowed():
 
 
 def test_graphed_wraps_the_transformer_only():
-    stages = graphed({name: Stage() for name in ("clip", "transformer", "vae_decoder")})
-    assert GRAPHED_STAGES == ("transformer",) and isinstance(stages["transformer"], GraphedStage)
+    stages = graphed({name: Stage() for name in ("clip", "transformer", "transformer_body", "vae_decoder")})
+    assert GRAPHED_STAGES == ("transformer", "transformer_head", "transformer_body", "transformer_tail")
+    assert isinstance(stages["transformer"], GraphedStage) and isinstance(stages["transformer_body"], GraphedStage)
     assert not isinstance(stages["clip"], GraphedStage) and not isinstance(stages["vae_decoder"], GraphedStage)
 
 

@@ -129,7 +129,7 @@ def test_huge_threshold_computes_only_the_protected_steps(torch_k, spec, compute
     assert cached.metadata["cache"]["steps_computed"] == computed
     assert cached.metadata["cache"]["steps_skipped"] == STEPS - computed
     calls = {name: len(values) for name, values in torch_k.times.seconds.items()}
-    assert calls["transformer_head"] == calls["transformer_tail"] == STEPS and "transformer" not in calls
+    assert calls["transformer_head"] == calls["transformer_tail"] == calls["transformer"] == STEPS  # step timed whole
     assert calls["transformer_body"] == computed
     assert not torch.equal(cached.latents, off.latents)  # a reused residual is not the computed one
     assert torch.isfinite(cached.latents).all()
@@ -196,3 +196,16 @@ def test_cli_edit_cache(capsys, tiny_ckpt, tmp_path):
     assert main([*argv, "--cache", "teacache:much"]) == 2
     err = capsys.readouterr().err
     assert "not a number" in err and err.count("\n") == 1
+
+
+def test_off_on_a_pipeline_with_only_the_parts_runs_them_all(torch_k):
+    """Engines built as parts load without the single transformer: off then computes every step through the parts."""
+    from dataclasses import replace
+
+    parts_only = replace(torch_k, stages={n: s for n, s in torch_k.stages.items() if n != "transformer"},
+                         times=StageTimes())
+    off = edit(torch_k, request("off"))
+    ours = edit(parts_only, request("off"))
+    assert torch.equal(ours.latents, off.latents)
+    assert ours.metadata["cache"] == {"spec": "off", "steps_computed": STEPS, "steps_skipped": 0}
+    assert len(parts_only.times.seconds["transformer_body"]) == STEPS
