@@ -16,6 +16,7 @@ from kontext_trt.runtime.pipeline import load_kontext
 from kontext_trt.runtime.stages import STAGE_IO, TRANSFORMER_PARTS
 from kontext_trt.runtime.step_cache import (TEACACHE_FLUX, CacheSpec, FirstBlockCache, TeaCache, parse_cache,
                                             relative_l1)
+from kontext_trt.runtime.timing import StageTimes
 
 STEPS = 6
 
