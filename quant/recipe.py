@@ -92,14 +92,14 @@ def check_precision(precision: str, attention: str | None) -> str:
 
 def check_svd(precision: str, svd_rank: int | None, svd_alpha: float | None) -> int:
     """Refuse SVDQuant settings that cannot apply in one line; the rank to use (default 32 for nvfp4, 0 for fp8)."""
+    if svd_alpha is not None and not 0 <= svd_alpha <= 1:
+        raise KontextError(f"--svd-alpha must lie in [0, 1] (0: no activation smoothing), got {svd_alpha}")
     if svd_rank is None:
         return DEFAULT_SVD_RANK if precision == "nvfp4" else 0
     if svd_rank < 0:
         raise KontextError(f"--svd-rank must be 0 (plain NVFP4) or more, got {svd_rank}")
     if svd_rank > 0 and precision != "nvfp4":
         raise KontextError(f"--svd-rank {svd_rank}: SVDQuant is an nvfp4 recipe; drop --svd-rank for {precision}")
-    if svd_alpha is not None and not 0 <= svd_alpha <= 1:
-        raise KontextError(f"--svd-alpha must lie in [0, 1] (0: no activation smoothing), got {svd_alpha}")
     return svd_rank
 
 
