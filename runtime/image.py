@@ -86,11 +86,32 @@ def tensor_to_images(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p) for p in (pixels * 255).round().astype(np.uint8)]
 
 
+def a1111_quote(value: object) -> str:
+    """A value as AUTOMATIC1111 writes it in infotext: as is, or JSON-quoted when it holds a comma, colon or newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def a1111_parameters(metadata: dict) -> str:
+    """The `parameters` text in AUTOMATIC1111's layout (Forge's keys for Flux's distilled guidance): the prompt,
+    `Negative prompt: ...` when there is one, then one line of `Key: value` pairs; keys with no value are left out."""
+    source, width, height = metadata.get("source"), metadata.get("width"), metadata.get("height")
+    pairs = {"Steps": metadata.get("steps"), "Sampler": "Euler", "Schedule type": "Simple",
+             "CFG scale": metadata.get("true_cfg"), "Distilled CFG Scale": metadata.get("guidance"),
+             "Seed": metadata.get("seed"), "Size": f"{width}x{height}" if width and height else None,
+             "Model hash": metadata.get("checkpoint"), "Model": Path(source).name if source else None}
+    lines = [metadata.get("prompt", "")]
+    if metadata.get("negative_prompt"):
+        lines.append(f"Negative prompt: {metadata['negative_prompt']}")
+    lines.append(", ".join(f"{key}: {a1111_quote(value)}" for key, value in pairs.items() if value is not None))
+    return "\n".join(lines)
+
+
 def png_info(metadata: dict) -> PngImagePlugin.PngInfo:
-    """The PNG text chunks of a generated image: `kontext-trt` (JSON) and `parameters` (one readable line)."""
+    """The PNG text chunks of a generated image: `kontext-trt` (JSON) and `parameters` (AUTOMATIC1111's layout)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("kontext-trt", json.dumps(metadata, sort_keys=True))
-    info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in metadata.items()))
+    info.add_text("parameters", a1111_parameters(metadata))
     return info
 
 
