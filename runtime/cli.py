@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from kontext_trt.runtime.errors import KontextError
 
@@ -19,9 +20,17 @@ COMMAND_MODULES = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other bad input, with exit code 2 (subcommand parsers
+    inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="kontext-trt", description=__doc__.split(":")[1].strip())
+    parser = OneLineParser(prog="kontext-trt", description=__doc__.split(":")[1].strip())
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parsers(sub)
@@ -29,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand; a KontextError becomes one line on stderr and its exit code (2 bad input, 1 failed write)."""
-    args = build_parser().parse_args(argv)
+    """Run a subcommand; a usage error or a KontextError becomes one line on stderr and its exit code (2 bad input,
+    1 failed write); --help returns 0."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
     try:
         return int(args.func(args) or 0)
     except KontextError as exc:

@@ -103,8 +103,24 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-auto-resize", dest="auto_resize", action="store_false")
     p.add_argument("--negative-prompt")
     p.add_argument("--true-cfg", type=float, default=1.0, help="> 1 with --negative-prompt enables true CFG")
-    p.add_argument("--cache", default="off", metavar="SPEC", help="step cache: off, fbcache:T (First-Block Cache, "
-                   "FLUX default 0.12) or teacache:T (0.25/0.4/0.6); needs the split transformer (torch: always)")
+    add_cache_argument(p, "step cache")
+
+
+def add_cache_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """--cache SPEC (edit: this edit's step cache; serve: the default of requests without a `cache` field)."""
+    p.add_argument("--cache", default="off", type=cache_spec, metavar="SPEC", help=f"{what}: off, fbcache:T "
+                   "(First-Block Cache, FLUX default 0.12) or teacache:T (0.25/0.4/0.6); with --engines it loads the "
+                   "split transformer (export and build --stages transformer_head,transformer_body,transformer_tail)")
+
+
+def cache_spec(text: str) -> str:
+    """argparse type: a step-cache spec, normalised (runtime/step_cache.py)."""
+    from kontext_trt.runtime.step_cache import parse_cache
+
+    try:
+        return str(parse_cache(text))
+    except KontextError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -117,9 +133,9 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_edit(args: argparse.Namespace) -> int:
-    """kontext-trt edit."""
+    """kontext-trt edit: the Python API's KontextPipeline.run on the request the flags describe."""
     from kontext_trt.runtime import checks, flow, image
-    from kontext_trt.safety import guard
+    from kontext_trt.runtime.api import KontextPipeline
 
     checks.check_output_file(args.out)
     checks.check_device(args.device)
@@ -129,10 +145,11 @@ def run_edit(args: argparse.Namespace) -> int:
         auto_resize=args.auto_resize, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, cache=args.cache)
     flow.check_request(request)
     policy = output_policy(args, args.device)
-    k = load_edit_pipeline(args, request)
+    pipe = KontextPipeline(load_edit_pipeline(args, request), policy)
+    k = pipe.kontext
     start = time.perf_counter()
-    result = guard.edit(k, request, policy)
-    for path in guard.save(result, args.out, policy, k.times):
+    result = pipe.run(request)
+    for path in pipe.save(result, args.out):
         print(path)
     print(f"{result.width}x{result.height}, {args.steps} steps in {time.perf_counter() - start:.2f}s")
     cache = result.metadata["cache"]
@@ -146,12 +163,13 @@ def run_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontext:
-    """The pipeline `edit` runs on: a checkpoint, an export folder, or the engines for this GPU and this request."""
+def load_edit_pipeline(args: argparse.Namespace, request: EditRequest | None) -> Kontext:
+    """The pipeline `edit` (and `serve`, request None) runs on: a checkpoint, an export folder, or the engines for
+    this GPU and this request; with --engines, a --cache other than off loads the transformer's three parts."""
     from kontext_trt.runtime.pipeline import load_kontext, request_geometry
     from kontext_trt.runtime.step_cache import parse_cache
 
-    split = request is not None and parse_cache(request.cache).policy != "off"  # engines: the three parts'
+    split = parse_cache(args.cache).policy != "off"
     return load_kontext(args.model, backend=args.backend, dtype=args.dtype, device=args.device, onnx=args.onnx,
                         engines=args.engines, cuda_graphs=args.cuda_graphs, precision=args.precision, sku=args.sku,
                         geometry=request_geometry(request) if args.engines is not None and request else None,
@@ -162,10 +180,10 @@ def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontex
 def run_demo(args: argparse.Namespace) -> int:
     """kontext-trt demo: synth tiny (once), draw a sample image, edit it, print where the PNG went."""
     from kontext_trt.runtime import checks, flow, image
+    from kontext_trt.runtime.api import KontextPipeline
     from kontext_trt.runtime.pipeline import load_kontext
-    from kontext_trt.synth import write_synthetic_checkpoint
     from kontext_trt.runtime.timing import progress
-    from kontext_trt.safety import guard
+    from kontext_trt.synth import write_synthetic_checkpoint
 
     checks.check_output_folder(args.out)
     if args.steps < 1:
@@ -179,13 +197,13 @@ def run_demo(args: argparse.Namespace) -> int:
     source = args.out / "input.png"
     image.sample_image(512, 384).save(source)
     with progress("loading the checkpoint (torch backend, fp32, cpu)"):
-        k = load_kontext(model, backend="torch", dtype="fp32", device="cpu")
+        pipe = KontextPipeline(load_kontext(model, backend="torch", dtype="fp32", device="cpu"), policy)
     # The input keeps its own 512x384 size (auto-resize off) so the CPU demo takes seconds, not minutes.
     request = flow.EditRequest(prompts=["make the house blue and add snow on the roof"],
                                image=image.load_image(source), steps=args.steps, auto_resize=False)
     with progress(f"editing {source} ({args.steps} steps, 512x384, auto-resize off)"):
-        result = guard.edit(k, request, policy)
-    out = guard.save(result, args.out / "edited.png", policy, k.times)[0]
+        result = pipe.run(request)
+    out = pipe.save(result, args.out / "edited.png")[0]
     print(f"input  {source}\noutput {out} ({result.width}x{result.height})")
-    print(k.times.table())
+    print(pipe.kontext.times.table())
     return 0

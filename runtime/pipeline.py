@@ -124,6 +124,10 @@ def load_onnx(folder: str | Path, device: torch.device, cuda_graphs: bool = Fals
     if manifest is None:
         raise KontextError(f"{folder}: no manifest.json, so not an export folder; "
                            f"run `kontext-trt export --model CHECKPOINT --out {folder}`")
+    missing = [name for name in STAGE_NAMES if name not in manifest["stages"]]
+    if missing:  # before hashing: a user who forgot a stage hears that, not minutes of sha256 first
+        raise KontextError(f"{folder}: stage {missing[0]} was not exported; run "
+                           f"`kontext-trt export --model CHECKPOINT --out {folder} --stages {missing[0]}`")
     verify_files(folder, manifest)
     entries = manifest["stages"]
     dtype = ",".join(sorted({entry["dtype"] for entry in entries.values()}))

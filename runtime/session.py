@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from typing import Callable
 
 from PIL import Image
 
 from kontext_trt.runtime.flow import Context, EditRequest, EditResult, Kontext, Prompt, edit, encode_context, encode_prompts
+
+# What runs one turn: flow.edit, or safety.guard's edit (input check, output check and watermark) around it.
+EditFn = Callable[[Kontext, EditRequest, Prompt, Context | None], EditResult]
 from kontext_trt.runtime.lru import LruCache
 
 
@@ -16,10 +20,11 @@ def image_key(image: Image.Image, auto_resize: bool) -> str:
 
 
 class EditSession:
-    """Refine one image through several instructions; `edit(prompt)` is one call per turn."""
+    """Refine one image through several instructions; `edit(prompt)` is one call per turn, run by `run_edit`."""
 
-    def __init__(self, k: Kontext, image: Image.Image | None = None, cache_size: int = 32, **defaults) -> None:
-        self.k, self.image, self.defaults = k, image, defaults
+    def __init__(self, k: Kontext, image: Image.Image | None = None, cache_size: int = 32, run_edit: EditFn = edit,
+                 **defaults) -> None:
+        self.k, self.image, self.run_edit, self.defaults = k, image, run_edit, defaults
         self.prompts: LruCache = LruCache(cache_size)
         self.contexts: LruCache = LruCache(cache_size)
         self.history: list[tuple[str, Image.Image]] = []
@@ -36,7 +41,7 @@ class EditSession:
     def run(self, req: EditRequest) -> EditResult:
         """Run a request through the caches."""
         context = None if req.image is None else self.context(req.image, req.auto_resize)
-        return edit(self.k, req, self.prompt(req.prompts), context)
+        return self.run_edit(self.k, req, self.prompt(req.prompts), context)
 
     def edit(self, prompt: str | list[str], **overrides) -> EditResult:
         """Edit the current image (text-to-image on the first turn if none), then make the output current."""

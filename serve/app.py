@@ -44,9 +44,10 @@ class Runner(Protocol):
 
 @dataclass
 class Settings:
-    """Per-request limits of the app."""
+    """Per-request limits and defaults of the app."""
 
     timeout_s: float = 300.0
+    cache: str = "off"  # the step cache of a request that sends no `cache` field (serve --cache)
 
 
 def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = None,
@@ -94,7 +95,7 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
             raise ApiError(413, f"image is over {MAX_UPLOAD_BYTES >> 20} MiB: send a smaller file", param="image")
         image = openai_api.read_image(await files[0].read())
         fields = {key: value for key, value in form.multi_items() if key not in ("image", "image[]")}
-        return await answer(openai_api.parse_request(fields, image, runner_max_n()), start)
+        return await answer(openai_api.parse_request(fields, image, runner_max_n(), defaults()), start)
 
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> JSONResponse:
@@ -105,7 +106,10 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
             raise bad_request("the body is not JSON: send {\"prompt\": \"...\"}") from None
         if not isinstance(body, dict):
             raise bad_request("the body must be a JSON object like {\"prompt\": \"...\"}")
-        return await answer(openai_api.parse_request(body, None, runner_max_n()), start)
+        return await answer(openai_api.parse_request(body, None, runner_max_n(), defaults()), start)
+
+    def defaults() -> dict[str, str]:
+        return {"cache": settings.cache}
 
     def runner_max_n() -> int:
         return min(openai_api.MAX_N, runner.max_batch)

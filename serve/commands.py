@@ -15,7 +15,7 @@ DEFAULT_MAX_BATCH = 4
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register serve."""
-    from kontext_trt.runtime.commands import add_model_arguments
+    from kontext_trt.runtime.commands import add_cache_argument, add_model_arguments
     from kontext_trt.safety.commands import add_output_arguments
 
     p = sub.add_parser("serve", help="serve edits over HTTP (OpenAI Images API), micro-batched; --ray for Ray Serve")
@@ -30,6 +30,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take before it gets 504")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight "
                    "requests before exiting")
+    add_cache_argument(p, "the step cache of requests without a `cache` field")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--lora-dir", type=Path, help="folder of named LoRAs (NAME.safetensors or NAME/) a request picks "
                    "with its `lora` field (NAME[:SCALE],...); batches group by LoRA set and swap between batches")
@@ -166,7 +167,7 @@ def run_local(args: argparse.Namespace) -> int:
         batcher.max_batch = args.max_batch or engine_max_batch(service.k) or DEFAULT_MAX_BATCH
         log.info("ready: serving on http://%s:%d (max batch %d)", args.host, server_port(server), batcher.max_batch)
 
-    app = create_app(batcher, metrics, Settings(args.timeout), lifespan)
+    app = create_app(batcher, metrics, Settings(args.timeout, args.cache), lifespan)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.drain_timeout, access_log=False))
     # uvicorn re-raises the signal it drained on; a handler that ignores SIGTERM makes that a clean exit 0.

@@ -113,8 +113,10 @@ def parse_size(value: Any) -> tuple[int, int] | None:
     return width, height
 
 
-def parse_request(fields: Mapping[str, Any], image: Image.Image | None, max_n: int = MAX_N) -> EditRequest:
-    """An EditRequest from OpenAI fields plus extensions, or ApiError(400) naming the field at fault."""
+def parse_request(fields: Mapping[str, Any], image: Image.Image | None, max_n: int = MAX_N,
+                  defaults: Mapping[str, Any] | None = None) -> EditRequest:
+    """An EditRequest from OpenAI fields plus extensions (`defaults`, the server's, for extensions not sent), or
+    ApiError(400) naming the field at fault."""
     unknown = set(fields) - {"prompt", "n", "size", "response_format", "output_format", *OPTIONS, *IGNORED}
     if unknown:
         raise bad_request(f"unrecognized field {sorted(unknown)[0]!r}: this server takes prompt, n, size, "
@@ -133,7 +135,7 @@ def parse_request(fields: Mapping[str, Any], image: Image.Image | None, max_n: i
         n = 0
     if not 1 <= n <= max_n:
         raise bad_request(f"n {fields.get('n')!r} must be an integer from 1 to {max_n}", "n")
-    options = {}
+    options = dict(defaults or {})
     for name, (parse, looks_like) in OPTIONS.items():
         if name in fields and fields[name] not in (None, ""):
             try:

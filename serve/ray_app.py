@@ -48,7 +48,7 @@ class KontextDeployment:
         return self.service.ready
 
     def __serve_build_asgi_app__(self):
-        return create_app(self, self.metrics, Settings(self.args.timeout))
+        return create_app(self, self.metrics, Settings(self.args.timeout, self.args.cache))
 
     def signer(self, result: EditResult) -> Callable[[bytes, str], bytes] | None:
         """Runner.signer: the service's C2PA signing."""

@@ -27,12 +27,15 @@ def test_same_size_random_plan_is_refused_at_load_and_rebuilt(engine_onnx, tmp_p
     good = plan.read_bytes()
     entry = cache.read_manifest(folder)["stages"]["clip"]
     assert done == ["clip"] and entry["sha256"] == sha256_file(plan) and entry["engine_bytes"] == len(good)
-    plan.write_bytes(os.urandom(len(good)))  # the size the manifest records, other bytes
+    random_bytes = os.urandom(len(good))
+    plan.write_bytes(random_bytes)  # the size the manifest records, other bytes
     with pytest.raises(KontextError, match="does not have the sha256 the manifest records") as caught:
         find_engines(tmp_path, "rtx4090", RTX, "fp32", 1024, 1024, stages=("clip",))
     assert "rebuild: kontext-trt build" in str(caught.value) and "\n" not in str(caught.value)
     _, done = build.build_set(clip_build(engine_onnx, tmp_path))
-    assert done == ["clip"] and plan.read_bytes() == good  # rebuilt (the build is deterministic), not reused
+    rebuilt = cache.read_manifest(folder)["stages"]["clip"]
+    assert done == ["clip"] and plan.read_bytes() != random_bytes  # rebuilt, not reused
+    assert rebuilt["sha256"] == sha256_file(plan) and rebuilt["engine_bytes"] == plan.stat().st_size
     assert find_engines(tmp_path, "rtx4090", RTX, "fp32", 1024, 1024, stages=("clip",)).plans["clip"] == plan
 
 

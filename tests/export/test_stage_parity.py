@@ -20,7 +20,7 @@ def modules(tiny_ckpt):
 @pytest.fixture(scope="module")
 def sessions(tiny_onnx):
     return {name: ort.InferenceSession(str(tiny_onnx / name / "model.onnx"), providers=["CPUExecutionProvider"])
-            for name in STAGE_IO}
+            for name in CASES}
 
 
 def transformer_inputs(batch, target, context):

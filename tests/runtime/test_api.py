@@ -57,3 +57,32 @@ def test_bad_call_is_one_line(pipe):
         pipe(prompt="x", num_inference_steps=0)
     with pytest.raises(KontextError, match="give both --width and --height"):
         pipe(prompt="x", width=64)
+
+
+def test_outputs_are_checked_and_watermarked(pipe):
+    from kontext_trt.safety import watermark
+
+    out = pipe(prompt="a red house", num_inference_steps=1, height=256, width=256)
+    assert out.metadata["safety"]["checker"] == "nudenet" and len(out.metadata["safety"]["outputs"]) == 1
+    assert out.metadata["watermark"] is not None and watermark.read(out.images[0]).present
+
+
+def test_flagged_output_raises_on_call_and_session_turn(pipe, fake_checkers):
+    from kontext_trt.safety.checker import ContentFlagged, load_checker
+    from kontext_trt.safety.guard import OutputPolicy
+
+    strict = KontextPipeline(pipe.kontext, OutputPolicy(load_checker(f"{fake_checkers}:FlagOutputs"), "flag-outputs"))
+    image = im.sample_image(64, 64, seed=4)
+    with pytest.raises(ContentFlagged, match="output flagged by the safety checker \\(TEST_LABEL\\)") as caught:
+        strict(prompt="add a hat", image=image, num_inference_steps=1, auto_resize=False)
+    assert caught.value.verdicts[0].flagged and caught.value.passed == [None]
+    strict.policy.checker.calls = 0  # the session's first turn: input passes, output flagged
+    session = strict.session(image, num_inference_steps=1, auto_resize=False)
+    with pytest.raises(ContentFlagged):
+        session.edit("add a hat")
+    assert session.image is image and session.history == []  # a withheld output never becomes the current image
+
+
+def test_call_takes_a_step_cache(pipe):
+    out = pipe(prompt="a red house", num_inference_steps=4, height=64, width=64, cache="teacache:1e9")
+    assert out.metadata["cache"] == {"spec": "teacache:1e+09", "steps_computed": 2, "steps_skipped": 2}

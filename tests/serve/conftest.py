@@ -114,9 +114,9 @@ def tiny_pipeline(tiny_ckpt):
 
 @contextmanager
 def app_in_thread(k, wrap: dict, max_batch: int = 4, max_queue: int = 64, window_s: float = 0.005,
-                  timeout_s: float = 300, policy=None) -> Iterator[str]:
+                  timeout_s: float = 300, policy=None, cache: str = "off") -> Iterator[str]:
     """The app over pipeline k with stages replaced by wrap[name](stage), served by uvicorn in a thread; its URL.
-    `policy`: the service's safety OutputPolicy (default: NudeNet and the watermark)."""
+    `policy`: the service's safety OutputPolicy (default: NudeNet and the watermark); `cache`: serve --cache."""
     import asyncio
 
     import uvicorn
@@ -138,7 +138,7 @@ def app_in_thread(k, wrap: dict, max_batch: int = 4, max_queue: int = 64, window
         await batcher.stop()
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(batcher, metrics, Settings(timeout_s), lifespan),
+    server = uvicorn.Server(uvicorn.Config(create_app(batcher, metrics, Settings(timeout_s, cache), lifespan),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
