@@ -24,3 +24,12 @@ def test_console_script_lists_subcommands():
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("synth", "edit", "demo", "export", "quantize", "build", "check", "bench", "serve", "verify"):
         assert command in out
+
+
+def test_test_module_names_are_unique():
+    """pytest imports test modules by basename (rootdir, no packages): two files of one name stop the run at
+    collection, as tests/serve/test_api.py and tests/runtime/test_api.py once did."""
+    from collections import Counter
+
+    names = Counter(p.name for p in Path(__file__).parent.rglob("test_*.py"))
+    assert [name for name, count in names.items() if count > 1] == []
