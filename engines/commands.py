@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kontext_trt.engines.onnx_dir import PRECISIONS
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.stages import STAGE_NAMES, TRANSFORMER_PARTS
+from kontext_trt.runtime.stages import stage_list
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
 
@@ -29,8 +29,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "Kontext.set_loras) without a rebuild; bf16/fp32 exports only")
     p.add_argument("--weight-streaming", action="store_true", help="transformer engine: let it stream weights from "
                    "host memory at run time (edit --weight-streaming-budget)")
-    p.add_argument("--stages", nargs="+", choices=(*STAGE_NAMES, *TRANSFORMER_PARTS),
-                   help="default: every stage in the ONNX folder (the step-cache parts too, where exported)")
+    p.add_argument("--stages", nargs="+", metavar="STAGE", help="stages separated by commas or spaces (as export "
+                   "takes them); default: every stage in the ONNX folder (the step-cache parts too, where exported)")
     p.set_defaults(func=run_build)
 
     p = sub.add_parser("check", help="compare engine outputs with ONNX Runtime on random inputs (needs a GPU)")
@@ -70,7 +70,7 @@ def run_build(args: argparse.Namespace) -> int:
               else profiles.Shapes(profiles.parse_sizes(args.sizes), batch))
     req = build.BuildRequest(
         onnx_dir=args.onnx, out=args.out, sku=sku, target=build.Target(flavor, targets, gpu.sm if gpu else None),
-        precision=args.precision, shapes=shapes, stages=tuple(args.stages or ()),
+        precision=args.precision, shapes=shapes, stages=stage_list(args.stages or []),
         flags=build.BuildFlags(args.opt_level, args.refit, args.weight_streaming, args.timing_cache),
         gpu=gpu is not None)
     folder, built = build.build_set(req)

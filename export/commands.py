@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from kontext_trt.runtime.commands import add_lora_argument
-from kontext_trt.runtime.stages import STAGE_NAMES, TRANSFORMER_PARTS
+from kontext_trt.runtime.stages import STAGE_NAMES, TRANSFORMER_PARTS, stage_list
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +13,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint's stages to ONNX (TensorRT-ready, checked in onnxruntime)")
     p.add_argument("--model", type=Path, required=True, help="checkpoint folder (diffusers layout or BFL single files)")
     p.add_argument("--out", type=Path, required=True, help="export folder: one subfolder per stage + manifest.json")
-    p.add_argument("--stages", default=",".join(STAGE_NAMES), help=f"comma-separated subset of {','.join(STAGE_NAMES)}; add "
+    p.add_argument("--stages", nargs="+", default=list(STAGE_NAMES), metavar="STAGE", help=f"stages separated by "
+                   f"commas or spaces (as build takes them), default {','.join(STAGE_NAMES)}; add "
                    f"{','.join(TRANSFORMER_PARTS)} for step caching (--cache), written beside the transformer")
     p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16",
                    help="bf16 for TensorRT, fp32 for the onnxruntime backend; fp16 is refused for t5")
@@ -27,7 +28,7 @@ def run_export(args: argparse.Namespace) -> int:
     """kontext-trt export."""
     from kontext_trt.export.export import DEFAULT_OPSET, export_checkpoint
 
-    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    stages = stage_list(args.stages)
     path = export_checkpoint(args.model, args.out, stages, args.dtype, args.opset or DEFAULT_OPSET, args.force,
                              loras=args.lora)
     print(path)

@@ -35,9 +35,22 @@ from typing import Hashable, Iterable, Protocol, runtime_checkable
 
 import torch
 
+from kontext_trt.runtime.errors import KontextError
+
 STAGE_NAMES = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder")
 TRANSFORMER_PARTS = ("transformer_head", "transformer_body", "transformer_tail")
 SPLIT_STAGE_NAMES = ("clip", "t5", "vae_encoder", *TRANSFORMER_PARTS, "vae_decoder")  # step caching on engines
+
+
+def stage_list(values: list[str], flag: str = "--stages") -> tuple[str, ...]:
+    """--stages as export and build both take it: names separated by commas or spaces (`clip,t5` or `clip t5`),
+    each a stage or a transformer part, in the order given, duplicates dropped; one line names an unknown one."""
+    names = tuple(dict.fromkeys(name.strip() for value in values for name in value.split(",") if name.strip()))
+    known = (*STAGE_NAMES, *TRANSFORMER_PARTS)
+    for name in names:
+        if name not in known:
+            raise KontextError(f"{flag}: unknown stage {name!r}: use any of {','.join(known)}")
+    return names
 
 STAGE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "clip": (("input_ids",), ("text_embeddings", "pooled_embeddings")),
