@@ -13,11 +13,13 @@ GRAPH_MODES = {"off": [False], "on": [True], "both": [False, True]}
 
 
 def size_list(text: str) -> list[tuple[int, int]]:
-    """'1024x1024,832x1248' -> [(1024, 1024), (832, 1248)] (width x height)."""
+    """argparse type: '1024x1024,832x1248' -> [(1024, 1024), (832, 1248)] (runtime.image.parse_sizes)."""
+    from kontext_trt.runtime.image import parse_sizes
+
     try:
-        return [(int(w), int(h)) for w, h in (item.lower().split("x") for item in text.split(","))]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sizes are WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {text!r}") from None
+        return parse_sizes(text)
+    except KontextError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cache_spec(text: str) -> str:

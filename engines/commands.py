@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kontext_trt.engines.onnx_dir import PRECISIONS
 from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.image import parse_size
 from kontext_trt.runtime.stages import stage_list
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
@@ -66,7 +67,7 @@ def run_build(args: argparse.Namespace) -> int:
         raise KontextError(f"--target {args.target} leaves out sm{sku.sm}, the compute capability of {sku.name}: "
                            "add it")
     batch = profiles.parse_batch(args.batch)
-    shapes = (profiles.Shapes((profiles.parse_size(args.static),), batch, static=True) if args.static
+    shapes = (profiles.Shapes((parse_size(args.static),), batch, static=True) if args.static
               else profiles.Shapes(profiles.parse_sizes(args.sizes), batch))
     req = build.BuildRequest(
         onnx_dir=args.onnx, out=args.out, sku=sku, target=build.Target(flavor, targets, gpu.sm if gpu else None),

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.image import KONTEXT_BUCKETS, MAX_SIDE, MIN_SIDE, MULTIPLE
+from kontext_trt.runtime import image
+from kontext_trt.runtime.image import KONTEXT_BUCKETS, MULTIPLE
 
 OPT_SIZE = (1024, 1024)
 # --weight-streaming applies here only: the runtime streams the transformer's weights (split for step caching: the
@@ -57,23 +58,11 @@ def tokens(width: int, height: int) -> int:
     return (height // MULTIPLE) * (width // MULTIPLE)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'1024x768' -> (1024, 768), checked: multiples of 16 within [MIN_SIDE, MAX_SIDE]."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise KontextError(f"size {text!r} is not WxH: write it like 1024x1024") from None
-    for side in (width, height):
-        if side % MULTIPLE or not MIN_SIDE <= side <= MAX_SIDE:
-            raise KontextError(f"size {text}: sides must be multiples of {MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}")
-    return width, height
-
-
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
-    """'all' (the 17 Kontext buckets) or 'WxH,WxH,...'."""
+    """'all' (the 17 Kontext buckets) or 'WxH,WxH,...' (runtime.image.parse_sizes)."""
     if text == "all":
         return KONTEXT_BUCKETS
-    return tuple(dict.fromkeys(parse_size(s) for s in text.split(",") if s.strip()))
+    return tuple(image.parse_sizes(text))
 
 
 def format_sizes(sizes: tuple[tuple[int, int], ...]) -> str:

@@ -39,6 +39,22 @@ def context_size(width: int, height: int, auto_resize: bool = True) -> tuple[int
     return width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'1024x768' -> (1024, 768), checked as check_size does: the one parser of WxH sizes (edit, build, bench,
+    the server's `size`)."""
+    try:
+        width, height = (int(side) for side in str(text).lower().split("x"))
+    except ValueError:
+        raise KontextError(f"size {text!r} is not WIDTHxHEIGHT: write it like 1024x1024") from None
+    check_size(width, height)
+    return width, height
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'WxH,WxH,...' -> sizes in the order given, duplicates dropped."""
+    return list(dict.fromkeys(parse_size(item) for item in text.split(",") if item.strip()))
+
+
 def check_size(width: int, height: int) -> None:
     """Refuse an output size that is not a multiple of 16 or lies outside [64, 2048]."""
     for name, side in (("width", width), ("height", height)):

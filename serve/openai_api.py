@@ -107,10 +107,9 @@ def parse_size(value: Any) -> tuple[int, int] | None:
     if value is None or value == "auto":
         return None
     try:
-        width, height = (int(side) for side in str(value).lower().split("x"))
-    except ValueError:
-        raise bad_request(f"size {value!r} is not WIDTHxHEIGHT: write it like 1024x1024 (or auto)", "size") from None
-    return width, height
+        return im.parse_size(value)
+    except KontextError as exc:
+        raise bad_request(f"{exc} (or auto)", "size") from None
 
 
 def parse_request(fields: Mapping[str, Any], image: Image.Image | None, max_n: int = MAX_N,

@@ -63,5 +63,5 @@ def test_profile_refusals():
         profiles.stage_profile("t5", {"attention_mask": ("B", 512)}, axes)
     for bad in ("1000x1000", "32x32", "big"):
         with pytest.raises(KontextError):
-            profiles.parse_size(bad)
+            profiles.parse_sizes(bad)
     assert profiles.parse_batch("1-4") == (1, 4) and profiles.parse_batch("2") == (2, 2)
