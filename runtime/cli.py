@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand; a usage error or a KontextError becomes one line on stderr and its exit code (2 bad input,
-    1 failed write); --help returns 0."""
+    1 failed write), running out of memory one line and exit 1; --help returns 0."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
@@ -49,9 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     except KontextError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        if not out_of_memory(exc):
+            raise  # a bug or a GPU fault: the traceback is what a report needs (exit 1)
+        print(f"error: out of memory ({str(exc).splitlines()[0][:200]}): use a smaller --batch or size, --low-vram or "
+              "--weight-streaming-budget on engines, or a GPU with more memory", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError, a host MemoryError, or an ONNX Runtime / TensorRT allocation failure."""
+    text = str(exc).lower()
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "out of memory" in text or "failed to allocate memory" in text)
 
 
 if __name__ == "__main__":

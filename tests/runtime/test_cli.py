@@ -124,3 +124,18 @@ def test_stale_temp_of_a_killed_edit_is_removed(capsys, tiny_ckpt, tmp_path):
     code, _, _ = run(capsys, "edit", "--model", tiny_ckpt, "--prompt", "a", "--out", tmp_path / "o.png", "--steps", 1,
                      "--width", 64, "--height", 64)
     assert code == 0 and [p.name for p in tmp_path.iterdir()] == ["o.png"]
+
+
+def test_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys):
+    import torch
+
+    from kontext_trt.runtime import commands
+    from kontext_trt.runtime.cli import main
+
+    def run_out_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(commands, "run_synth", run_out_of_memory)
+    assert main(["synth", "--out", "unused"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (CUDA out of memory.") and "--low-vram" in err and err.count("\n") == 1
