@@ -136,6 +136,6 @@ def test_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(commands, "run_synth", run_out_of_memory)
-    assert main(["synth", "--out", "unused"]) == 1
+    assert main(["synth", "unused"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: out of memory (CUDA out of memory.") and "--low-vram" in err and err.count("\n") == 1
