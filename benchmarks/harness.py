@@ -93,13 +93,13 @@ def run_config(k: Kontext, cfg: RunConfig, warmup: int, iters: int, transformer_
     `quality`, a cached configuration is also compared with the uncached edit of the same seed."""
     req = EditRequest(prompts=[PROMPT] * cfg.batch, image=im.sample_image(cfg.width, cfg.height), steps=cfg.steps,
                       auto_resize=False, cache=cfg.cache)
-    kk = with_cuda_graphs(k) if cfg.cuda_graphs else k
+    pipeline = with_cuda_graphs(k) if cfg.cuda_graphs else k
     reset_peaks(k.device)
-    warm = [one_edit(kk, req, policy)[0] for _ in range(warmup)]
+    warm = [one_edit(pipeline, req, policy)[0] for _ in range(warmup)]
     walls, calls = [], defaultdict(list)
     per_edit = defaultdict(list)  # stage -> seconds summed within each edit
     for _ in range(iters):
-        wall, seconds, cache = one_edit(kk, req, policy)
+        wall, seconds, cache = one_edit(pipeline, req, policy)
         walls.append(wall)
         for name, values in seconds.items():
             calls[name] += values
@@ -124,5 +124,5 @@ def run_config(k: Kontext, cfg: RunConfig, warmup: int, iters: int, transformer_
     if quality and cfg.cache != "off":
         from kontext_trt.benchmarks.cache_quality import cache_quality
 
-        run["quality"] = cache_quality(kk, req)
+        run["quality"] = cache_quality(pipeline, req)
     return run

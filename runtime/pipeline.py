@@ -154,7 +154,7 @@ def load_engines(engines: Path, precision: str | None = None, sku: str = "auto",
     names = SPLIT_STAGE_NAMES if split else STAGE_NAMES
     chosen = select_engines(engines, precision, sku, geometry, names)
     found = chosen.found
-    tokenizers, config = engine_text_side(found.manifest, onnx, model)
+    tokenizers, config = engine_tokenizers_and_config(found.manifest, onnx, model)
     device = torch.device("cuda", chosen.gpu.cuda_index)  # the device whose SKU was detected
     pool = EnginePool(chosen.api, device, low_vram, weight_budget is not None, found.runtime_cache)
     rebuild = found.manifest.get("command", "kontext-trt build")
@@ -177,7 +177,8 @@ def export_tokenizers(folder: Path, manifest: dict) -> Tokenizers:
                                   Path(folder) / manifest["tokenizers"]["t5"])
 
 
-def engine_text_side(manifest: dict, onnx: Path | None, model: Path | None) -> tuple[Tokenizers, KontextConfig]:
+def engine_tokenizers_and_config(manifest: dict, onnx: Path | None,
+                                 model: Path | None) -> tuple[Tokenizers, KontextConfig]:
     """(tokenizers, KontextConfig) of an engine set: from the export folder it was built from (or `onnx`), else from
     the checkpoint `model`."""
     from kontext_trt.export.manifest import read_manifest

@@ -84,7 +84,7 @@ class EnginePool:
         for stage in list(self.resident.values()):
             stage.unload()
 
-    def fit(self, need: int) -> None:
+    def grow_scratch(self, need: int) -> None:
         """Grow the shared scratch to at least `need` bytes, pointing every resident context at the new allocation.
         The new one is taken while the old one still serves; if both do not fit, the resident engines are unloaded
         (no context may point at freed memory) and it is taken alone (an out-of-memory error from there on)."""

@@ -176,7 +176,7 @@ class TrtStage:
             check_io(self.name, specs, self.plan)
             self.scratch_need = int(engine.device_memory_size_v2)  # after the budget: streaming scratch included
             if self.user_memory:
-                self.pool.fit(self.scratch_need)
+                self.pool.grow_scratch(self.scratch_need)
             self.engine, self.specs = engine, specs
         grown = self.pool.scratch_bytes - scratch
         self.weights_bytes = max(0, free - device_memory(self.pool.device)[0] - grown)

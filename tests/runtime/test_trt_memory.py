@@ -58,7 +58,7 @@ def test_scratch_growth_out_of_memory_unloads_before_retrying(fake_engines, monk
         return real(need)
     monkeypatch.setattr(pool, "allocate", allocate)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    pool.fit(pool.scratch_bytes + 1)  # the larger buffer fits only once the old one and the decoder are gone
+    pool.grow_scratch(pool.scratch_bytes + 1)  # the larger buffer fits only once the old one and the decoder are gone
     assert pool.scratch is not old and pool.scratch_bytes == old.numel() + 1
     assert not pool.resident and s["vae_decoder"].engine is None and not s["vae_decoder"].exec_ctxs
 
@@ -115,7 +115,7 @@ def test_rtx_streaming_engine_allocates_its_own_scratch(fake_engines, trt_stages
     shaped, _ = s["transformer"].prepare(transformer_inputs())
     assert fake_engines.contexts[-1]["user_managed"] is False and shaped.exec_ctx.memory is None
     assert pool.scratch_bytes == 1024 and s["transformer"].memory_stats()["own_scratch"] == 1
-    pool.fit(2048)  # the shared scratch moves: the streaming engine's context is not touched
+    pool.grow_scratch(2048)  # the shared scratch moves: the streaming engine's context is not touched
     assert shaped.exec_ctx.memory is None and s["transformer"].exec_ctxs
 
 

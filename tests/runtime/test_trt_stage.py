@@ -145,9 +145,9 @@ def test_scratch_move_repoints_plain_contexts_and_drops_native_ones(fake_engines
     pool.admit(decoder)
     decoder.prepare({"latent": torch.randn(1, 16, 8, 12)})
     epoch, native = s.graph_epoch, next(iter(s.exec_ctxs.values()))
-    pool.fit(pool.scratch_bytes)  # no growth: nothing moves, nothing is re-pointed
+    pool.grow_scratch(pool.scratch_bytes)  # no growth: nothing moves, nothing is re-pointed
     assert s.graph_epoch == epoch and next(iter(s.exec_ctxs.values())) is native
-    pool.fit(pool.scratch_bytes + 512)
+    pool.grow_scratch(pool.scratch_bytes + 512)
     assert not s.exec_ctxs and s.graph_epoch != epoch  # RTX's graph held the old scratch: captured afresh later
     (plain,) = decoder.exec_ctxs.values()
     assert plain.exec_ctx.memory == (pool.scratch.data_ptr(), pool.scratch_bytes)
