@@ -22,7 +22,8 @@ from kontext_trt.benchmarks.harness import summarize
 from kontext_trt.benchmarks.memory import reset_peaks
 from kontext_trt.benchmarks.system import gpu_info
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.pipeline import DTYPES, resolve_device
+from kontext_trt.runtime.dtypes import DTYPES, TORCH_BACKEND_DTYPES
+from kontext_trt.runtime.pipeline import resolve_device
 from kontext_trt.runtime.text import T5_LEN
 from kontext_trt.runtime.timing import StageTimes
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=size_list, default=[(1024, 1024)], help="target WxH (context the same size)")
     p.add_argument("--no-context", dest="context", action="store_false", help="text-to-image: no context tokens")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=TORCH_BACKEND_DTYPES, default="bf16")
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)

@@ -25,13 +25,13 @@ from kontext_trt.export.specs import stage_dims
 from kontext_trt.export.weight_map import param_signatures, weight_map
 from kontext_trt.runtime import files
 from kontext_trt.runtime.checks import check_output_folder
+from kontext_trt.runtime.dtypes import DTYPES
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.lora import LoraSpec, fuse_into
 from kontext_trt.runtime.stages import STAGE_NAMES, TRANSFORMER_PARTS
 from kontext_trt.runtime.timing import progress
 from kontext_trt.runtime.torch_stages import ClipModule, T5Module, TransformerModule, VaeDecoderModule, VaeEncoderModule
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_OPSET = 23  # the first opset with the Attention op (TensorRT: IAttention)
 MIN_OPSET, MAX_OPSET = 18, 23  # torch.export emits opset >= 18; TensorRT(-RTX) parses up to 23
 EXTERNAL_THRESHOLD = 2 * 1024 ** 3  # protobuf's 2 GiB limit: heavier stages keep weights in model.onnx.data

@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 
 from kontext_trt.export import onnx_file
-from kontext_trt.export.export import (DEFAULT_OPSET, DTYPES, EXTERNAL_THRESHOLD, copy_tokenizers, finish_stage,
-                                      temp_folder)
+from kontext_trt.export.export import DEFAULT_OPSET, EXTERNAL_THRESHOLD, copy_tokenizers, finish_stage, temp_folder
 from kontext_trt.export.manifest import new_manifest, read_manifest, record_stage
 from kontext_trt.export.rope import fp32_rope
 from kontext_trt.export.specs import dynamic_shapes, sample_inputs
 from kontext_trt.quant import ops
 from kontext_trt.quant.qmodel import quantize_transformer
 from kontext_trt.quant.state import load_state
+from kontext_trt.runtime.dtypes import DTYPES
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.flow import KontextConfig
 from kontext_trt.runtime.stages import STAGE_IO

@@ -14,12 +14,12 @@ import torch
 from kontext_trt.runtime import image as im
 from kontext_trt.runtime.checks import check_device
 from kontext_trt.runtime.cudagraphs import GRAPHED_STAGES, graphed
+from kontext_trt.runtime.dtypes import DTYPES, TORCH_BACKEND_DTYPES
 from kontext_trt.runtime.engine_select import Geometry, select_engines
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.flow import EditRequest, Kontext, KontextConfig, PipelineInfo, output_size
 from kontext_trt.runtime.stages import SPLIT_STAGE_NAMES, STAGE_NAMES, Stage
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 Tokenizers = tuple[Any, Any]  # (CLIPTokenizer, T5TokenizerFast)
 
@@ -106,8 +106,8 @@ def load_torch(model: str | Path, dtype: str, device: torch.device, cuda_graphs:
     from kontext_trt.runtime import checkpoint as ck
     from kontext_trt.runtime.torch_stages import torch_stages
 
-    if dtype not in DTYPES:
-        raise KontextError(f"unknown dtype {dtype!r}: use {' or '.join(DTYPES)}")
+    if dtype not in TORCH_BACKEND_DTYPES:
+        raise KontextError(f"unknown dtype {dtype!r}: use {' or '.join(TORCH_BACKEND_DTYPES)}")
     ckpt = ck.open_checkpoint(model)
     info = PipelineInfo("torch", dtype, dtype, ck.checkpoint_fingerprint(ckpt)[:16], str(model))
     return assemble(torch_stages(ckpt, DTYPES[dtype], str(device)), ck.load_tokenizers(ckpt),
