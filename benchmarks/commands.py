@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 
 from kontext_trt.runtime.errors import KontextError
 
@@ -46,7 +45,7 @@ def int_list(text: str) -> list[int]:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register `bench run`, `bench serve` and `bench compare`."""
     from kontext_trt.benchmarks.bench import BACKENDS
-    from kontext_trt.runtime.commands import add_engine_selection, add_lora_argument
+    from kontext_trt.runtime.commands import add_device_argument, add_engine_selection, add_lora_argument
 
     bench = sub.add_parser("bench", help="latency and memory benchmarks: per-stage percentiles, roofline, plots")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
@@ -69,7 +68,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quality", action="store_true", help="with --cache: PSNR, SSIM and per-step cosine of each "
                    "cached configuration against the uncached edit of the same seed")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(p)
     p.add_argument("--out", type=Path, default=Path("out/bench"))
     p.add_argument("--safety-checker", default="nudenet", metavar="nudenet|none|module:callable",
                    help="the checker timed with each edit, as edit runs it (default: nudenet); the watermark is "

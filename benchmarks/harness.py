@@ -22,6 +22,7 @@ from kontext_trt.runtime.flow import EditRequest, Kontext, edit
 from kontext_trt.runtime.pipeline import with_cuda_graphs
 from kontext_trt.runtime.stages import STAGE_NAMES, TRANSFORMER_PARTS
 from kontext_trt.runtime.text import T5_LEN
+from kontext_trt.runtime.timing import bar
 from kontext_trt.safety import guard
 from kontext_trt.safety.guard import CHECK_STAGE, MARK_STAGE, OutputPolicy
 
@@ -95,10 +96,10 @@ def run_config(k: Kontext, cfg: RunConfig, warmup: int, iters: int, transformer_
                       auto_resize=False, cache=cfg.cache)
     pipeline = with_cuda_graphs(k) if cfg.cuda_graphs else k
     reset_peaks(k.device)
-    warm = [one_edit(pipeline, req, policy)[0] for _ in range(warmup)]
+    warm = [one_edit(pipeline, req, policy)[0] for _ in bar(range(warmup), "warm-up", unit="edit")]
     walls, calls = [], defaultdict(list)
     per_edit = defaultdict(list)  # stage -> seconds summed within each edit
-    for _ in range(iters):
+    for _ in bar(range(iters), "timed", unit="edit"):
         wall, seconds, cache = one_edit(pipeline, req, policy)
         walls.append(wall)
         for name, values in seconds.items():

@@ -23,6 +23,7 @@ from kontext_trt.benchmarks.memory import reset_peaks
 from kontext_trt.benchmarks.system import gpu_info
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.dtypes import DTYPES, TORCH_BACKEND_DTYPES
+from kontext_trt.runtime.checks import pick_device
 from kontext_trt.runtime.pipeline import resolve_device
 from kontext_trt.runtime.text import T5_LEN
 from kontext_trt.runtime.timing import StageTimes
@@ -106,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-context", dest="context", action="store_false", help="text-to-image: no context tokens")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=TORCH_BACKEND_DTYPES, default="bf16")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     args = p.parse_args(argv)
     (width, height), = args.size
     try:
-        result = time_step(args.preset, width, height, args.batch, args.context, args.dtype, args.device,
+        result = time_step(args.preset, width, height, args.batch, args.context, args.dtype, pick_device(args.device),
                            args.warmup, args.iters)
     except KontextError as exc:
         print(f"error: {exc}", file=sys.stderr)

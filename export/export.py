@@ -29,7 +29,7 @@ from kontext_trt.runtime.dtypes import DTYPES
 from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.lora import LoraSpec, fuse_into
 from kontext_trt.runtime.stages import STAGE_NAMES, TRANSFORMER_PARTS
-from kontext_trt.runtime.timing import progress
+from kontext_trt.runtime.timing import bar, progress
 from kontext_trt.runtime.torch_stages import ClipModule, T5Module, TransformerModule, VaeDecoderModule, VaeEncoderModule
 
 DEFAULT_OPSET = 23  # the first opset with the Attention op (TensorRT: IAttention)
@@ -66,7 +66,7 @@ def export_checkpoint(model: str | Path, out: str | Path, stages: tuple[str, ...
         write_manifest(out, {**(manifest or fresh), "tools": tool_versions()})
     with progress(f"copying the tokenizers to {out}"):
         copy_tokenizers(ckpt, out)
-    for stage in stages:
+    for stage in bar(stages, "export", unit="stage"):
         with progress(f"exporting {stage} ({dtype}, opset {opset}) to {out / stage}"):
             entry = export_stage(ckpt, stage, dtype, opset, out, external_threshold, loras)
         record_stage(out, stage, entry, fresh)

@@ -13,7 +13,7 @@ from kontext_trt.quant import svdquant
 from kontext_trt.quant.recipe import Recipe, modelopt_config, svd_layers
 from kontext_trt.runtime import flow
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.timing import progress
+from kontext_trt.runtime.timing import bar, progress
 from kontext_trt.runtime.torch_stages import TorchStage, TransformerModule
 
 
@@ -32,7 +32,7 @@ def calibrate(k: flow.Kontext, transformer: nn.Module, recipe: Recipe, pairs: li
         calibrating = k.with_stages(transformer=stage)
         hooks = stats.attach(model, names)
         try:
-            for i, pair in enumerate(pairs):
+            for i, pair in enumerate(bar(pairs, "calibration", unit="edit")):
                 with progress(f"calibrating {i + 1}/{len(pairs)}: {pair.prompt!r} on {pair.source}, {steps} steps"):
                     flow.edit(calibrating, flow.EditRequest(prompts=[pair.prompt], image=pair.image, steps=steps,
                                                             seed=i, auto_resize=auto_resize))

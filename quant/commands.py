@@ -7,7 +7,7 @@ from pathlib import Path
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register quantize and quantize-export."""
-    from kontext_trt.runtime.commands import add_lora_argument
+    from kontext_trt.runtime.commands import add_device_argument, add_lora_argument
 
     p = sub.add_parser("quantize", help="FP8 / NVFP4 post-training quantization of the transformer (ModelOpt "
                                         "calibration over real edits), a quality report, and the Q/DQ ONNX")
@@ -28,7 +28,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bf16", help="ONNX dtype: bf16 for TensorRT, fp32 for ONNX Runtime")
     p.add_argument("--no-auto-resize", dest="auto_resize", action="store_false",
                    help="keep the calibration images' own size instead of their Kontext bucket (quick CPU runs)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_argument(p)
     add_lora_argument(p)
     p.set_defaults(func=run_quantize)
 

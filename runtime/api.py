@@ -6,19 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from kontext_trt.runtime import image as im
+from kontext_trt.runtime.checks import pick_device
 from kontext_trt.runtime.flow import Context, EditRequest, EditResult, Kontext, PipelineInfo, Prompt, check_request
 from kontext_trt.runtime.pipeline import load_kontext
 from kontext_trt.runtime.session import EditSession
 from kontext_trt.safety import guard
-
-
-def default_device() -> str:
-    """cuda when torch sees a GPU, else cpu."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def as_image(image: Image.Image | str | Path | None) -> Image.Image | None:
@@ -45,7 +40,7 @@ class KontextPipeline:
         available, else cpu; safety_checker is nudenet, none (the license then obliges you to review outputs) or
         module:callable, as the CLI's --safety-checker; options are runtime.pipeline.load_kontext's (precision, sku,
         low_vram, weight_budget, loras, split)."""
-        device = device or default_device()
+        device = pick_device(device)
         policy = guard.OutputPolicy.from_options(safety_checker, as_path(c2pa_cert), as_path(c2pa_key), device)
         backend = "onnxruntime" if onnx is not None and engines is None and model is None else "torch"
         k = load_kontext(as_path(model), backend=backend, dtype=dtype, device=device, onnx=as_path(onnx),

@@ -40,6 +40,22 @@ def check_text(flag: str, text: str) -> None:
                            "UTF-8 (check the terminal's or the file's encoding)") from None
 
 
+def pick_device(device: str | None) -> str:
+    """--device as given (checked), or, when none is given, cuda where torch sees a GPU and cpu elsewhere, announced
+    in one line: the one default of every subcommand and of the Python API."""
+    import torch
+
+    from kontext_trt.runtime.timing import announce
+
+    if device is not None:
+        check_device(device)
+        return device
+    chosen = "cuda" if torch.cuda.is_available() else "cpu"
+    announce(f"device: {chosen} ({'a CUDA GPU is visible' if chosen == 'cuda' else 'no CUDA GPU is visible'}; "
+             "--device cpu|cuda|cuda:N picks another)")
+    return chosen
+
+
 def check_device(device: str) -> None:
     """Refuse devices the project does not run on: cpu, cuda and cuda:N only."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):

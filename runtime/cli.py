@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from typing import NoReturn
 
+from kontext_trt.runtime.checks import pick_device
 from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.timing import set_quiet
 
 # Modules with add_parsers(subparsers): each registers its subcommands and sets `func(args) -> int`.
 COMMAND_MODULES = (
@@ -29,12 +32,42 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
+    """The argument parser with every subcommand; -v/--quiet go before or after the subcommand."""
     parser = OneLineParser(prog="kontext-trt", description=__doc__.split(":")[1].strip())
+    add_verbosity(parser, argparse.SUPPRESS)
+    parser.set_defaults(verbose=0, quiet=False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parsers(sub)
+    for command in subcommand_parsers(parser):
+        add_verbosity(command, argparse.SUPPRESS)  # SUPPRESS: a flag given before the subcommand is kept
     return parser
+
+
+def add_verbosity(p: argparse.ArgumentParser, default: object) -> None:
+    """-v/--verbose (INFO, -vv DEBUG) and -q/--quiet (errors only: no progress lines or bars)."""
+    p.add_argument("-v", "--verbose", action="count", default=default, help="log more: -v info, -vv debug")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress output; errors and "
+                   "results only")
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below `parser` (bench run, bench serve, ...), depth first."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += [child, *subcommand_parsers(child)]
+    return found
+
+
+def configure(args: argparse.Namespace) -> None:
+    """Logging (WARNING by default; -v INFO, -vv DEBUG; --quiet ERROR) on stderr, and the progress switch."""
+    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    set_quiet(args.quiet)
+    if "device" in vars(args):  # the one --device default of every subcommand
+        args.device = pick_device(args.device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
+        configure(args)
         return int(args.func(args) or 0)
     except KontextError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -46,7 +46,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
     p.add_argument("--onnx", type=Path, help="export folder (kontext-trt export) for --backend onnxruntime")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="torch backend weights and compute")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_argument(p)
     p.add_argument("--engines", type=Path, help="engine cache (kontext-trt build): run this GPU's TensorRT engines")
     add_engine_selection(p)
     p.add_argument("--low-vram", action="store_true", help="with --engines: one engine on the GPU at a time")
@@ -104,6 +104,11 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt")
     p.add_argument("--true-cfg", type=float, default=1.0, help="> 1 with --negative-prompt enables true CFG")
     add_cache_argument(p, "step cache")
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """--device, with the one default (runtime.checks.pick_device, resolved by the CLI before the command runs)."""
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
 
 
 def add_cache_argument(p: argparse.ArgumentParser, what: str) -> None:

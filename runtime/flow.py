@@ -16,7 +16,7 @@ from kontext_trt.runtime.schedule import ShiftConfig, flow_schedule
 from kontext_trt.runtime.stages import SetsWeights, Stage
 from kontext_trt.runtime.step_cache import StepCache, parse_cache, step_cache, uncached_report
 from kontext_trt.runtime.text import CLIP_LEN, T5_LEN, tokenize
-from kontext_trt.runtime.timing import StageTimes
+from kontext_trt.runtime.timing import StageTimes, bar
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,8 @@ def denoise(k: Kontext, x: torch.Tensor, ids: torch.Tensor, prompt: Prompt, sigm
             return cache.velocity(k, step, branch, inputs)[:, :n].float()
         return k.run("transformer", **inputs)["latent"][:, :n].float()
 
-    for step, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+    steps = bar(zip(sigmas[:-1], sigmas[1:]), "denoising", total=len(sigmas) - 1, unit="step")
+    for step, (s, s_next) in enumerate(steps):
         hidden = x if ctx is None else torch.cat([x, ctx], dim=1)
         t = s.expand(batch).to(k.device)
         v = velocity(prompt, hidden, t, step, 0)

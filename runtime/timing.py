@@ -5,9 +5,11 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 class StageTimes:
@@ -57,10 +59,35 @@ class StageTimes:
         return "\n".join(rows)
 
 
+QUIET = {"on": False}  # the CLI's --quiet: no progress lines, bars or announcements (errors and results stay)
+
+
+def set_quiet(quiet: bool) -> None:
+    """Switch progress output off (--quiet) or back on."""
+    QUIET["on"] = quiet
+
+
 @contextmanager
 def progress(message: str) -> Iterator[None]:
-    """Print `message ...` then `done in X.XXs` around a long piece of work."""
+    """Print `message ...` then `done in X.XXs` around a long piece of work (nothing under --quiet)."""
     start = time.perf_counter()
-    print(f"{message} ...", file=sys.stderr, flush=True)
+    if not QUIET["on"]:
+        print(f"{message} ...", file=sys.stderr, flush=True)
     yield
-    print(f"  {message}: done in {time.perf_counter() - start:.2f}s", file=sys.stderr, flush=True)
+    if not QUIET["on"]:
+        print(f"  {message}: done in {time.perf_counter() - start:.2f}s", file=sys.stderr, flush=True)
+
+
+def bar(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """A tqdm progress bar over `iterable` on stderr with elapsed time and rate; off under --quiet and when stderr
+    is not a terminal (logs and CI stay clean)."""
+    from tqdm import tqdm
+
+    return iter(tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr,
+                     disable=True if QUIET["on"] else None, dynamic_ncols=True))
+
+
+def announce(message: str) -> None:
+    """One line on stderr for a choice made on the user's behalf, shown where bars are (a terminal, not --quiet)."""
+    if not QUIET["on"] and sys.stderr.isatty():
+        print(message, file=sys.stderr, flush=True)

@@ -126,7 +126,8 @@ def engine_max_batch(k) -> int | None:
 def run_serve(args: argparse.Namespace) -> int:
     """kontext-trt serve."""
     check_arguments(args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)  # --log-level rules the server (over -v/--quiet)
     if getattr(args, "ray", False):
         from kontext_trt.serve.ray_app import run_ray
 
