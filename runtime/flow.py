@@ -11,6 +11,7 @@ from PIL import Image
 from kontext_trt.runtime import checks
 from kontext_trt.runtime import image as im
 from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.flux_constants import LATENT_CHANNELS, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 from kontext_trt.runtime.latents import draw_noise, latent_ids, pack_latents, text_ids, unpack_latents
 from kontext_trt.runtime.schedule import ShiftConfig, flow_schedule
 from kontext_trt.runtime.stages import SetsWeights, Stage
@@ -23,9 +24,9 @@ from kontext_trt.runtime.timing import StageTimes, bar
 class KontextConfig:
     """What the loop needs to know of a checkpoint beyond its stages."""
 
-    latent_channels: int = 16
-    vae_scale: float = 0.3611
-    vae_shift: float = 0.1159
+    latent_channels: int = LATENT_CHANNELS
+    vae_scale: float = VAE_SCALING_FACTOR
+    vae_shift: float = VAE_SHIFT_FACTOR
     guidance_embeds: bool = True
     shift: ShiftConfig = field(default_factory=ShiftConfig)
 
@@ -47,8 +48,7 @@ class KontextConfig:
             vae_scale=ckpt.vae_config["scaling_factor"],
             vae_shift=ckpt.vae_config["shift_factor"],
             guidance_embeds=bool(ckpt.transformer_config.get("guidance_embeds", False)),
-            shift=ShiftConfig(sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096),
-                              sched.get("base_shift", 0.5), sched.get("max_shift", 1.15)),
+            shift=ShiftConfig.from_scheduler_config(sched),
         )
 
 

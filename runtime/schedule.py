@@ -7,15 +7,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kontext_trt.runtime.flux_constants import SCHEDULER_CONFIG
+
 
 @dataclass(frozen=True)
 class ShiftConfig:
-    """Linear map from target-token count to mu (the scheduler_config.json fields)."""
+    """Linear map from target-token count to mu (the scheduler_config.json fields; defaults: the real snapshot's)."""
 
-    base_seq_len: int = 256
-    max_seq_len: int = 4096
-    base_shift: float = 0.5
-    max_shift: float = 1.15
+    base_seq_len: int = SCHEDULER_CONFIG["base_image_seq_len"]
+    max_seq_len: int = SCHEDULER_CONFIG["max_image_seq_len"]
+    base_shift: float = SCHEDULER_CONFIG["base_shift"]
+    max_shift: float = SCHEDULER_CONFIG["max_shift"]
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> "ShiftConfig":
+        """The shift line of a scheduler_config.json, the snapshot's values for fields it lacks."""
+        return cls(config.get("base_image_seq_len", cls.base_seq_len), config.get("max_image_seq_len", cls.max_seq_len),
+                   config.get("base_shift", cls.base_shift), config.get("max_shift", cls.max_shift))
 
 
 def shift_mu(n_tokens: int, cfg: ShiftConfig = ShiftConfig()) -> float:

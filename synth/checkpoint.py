@@ -14,15 +14,11 @@ from pathlib import Path
 import torch
 
 from kontext_trt.runtime.bfl_keys import transformer_to_bfl, vae_to_ldm
-from kontext_trt.runtime.checkpoint import (
-    BFL_AE,
-    BFL_TRANSFORMER,
-    SCHEDULER_CONFIG,
-    VAE_SCALING_FACTOR,
-    VAE_SHIFT_FACTOR,
-)
+from kontext_trt.runtime.checkpoint import BFL_AE, BFL_TRANSFORMER
+from kontext_trt.runtime.flux_constants import SCHEDULER_CONFIG, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 from kontext_trt.runtime.checks import check_output_folder, check_seed
 from kontext_trt.runtime.errors import KontextError
+from kontext_trt.runtime.timing import QUIET
 from kontext_trt.runtime.files import remove_stale_temps, replace_dir, temp_dir
 from kontext_trt.synth.tokenizers import CLIP_BOS, CLIP_EOS, write_clip_tokenizer, write_t5_tokenizer
 from kontext_trt.synth.weights import random_weights, write_json, write_safetensors, write_sharded
@@ -125,7 +121,10 @@ def _write_all(root: Path, preset: dict, seed: int, fmt: str) -> None:
 
 
 def _progress(component: str, root: Path, start: float) -> None:
-    """One progress line per finished component on stderr: bytes written so far and elapsed time."""
+    """One progress line per finished component on stderr: bytes written so far and elapsed time (not under
+    --quiet)."""
+    if QUIET["on"]:
+        return
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     elapsed = time.monotonic() - start
     print(f"[synth] {component} done: {size / 2**20:.1f} MiB written, {elapsed:.1f}s", file=sys.stderr, flush=True)

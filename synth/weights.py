@@ -33,21 +33,21 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def write_sharded(folder: Path, stem: str, tensors: dict[str, torch.Tensor], shards: int) -> None:
-    """Split sorted keys into `shards` contiguous groups of roughly equal bytes; write them and the index json."""
-    names = sorted(tensors)
-    total = sum(nbytes(tensors[n]) for n in names)
-    groups: list[list[str]] = [[] for _ in range(shards)]
-    done = 0
-    for name in names:
-        size = nbytes(tensors[name])
-        groups[min(shards - 1, (done + size // 2) * shards // total)].append(name)
-        done += size
-    weight_map = {}
-    for i, group in enumerate(groups, 1):
-        file_name = f"{stem}-{i:05d}-of-{shards:05d}.safetensors"
-        write_safetensors(folder / file_name, {n: tensors[n] for n in group})
-        weight_map.update(dict.fromkeys(group, file_name))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    """Write `tensors` as `shards` safetensors shards (huggingface_hub's split, the smallest shard size that gives
+    that many) and the index json, named as diffusers and transformers name them."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    total = sum(nbytes(t) for t in tensors.values())
+    size = -(-total // shards)
+    while True:
+        split = split_torch_state_dict_into_shards(tensors, filename_pattern=stem + "{suffix}.safetensors",
+                                                   max_shard_size=size)
+        if len(split.filename_to_tensors) <= shards:
+            break
+        size += max(1, size // 20)
+    for file_name, names in split.filename_to_tensors.items():
+        write_safetensors(folder / file_name, {name: tensors[name] for name in names})
+    index = {"metadata": {**split.metadata, "total_size": total}, "weight_map": split.tensor_to_filename}
     write_json(folder / f"{stem}.safetensors.index.json", index)
 
 
@@ -56,27 +56,12 @@ def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
-
-
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write tensors in sorted-name order as a safetensors file, streaming each tensor's bytes."""
-    names = sorted(tensors)
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in names:
-        t = tensors[name]
-        end = offset + nbytes(t)
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
-        offset = end
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    """Write tensors as a safetensors file (safetensors.torch.save_file, `format: pt` metadata as diffusers has)."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for name in names:
-            f.write(tensors[name].contiguous().view(torch.uint8).numpy())
+    save_file({name: t.contiguous() for name, t in tensors.items()}, path, metadata={"format": "pt"})
 
 
 def write_json(path: Path, value: dict) -> None:

@@ -207,6 +207,7 @@ RSS_PROBE = """
 import json, resource, sys, torch
 from kontext_trt.runtime.checkpoint import load_transformer, open_checkpoint
 ckpt = open_checkpoint(sys.argv[1])
+from diffusers import FluxTransformer2DModel  # its import (~200 MB) is not the load's
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model = load_transformer(ckpt)
 finite = all(bool(torch.isfinite(p.max())) for p in model.parameters())  # touches every weight page
@@ -229,7 +230,7 @@ def test_slim_checkpoint_loads_real_widths_in_bf16_without_copies(tmp_path):
     assert result["dtype"] == "torch.bfloat16" and result["finite"]
     assert result["x_embedder"] == [3072, 64]
     assert (result["config"]["num_attention_heads"], result["config"]["attention_head_dim"]) == (24, 128)
-    assert result["grown"] < 1.3 * result["bytes"], result
+    assert result["grown"] < 1.1 * result["bytes"], result  # measured 1.006x (safetensors' mmap, no second copy)
 
 
 def saved_by_transformers(ckpt: Path, tmp_path: Path) -> Path:
