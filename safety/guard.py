@@ -88,6 +88,8 @@ def finish(policy: OutputPolicy, req: EditRequest, result: EditResult, times: St
     flagged)."""
     verdicts = check(policy, result.images, times)
     flagged = [bool(verdicts and verdicts[i].flagged) for i in range(len(result.images))]
+    if all(flagged):  # nothing to deliver: nothing to mark
+        raise ContentFlagged("output", verdicts, [None] * len(flagged))
     images, mark_name = mark(policy, result.images, times)
     if any(flagged):
         raise ContentFlagged("output", verdicts, [None if f else img for img, f in zip(images, flagged)])
