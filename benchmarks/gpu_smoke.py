@@ -40,7 +40,7 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
     """The tiny checkpoint's fp32 export and this GPU's engines under work (each made once): (onnx, plain engines,
     engines with a weight-streaming transformer)."""
     from kontext_trt.export.export import export_checkpoint
-    from kontext_trt.export.manifest import read_manifest
+    from kontext_trt.export.manifest import read_export_manifest
     from kontext_trt.runtime.cli import main
     from kontext_trt.runtime.stages import STAGE_NAMES
     from kontext_trt.synth import write_synthetic_checkpoint
@@ -48,7 +48,7 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
     ckpt, onnx, engines, streaming = (work / name for name in ("tiny-checkpoint", "onnx", "engines", "engines-ws"))
     if not (ckpt / "model_index.json").exists():
         write_synthetic_checkpoint(ckpt, preset="tiny", seed=0, force=True)
-    if set((read_manifest(onnx) or {}).get("stages", {})) != set(STAGE_NAMES):
+    if set((read_export_manifest(onnx) or {}).get("stages", {})) != set(STAGE_NAMES):
         export_checkpoint(ckpt, onnx, dtype="fp32", force=True)
     os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")  # strict fp32 kernels, as the comparison assumes
     for out, extra in ((engines, []), (streaming, ["--weight-streaming"])):

@@ -131,7 +131,7 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
         flags = BuildFlags(flags.opt_level, flags.refit, flags.weight_streaming,
                            flags.timing_cache or folder.parent / cache.TIMING_CACHE)
     build = _build_args(req, precision, stages)
-    old = cache.read_manifest(folder) or {}
+    old = cache.read_engine_manifest(folder) or {}
     manifest = {
         "sku": req.sku.name, "tag": req.sku.tag, "flavor": api.flavor, "version": api.version,
         "precision": precision, "targets": build["targets"],
@@ -183,7 +183,7 @@ def _record(folder: Path, manifest: dict, built: dict[str, dict]) -> None:
     """Write this build's manifest under the folder lock, keeping stages a concurrent build recorded meanwhile (its
     stages, not this build's, win for stages this build did not make); unchanged manifests are not rewritten."""
     with files.folder_lock(folder):
-        disk = cache.read_manifest(folder) or {}
+        disk = cache.read_engine_manifest(folder) or {}
         stages = {**manifest["stages"], **disk.get("stages", {}), **built}
         build = {**manifest["build"], "stages": list(dict.fromkeys([*manifest["build"]["stages"], *stages]))}
         merged = {**manifest, "build": build, "command": cache.build_command(build), "stages": stages}

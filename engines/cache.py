@@ -38,7 +38,7 @@ def engine_folder(root: Path, sku: Sku, flavor_version: str, precision: str) -> 
 
 def open_set(folder: Path) -> Engines | None:
     """Every built stage of an engine folder as an Engines, or None without a manifest."""
-    manifest = read_manifest(folder)
+    manifest = read_engine_manifest(folder)
     if manifest is None:
         return None
     plans = {stage: Path(folder) / entry["file"] for stage, entry in manifest.get("stages", {}).items()}
@@ -46,7 +46,7 @@ def open_set(folder: Path) -> Engines | None:
     return Engines(Path(folder), manifest, plans, Path(folder) / runtime if runtime else None)
 
 
-def read_manifest(folder: Path) -> dict | None:
+def read_engine_manifest(folder: Path) -> dict | None:
     """The manifest of an engine folder, or None if there is none (or it is unreadable: the build then rebuilds)."""
     try:
         return files.read_json(Path(folder) / MANIFEST)
@@ -87,7 +87,7 @@ def build_command(build: dict) -> str:
 
 def _sets(root: Path) -> list[tuple[Path, dict]]:
     """Every engine set under root: (folder, manifest)."""
-    found = ((p.parent, read_manifest(p.parent)) for p in sorted(Path(root).glob(f"*/*/*/{MANIFEST}")))
+    found = ((p.parent, read_engine_manifest(p.parent)) for p in sorted(Path(root).glob(f"*/*/*/{MANIFEST}")))
     return [(folder, manifest) for folder, manifest in found if manifest]
 
 

@@ -75,7 +75,7 @@ def run_build(args: argparse.Namespace) -> int:
         flags=build.BuildFlags(args.opt_level, args.refit, args.weight_streaming, args.timing_cache),
         gpu=gpu is not None)
     folder, built = build.build_set(req)
-    manifest = cache.read_manifest(folder)
+    manifest = cache.read_engine_manifest(folder)
     print(f"{'stage':<18}{'precision':<11}{'status':<12}{'seconds':>9}{'MiB':>10}")
     for stage, entry in manifest["stages"].items():
         status = "built" if stage in built else "up to date"

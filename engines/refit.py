@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kontext_trt.engines import trt_api
-from kontext_trt.export.manifest import read_manifest
+from kontext_trt.export.manifest import read_export_manifest
 from kontext_trt.runtime.errors import KontextError
 
 QUANTIZED = ("fp8", "nvfp4")
@@ -27,7 +27,7 @@ QUANTIZED = ("fp8", "nvfp4")
 def export_entry(onnx_path: Path) -> dict | None:
     """The export manifest's entry of the stage whose ONNX file this is (None outside an export folder)."""
     folder = Path(onnx_path).parent.parent
-    manifest = read_manifest(folder)
+    manifest = read_export_manifest(folder)
     for entry in (manifest or {}).get("stages", {}).values():
         if (folder / entry["file"]).resolve() == Path(onnx_path).resolve():
             return entry

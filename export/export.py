@@ -18,7 +18,7 @@ from torch import nn
 
 from kontext_trt.export import onnx_file
 from kontext_trt.engines.onnx_dir import file_identity
-from kontext_trt.export.manifest import (TOKENIZERS, new_manifest, read_manifest, record_stage, stage_entry,
+from kontext_trt.export.manifest import (TOKENIZERS, new_manifest, read_export_manifest, record_stage, stage_entry,
                                          tool_versions, write_manifest)
 from kontext_trt.export.rope import fp32_rope
 from kontext_trt.export.specs import stage_dims
@@ -55,7 +55,7 @@ def export_checkpoint(model: str | Path, out: str | Path, stages: tuple[str, ...
     fingerprint = ck.checkpoint_fingerprint(ckpt)
     fresh = new_manifest(ckpt.root, fingerprint, KontextConfig.from_checkpoint(ckpt).to_dict())
     with files.folder_lock(out):  # a sibling export into `out` reads and writes the manifest under the same lock
-        manifest = read_manifest(out)
+        manifest = read_export_manifest(out)
         if manifest is not None and manifest["checkpoint"]["fingerprint"] != fingerprint:
             if not force:
                 raise KontextError(f"{out} holds an export of another checkpoint ({manifest['checkpoint']['path']}); "

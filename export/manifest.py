@@ -41,7 +41,7 @@ TOKENIZERS = {"clip": "tokenizer", "t5": "tokenizer_2"}
 TOOLS = ("torch", "onnx", "onnxslim", "diffusers", "transformers", "kontext-trt")
 
 
-def read_manifest(folder: Path) -> dict | None:
+def read_export_manifest(folder: Path) -> dict | None:
     """The manifest of an export folder, None if there is none; a KontextError if it is unreadable."""
     return files.read_json(Path(folder) / MANIFEST, FORMAT_VERSION, "re-export with `kontext-trt export --force`")
 
@@ -55,7 +55,7 @@ def record_stage(folder: Path, stage: str, entry: dict, fresh: dict) -> Path:
     """Add one stage's entry to DIR/manifest.json under the folder lock, keeping the stages siblings recorded meanwhile
     (`fresh` when there is no manifest yet)."""
     with files.folder_lock(folder):
-        manifest = read_manifest(folder) or fresh
+        manifest = read_export_manifest(folder) or fresh
         manifest["stages"][stage] = entry
         return write_manifest(folder, manifest)
 

@@ -14,7 +14,7 @@ import torch
 
 from kontext_trt.export import onnx_file
 from kontext_trt.export.export import DEFAULT_OPSET, EXTERNAL_THRESHOLD, copy_tokenizers, finish_stage, temp_folder
-from kontext_trt.export.manifest import new_manifest, read_manifest, record_stage
+from kontext_trt.export.manifest import new_manifest, read_export_manifest, record_stage
 from kontext_trt.export.rope import fp32_rope
 from kontext_trt.export.specs import dynamic_shapes, sample_inputs
 from kontext_trt.quant import ops
@@ -48,7 +48,7 @@ def export_quantized(model: str | Path, out: str | Path, dtype: str = "bf16", op
         raise KontextError(f"{out} was calibrated on {recipe.checkpoint['path']}, not on {model}: quantize this "
                            "checkpoint into another folder")
     fresh = new_manifest(ckpt.root, fingerprint, KontextConfig.from_checkpoint(ckpt).to_dict())
-    manifest = read_manifest(out) or fresh
+    manifest = read_export_manifest(out) or fresh
     if manifest["checkpoint"]["fingerprint"] != fingerprint:
         raise KontextError(f"{out} holds an export of another checkpoint ({manifest['checkpoint']['path']}): "
                            "quantize into another folder")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from kontext_trt.export.export import prepare_folder
-from kontext_trt.export.manifest import read_manifest
+from kontext_trt.export.manifest import read_export_manifest
 from kontext_trt.quant import calib_data, recipe as rc, state, svdquant
 from kontext_trt.quant.calibrate import calibrate
 from kontext_trt.quant.export import export_quantized, fused_transformer
@@ -126,7 +126,7 @@ def ensure_calibration(k: Kontext, transformer: torch.nn.Module, recipe: rc.Reci
 
 def check_out(out: Path, fingerprint: str) -> None:
     """Refuse an output folder that holds an export or a calibration of another checkpoint."""
-    manifest = read_manifest(out) if Path(out).is_dir() else None
+    manifest = read_export_manifest(out) if Path(out).is_dir() else None
     saved = state.load_state(out) if Path(out).is_dir() else None
     others = [m for m in ((manifest or {}).get("checkpoint", {}), saved[0].checkpoint if saved else {}) if m]
     for other in others:

@@ -71,7 +71,7 @@ def pick_api(root: Path, sku: Sku) -> trt_api.TrtApi:
 def default_geometry(folder: Path) -> Geometry:
     """The geometry an engine set covers if it covers anything: its opt size, batch at its low end, an edit when it
     has a VAE encoder."""
-    manifest = cache.read_manifest(folder) or {}
+    manifest = cache.read_engine_manifest(folder) or {}
     build = manifest.get("build", {})
     width, height = profiles.opt_size(profiles.parse_sizes(build.get("static") or build.get("sizes") or "1024x1024"))
     edit = "vae_encoder" in manifest.get("stages", {"vae_encoder": None})

@@ -116,11 +116,11 @@ def load_torch(model: str | Path, dtype: str, device: torch.device, cuda_graphs:
 
 def load_onnx(folder: str | Path, device: torch.device, cuda_graphs: bool = False) -> Kontext:
     """The onnxruntime backend over an export folder alone: its ONNX stages, tokenizers and manifest config."""
-    from kontext_trt.export.manifest import read_manifest, verify_files
+    from kontext_trt.export.manifest import read_export_manifest, verify_files
     from kontext_trt.runtime.ort_stages import ort_stages
 
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_export_manifest(folder)
     if manifest is None:
         raise KontextError(f"{folder}: no manifest.json, so not an export folder; "
                            f"run `kontext-trt export --model CHECKPOINT --out {folder}`")
@@ -181,10 +181,10 @@ def engine_tokenizers_and_config(manifest: dict, onnx: Path | None,
                                  model: Path | None) -> tuple[Tokenizers, KontextConfig]:
     """(tokenizers, KontextConfig) of an engine set: from the export folder it was built from (or `onnx`), else from
     the checkpoint `model`."""
-    from kontext_trt.export.manifest import read_manifest
+    from kontext_trt.export.manifest import read_export_manifest
 
     folder = onnx or manifest.get("onnx", {}).get("dir")
-    export = read_manifest(Path(folder)) if folder and Path(folder).is_dir() else None
+    export = read_export_manifest(Path(folder)) if folder and Path(folder).is_dir() else None
     if export is not None:
         config = KontextConfig.from_dict(manifest.get("onnx", {}).get("kontext") or export["kontext"])
         return export_tokenizers(Path(folder), export), config

@@ -36,12 +36,12 @@ def verify(path: Path) -> dict:
     """Watermark reading and C2PA manifest of one image file."""
     from kontext_trt.runtime.image import load_image
     from kontext_trt.safety import watermark
-    from kontext_trt.safety.provenance import read_manifest
+    from kontext_trt.safety.provenance import read_c2pa_manifest
 
     reading = watermark.read(load_image(path))
     return {"image": str(path), "watermark": {"present": reading.present, "bit_accuracy": reading.bit_accuracy,
                                               "payload": watermark.PAYLOAD.decode()},
-            "c2pa": read_manifest(path)}
+            "c2pa": read_c2pa_manifest(path)}
 
 
 def run_verify(args: argparse.Namespace) -> int:

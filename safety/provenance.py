@@ -92,7 +92,7 @@ def sign(data: bytes, mime: str, title: str, credentials: C2paCredentials, input
     return dest.getvalue()
 
 
-def read_manifest(path: str | Path) -> dict | None:
+def read_c2pa_manifest(path: str | Path) -> dict | None:
     """The active manifest of a file with its validation state, or None when it carries no C2PA data."""
     import c2pa
 

@@ -119,7 +119,7 @@ def engine_max_batch(k) -> int | None:
         return None
     from kontext_trt.engines import cache, profiles
 
-    build = (cache.read_manifest(Path(k.info.source)) or {}).get("build", {})
+    build = (cache.read_engine_manifest(Path(k.info.source)) or {}).get("build", {})
     return profiles.parse_batch(build.get("batch", "1"))[1]
 
 

@@ -27,7 +27,7 @@ def test_all_stages_built_with_valid_headers(built):
 
 
 def test_manifest_fields(built, engine_onnx):
-    manifest = cache.read_manifest(built / "rtx4090-sm89" / RTX / "fp32")
+    manifest = cache.read_engine_manifest(built / "rtx4090-sm89" / RTX / "fp32")
     assert (manifest["sku"], manifest["tag"], manifest["flavor"], manifest["precision"]) == \
         ("rtx4090", "rtx4090-sm89", "tensorrt-rtx", "fp32")
     assert manifest["targets"] == ["sm89"] and manifest["caches"] == {"runtime": "runtime.cache", "timing": None}
@@ -80,7 +80,7 @@ def test_changed_flags_rebuild(engine_onnx, tmp_path):
     assert done == ["clip"]
     flags = build.BuildFlags(opt_level=2, weight_streaming=True)
     _, done = build.build_set(request(engine_onnx, tmp_path, flags=flags))
-    manifest = cache.read_manifest(folder)
+    manifest = cache.read_engine_manifest(folder)
     assert done == ["clip"] and manifest["stages"]["clip"]["flags"]["opt_level"] == 2
     assert not manifest["stages"]["clip"]["flags"]["weight_streaming"]  # only the transformer streams its weights
     assert manifest["command"].endswith("--batch 1 --opt-level 2 --weight-streaming --stages clip")
@@ -93,7 +93,7 @@ def test_bf16_build_for_blackwell_rtx(bf16_onnx, tmp_path):
                              flags=build.BuildFlags(weight_streaming=True))
     folder, done = build.build_set(req)
     assert folder == tmp_path / "rtx5090-sm120" / RTX / "bf16" and done == ["transformer", "vae_decoder"]
-    manifest = cache.read_manifest(folder)
+    manifest = cache.read_engine_manifest(folder)
     t = manifest["stages"]["transformer"]
     assert t["precision"] == "bf16" and t["inputs"]["hidden_states"]["dtype"] == "bfloat16"
     assert t["profile"]["hidden_states"]["min"] == t["profile"]["hidden_states"]["max"] == [1, 8192, 64]

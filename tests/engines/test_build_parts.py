@@ -24,7 +24,7 @@ def built_parts(tiny_onnx_split, tmp_path_factory):
 
 def test_parts_build_with_the_transformer_profiles(built_parts):
     folder = built_parts / "rtx4090-sm89" / RTX / "fp32"
-    manifest = cache.read_manifest(folder)
+    manifest = cache.read_engine_manifest(folder)
     api = trt_api.load_api("tensorrt-rtx")
     single = manifest["stages"]["transformer"]
     for part in TRANSFORMER_PARTS:

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from kontext_trt.engines.onnx_dir import file_identity, read_onnx_dir
-from kontext_trt.export.manifest import read_manifest
+from kontext_trt.export.manifest import read_export_manifest
 from kontext_trt.runtime.errors import KontextError
 
 SCRIPT = Path(sys.executable).with_name("kontext-trt")
@@ -19,7 +19,7 @@ def test_concurrent_exports_keep_every_stage_and_hash_it(tiny_ckpt, tmp_path):
              for stages in ("clip,vae_decoder", "t5", "t5")]
     for proc in procs:
         assert proc.wait(timeout=1200) == 0, proc.stderr.read()
-    manifest = read_manifest(out)
+    manifest = read_export_manifest(out)
     assert set(manifest["stages"]) == {"clip", "t5", "vae_decoder"}
     for entry in manifest["stages"].values():
         assert entry["sha256"] == file_identity(out / entry["file"])

@@ -146,7 +146,7 @@ def trt_engines(tiny_onnx, tmp_path_factory) -> Path:
 def trt_manifest(trt_engines) -> dict:
     from kontext_trt.engines import cache, trt_api
 
-    return cache.read_manifest(trt_engines / "rtx4090-sm89" / trt_api.load_api("tensorrt-rtx").folder / "fp32")
+    return cache.read_engine_manifest(trt_engines / "rtx4090-sm89" / trt_api.load_api("tensorrt-rtx").folder / "fp32")
 
 
 class FakeEngine:

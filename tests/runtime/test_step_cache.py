@@ -154,9 +154,9 @@ def test_cache_needs_the_split_transformer(tiny_onnx):
 
 
 def test_ort_parts_compose_to_the_single_graph(ort_k, tiny_onnx_split):
-    from kontext_trt.export.manifest import read_manifest
+    from kontext_trt.export.manifest import read_export_manifest
 
-    manifest = read_manifest(tiny_onnx_split)
+    manifest = read_export_manifest(tiny_onnx_split)
     for part in TRANSFORMER_PARTS:
         entry = manifest["stages"][part]
         assert [v["name"] for v in entry["inputs"]] == list(STAGE_IO[part][0])

@@ -8,7 +8,7 @@ import pytest
 from kontext_trt.runtime import image as im
 from kontext_trt.runtime.cli import main
 from kontext_trt.runtime.errors import KontextError
-from kontext_trt.safety.provenance import TRAINED_ALGORITHMIC_MEDIA, C2paCredentials, read_manifest
+from kontext_trt.safety.provenance import TRAINED_ALGORITHMIC_MEDIA, C2paCredentials, read_c2pa_manifest
 
 
 def active_manifest(path):
@@ -58,7 +58,7 @@ def test_text_to_image_is_created(capsys, tiny_ckpt, tmp_path, c2pa_chain):
                                   "--width", 64, "--height", 64, "--dtype", "fp32", "--safety-checker", "none",
                                   "--c2pa-cert", cert, "--c2pa-key", key)])
     assert code == 0
-    manifest = read_manifest(out)["manifest"]
+    manifest = read_c2pa_manifest(out)["manifest"]
     assert [(a["action"], a["digitalSourceType"]) for a in actions(manifest)] == [
         ("c2pa.created", TRAINED_ALGORITHMIC_MEDIA)]
     assert manifest.get("ingredients", []) == []
@@ -67,7 +67,7 @@ def test_text_to_image_is_created(capsys, tiny_ckpt, tmp_path, c2pa_chain):
 def test_unmarked_file_has_no_manifest(tmp_path):
     path = tmp_path / "plain.png"
     im.sample_image(64, 64).save(path)
-    assert read_manifest(path) is None
+    assert read_c2pa_manifest(path) is None
 
 
 def test_bad_credentials(tmp_path, c2pa_chain):
@@ -98,7 +98,7 @@ def test_jpeg_output_is_signed_and_keeps_the_mark(capsys, tiny_ckpt, tmp_path, c
                                   "--out", out, "--steps", 1, "--no-auto-resize", "--dtype", "fp32",
                                   "--safety-checker", "none", "--c2pa-cert", cert, "--c2pa-key", key)])
     assert code == 0
-    report = read_manifest(out)
+    report = read_c2pa_manifest(out)
     assert report["validation_state"] == "Valid"
     assert [a["action"] for a in actions(report["manifest"])] == ["c2pa.opened", "c2pa.edited"]
     assert main(["verify", str(out)]) == 0
