@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 from kontext_trt.runtime.errors import KontextError
 
 GRAPH_MODES = {"off": [False], "on": [True], "both": [False, True]}
@@ -17,16 +16,6 @@ def size_list(text: str) -> list[tuple[int, int]]:
 
     try:
         return parse_sizes(text)
-    except KontextError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def cache_spec(text: str) -> str:
-    """A --cache value, normalised (runtime/step_cache.py's grammar)."""
-    from kontext_trt.runtime.step_cache import parse_cache
-
-    try:
-        return str(parse_cache(text))
     except KontextError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -45,7 +34,7 @@ def int_list(text: str) -> list[int]:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register `bench run`, `bench serve` and `bench compare`."""
     from kontext_trt.benchmarks.bench import BACKENDS
-    from kontext_trt.runtime.commands import add_device_argument, add_engine_selection, add_lora_argument
+    from kontext_trt.runtime.commands import add_device_argument, add_engine_selection, add_lora_argument, cache_spec
 
     bench = sub.add_parser("bench", help="latency and memory benchmarks: per-stage percentiles, roofline, plots")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
