@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	# no-deps: see safety/no-deps.txt; invisible-watermark is the tests' reference watermark decoder
-	$(PY) -m pip install -q --no-deps -r safety/no-deps.txt "invisible-watermark==0.2.0"
+	$(PY) -m pip install -q --no-deps -r kontext_trt/safety/no-deps.txt "invisible-watermark==0.2.0"
 	touch $@
 
 demo: setup

@@ -38,8 +38,8 @@ def tiny_onnx_split(tiny_ckpt, tiny_onnx, tmp_path_factory) -> Path:
     """A copy of tiny_onnx with the transformer's three parts (step caching) exported beside the transformer."""
     import shutil
 
+    from kontext_trt.core.stages import TRANSFORMER_PARTS
     from kontext_trt.export.export import export_checkpoint
-    from kontext_trt.runtime.stages import TRANSFORMER_PARTS
 
     out = tmp_path_factory.mktemp("onnx") / "tiny-split"
     shutil.copytree(tiny_onnx, out)

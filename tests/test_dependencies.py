@@ -32,15 +32,13 @@ def norm(name: str) -> str:
 
 
 def package_imports() -> set[str]:
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     modules = set()
-    for folder in set(config["tool"]["setuptools"]["package-dir"].values()):
-        for path in (ROOT / folder).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                if isinstance(node, ast.Import):
-                    modules |= {alias.name.split(".")[0] for alias in node.names}
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    modules.add(node.module.split(".")[0])
+    for path in (ROOT / "kontext_trt").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
     return {m for m in modules if m not in sys.stdlib_module_names and m != "kontext_trt"}
 
 

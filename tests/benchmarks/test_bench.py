@@ -9,8 +9,8 @@ from kontext_trt.benchmarks.flops import transformer_flops
 from kontext_trt.benchmarks.harness import summarize
 from kontext_trt.benchmarks.report import SCHEMA_PATH, load_results
 from kontext_trt.benchmarks.transformer_step import preset_config
-from kontext_trt.runtime.cli import main
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.cli.main import main
+from kontext_trt.core.errors import KontextError
 
 STAGES = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder")
 # (backend, name of the fixture giving its --onnx folder or None); onnxruntime joins as one more entry here.

@@ -6,7 +6,7 @@ import jsonschema
 import pytest
 
 from kontext_trt.benchmarks.report import SCHEMA_PATH, load_results
-from kontext_trt.runtime.cli import main
+from kontext_trt.cli.main import main
 
 STEPS = 8
 

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kontext_trt.benchmarks.flops import transformer_flops
 from kontext_trt.benchmarks.transformer_step import preset_config, step_inputs
-from kontext_trt.runtime import checkpoint as ck
+from kontext_trt.core import checkpoint as ck
 
 
 def counted(model, config, batch, target, context, device="cpu"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kontext_trt.runtime.cli import main
+from kontext_trt.cli.main import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 import proto_onnx  # noqa: E402

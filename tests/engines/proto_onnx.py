@@ -82,7 +82,7 @@ def export(out: Path, dtype: torch.dtype = torch.float32) -> Path:
                          "guidance": {0: "B"}},
                         {"latent": {0: "B", 1: "L"}}),
     }
-    from kontext_trt.runtime.stages import STAGE_IO
+    from kontext_trt.core.stages import STAGE_IO
 
     manifest = {"stages": {}, "checkpoint": {"fingerprint": "proto-tiny"}, "kontext": {}}
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]

@@ -8,11 +8,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from kontext_trt.engines import build, cache, onnx_cast, trt_api
-from kontext_trt.engines.onnx_dir import read_onnx_dir
+from kontext_trt.core.onnx_dir import read_onnx_dir
+from kontext_trt.engines import build, cache, onnx_cast, trt_api, trt_io
 from kontext_trt.engines.profiles import Shapes
 from kontext_trt.engines.skus import SKUS
-from kontext_trt.runtime import trt_io
 
 RTX = trt_api.load_api("tensorrt-rtx")
 BFL = {"clip": "clip.opt", "t5": "t5.opt", "transformer": "transformer.opt/bf16", "vae_decoder": "vae.opt",

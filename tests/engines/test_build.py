@@ -5,12 +5,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.onnx_dir import read_onnx_dir
+from kontext_trt.core.stages import STAGE_NAMES
 from kontext_trt.engines import build, cache, trt_api
-from kontext_trt.engines.onnx_dir import read_onnx_dir
 from kontext_trt.engines.profiles import Shapes
 from kontext_trt.engines.skus import SKUS, precision_refusal
-from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.stages import STAGE_NAMES
 
 RTX = trt_api.load_api("tensorrt-rtx").folder
 

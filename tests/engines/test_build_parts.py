@@ -3,13 +3,14 @@ transformer, weight streaming on the body), and run on a GPU with CUDA graphs (s
 import pytest
 import torch
 
+from kontext_trt.assemble import build_pipeline, load_engines
+from kontext_trt.cli.main import main
+from kontext_trt.core import image as im
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.specs import LoadSpec, parse_cache
+from kontext_trt.core.stages import SPLIT_STAGE_NAMES, TRANSFORMER_PARTS
 from kontext_trt.engines import cache, profiles, trt_api
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime.cli import main
-from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.flow import EditRequest, edit
-from kontext_trt.runtime.pipeline import load_engines, load_kontext
-from kontext_trt.runtime.stages import SPLIT_STAGE_NAMES, TRANSFORMER_PARTS
 
 RTX = trt_api.load_api("tensorrt-rtx").folder
 
@@ -65,8 +66,8 @@ def test_cached_edit_on_engines_with_cuda_graphs(tiny_ckpt, tiny_onnx_split, tmp
 
     monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")
     assert main(["build", "--onnx", str(tiny_onnx_split), "--out", str(tmp_path), "--sizes", "64x64,96x64"]) == 0
-    single = load_kontext(None, backend="tensorrt", engines=tmp_path, precision="fp32")
-    split = load_kontext(None, backend="tensorrt", engines=tmp_path, precision="fp32", split=True)
+    single = build_pipeline(LoadSpec(None, backend="tensorrt", engines=tmp_path, precision="fp32"))
+    split = build_pipeline(LoadSpec(None, backend="tensorrt", engines=tmp_path, precision="fp32", cache=parse_cache("fbcache")))
     assert "transformer" not in split.stages and set(TRANSFORMER_PARTS) <= set(split.stages)
     split.stages = graphed(split.stages)
     req = EditRequest(prompts=["add a cat"], image=im.sample_image(96, 64, seed=3), steps=6, seed=5, auto_resize=False)

@@ -1,10 +1,10 @@
 """find_engines: a match, and the one-line errors for another GPU, another library version, another size."""
 import pytest
 
+from kontext_trt.core.errors import KontextError
 from kontext_trt.engines import trt_api
 from kontext_trt.engines.cache import find_engines
 from kontext_trt.engines.skus import SKUS
-from kontext_trt.runtime.errors import KontextError
 
 RTX = trt_api.load_api("tensorrt-rtx").folder
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from onnx import TensorProto
 
+from kontext_trt.core.onnx_dir import read_onnx_dir
 from kontext_trt.engines import build, cache, check, onnx_cast, trt_api
-from kontext_trt.engines.onnx_dir import read_onnx_dir
 from kontext_trt.engines.profiles import Shapes
 from kontext_trt.engines.skus import SKUS
 

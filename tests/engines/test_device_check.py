@@ -5,10 +5,10 @@ import types
 
 import pytest
 
+from kontext_trt.cli.main import main
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.onnx_dir import read_onnx_dir
 from kontext_trt.engines import device
-from kontext_trt.engines.onnx_dir import read_onnx_dir
-from kontext_trt.runtime.cli import main
-from kontext_trt.runtime.errors import KontextError
 
 
 def fake_nvml(name: str, cc: tuple[int, int], total: int, by_uuid: dict | None = None) -> types.ModuleType:

@@ -1,10 +1,10 @@
 """Optimization profiles from the Kontext buckets, checked against hand-computed token counts."""
 import pytest
 
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.image import KONTEXT_BUCKETS
 from kontext_trt.engines import profiles
 from kontext_trt.engines.profiles import Shapes
-from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.image import KONTEXT_BUCKETS
 
 # (W/16) * (H/16) for each bucket, worked out by hand; mirrored buckets have the same count.
 BUCKET_TOKENS = {

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
+from kontext_trt.cli.main import main
+from kontext_trt.core.errors import KontextError
 from kontext_trt.engines import refit, trt_api
-from kontext_trt.runtime.cli import main
-from kontext_trt.runtime.errors import KontextError
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from kontext_trt.core.errors import KontextError
 from kontext_trt.engines import build, trt_api
-from kontext_trt.runtime.errors import KontextError
 
 PROFILE = {"input_ids": ((1, 77), (1, 77), (2, 77))}
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.files import sha256_file
 from kontext_trt.engines import build, cache, trt_api
 from kontext_trt.engines.cache import find_engines
 from kontext_trt.engines.skus import SKUS
-from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.files import sha256_file
 
 RTX = trt_api.load_api("tensorrt-rtx").folder
 SCRIPT = Path(sys.executable).with_name("kontext-trt")

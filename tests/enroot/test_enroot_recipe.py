@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-ENROOT = REPO / "enroot"
+ENROOT = REPO / "kontext_trt" / "enroot"
 
 
 def name_of(requirement: str) -> str:

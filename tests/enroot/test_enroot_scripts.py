@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-ENROOT = REPO / "enroot"
+ENROOT = REPO / "kontext_trt" / "enroot"
 SCRIPTS = sorted([*ENROOT.glob("*.sh"), *ENROOT.glob("*.sbatch")])
 BASH = shutil.which("bash")
 
@@ -63,7 +63,7 @@ def test_build_image_dry_run_imports_installs_and_exports(tmp_path: Path) -> Non
         f"enroot import --output {out}/nvidia+pytorch+25.12-py3.sqsh 'docker://nvcr.io#nvidia/pytorch:25.12-py3'",
         f"enroot create --force --name {name} {out}/nvidia+pytorch+25.12-py3.sqsh",
         f"enroot start --root --rw --env NVIDIA_VISIBLE_DEVICES=void --mount {REPO}:/opt/kontext-trt {name} "
-        "bash /opt/kontext-trt/enroot/install_in_image.sh /opt/kontext-trt",
+        "bash /opt/kontext-trt/kontext_trt/enroot/install_in_image.sh /opt/kontext-trt",
         f"enroot export --force --output {out}/kontext-trt-25.12-py3.sqsh {name}",
         f"enroot remove --force {name}",
     ]
@@ -93,6 +93,6 @@ def test_install_in_image_dry_run(tmp_path: Path) -> None:
     assert lines[:4] == [
         "python -m pip list --format=freeze | grep -iE '^(torch|tensorrt)==' > /tmp/kontext-trt-image-pins.txt",
         "python -m pip install --no-cache-dir --constraint /tmp/kontext-trt-image-pins.txt '/opt/kontext-trt[trt,rtx]'",
-        "python -m pip install --no-cache-dir --no-deps -r /opt/kontext-trt/safety/no-deps.txt",
+        "python -m pip install --no-cache-dir --no-deps -r /opt/kontext-trt/kontext_trt/safety/no-deps.txt",
         "mkdir -p /model /onnx /engines",
     ]

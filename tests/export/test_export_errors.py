@@ -6,11 +6,11 @@ import onnx
 import pytest
 import torch
 
+from kontext_trt.cli.main import main
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.files import LOCK_NAME
 from kontext_trt.export import onnx_file
 from kontext_trt.export.export import export_checkpoint
-from kontext_trt.runtime.cli import main
-from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.files import LOCK_NAME
 from kontext_trt.runtime.ort_stages import OrtStage
 
 

@@ -4,9 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kontext_trt.engines.onnx_dir import file_identity, read_onnx_dir
-from kontext_trt.export.manifest import read_export_manifest
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.export_manifest import read_export_manifest
+from kontext_trt.core.onnx_dir import file_identity, read_onnx_dir
 
 SCRIPT = Path(sys.executable).with_name("kontext-trt")
 
@@ -40,7 +40,7 @@ def test_onnxruntime_backend_refuses_a_changed_onnx(tiny_onnx, tmp_path):
 
     import torch
 
-    from kontext_trt.runtime.pipeline import load_onnx as load_ort_kontext
+    from kontext_trt.assemble import load_onnx as load_ort_kontext
 
     copy = Path(shutil.copytree(tiny_onnx, tmp_path / "onnx"))
     load_ort_kontext(copy, torch.device("cpu"))  # matches: loads

@@ -6,11 +6,11 @@ import onnx
 import pytest
 from transformers import CLIPTokenizer, T5TokenizerFast
 
+from kontext_trt.core import checkpoint as ck
+from kontext_trt.core.stages import STAGE_IO, STAGE_NAMES
 from kontext_trt.export.onnx_file import float64_tensors
 from kontext_trt.export.specs import BUCKET_TOKENS
-from kontext_trt.runtime import checkpoint as ck
 from kontext_trt.runtime.flow import KontextConfig
-from kontext_trt.runtime.stages import STAGE_IO, STAGE_NAMES
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from kontext_trt.runtime import checkpoint as ck
+from kontext_trt.core import checkpoint as ck
+from kontext_trt.core.stages import STAGE_IO
 from kontext_trt.runtime.latents import latent_ids, text_ids
-from kontext_trt.runtime.stages import STAGE_IO
 from kontext_trt.runtime.torch_stages import stage_modules
 
 TOL = 1e-4  # max abs difference relative to the output's max abs value

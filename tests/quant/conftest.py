@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kontext_trt.runtime.cli import main
-from kontext_trt.runtime.image import sample_image
+from kontext_trt.cli.main import main
+from kontext_trt.core.image import sample_image
 
 QUICK = ["--calib-size", "2", "--calib-steps", "2", "--report-size", "1", "--no-auto-resize"]
 

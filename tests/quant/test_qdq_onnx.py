@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from kontext_trt.runtime.cli import main
+from kontext_trt.cli.main import main
 from kontext_trt.runtime.ort_stages import OrtStage, ort_session
 
 # FP8 rounding turns float-order noise into whole E4M3 steps wherever a value sits near a rounding midpoint, and the
@@ -21,10 +21,10 @@ FULL_MODEL_REL_L2, FULL_MODEL_COSINE = 0.02, 0.9995
 
 def quantized_module(ckpt_path, out: Path, dtype: torch.dtype):
     """The exported module: the saved calibration applied to the checkpoint's transformer, fp32 RoPE."""
+    from kontext_trt.core import checkpoint as ck
     from kontext_trt.export.rope import fp32_rope
     from kontext_trt.quant.qmodel import quantize_transformer
     from kontext_trt.quant.state import load_state
-    from kontext_trt.runtime import checkpoint as ck
     from kontext_trt.runtime.torch_stages import TransformerModule
 
     recipe, amax = load_state(out)
@@ -33,9 +33,8 @@ def quantized_module(ckpt_path, out: Path, dtype: torch.dtype):
 
 
 def test_fp8_onnx_runs_in_onnxruntime_like_torch(fp8_run, tiny_ckpt):
+    from kontext_trt.core import checkpoint as ck
     from kontext_trt.export.specs import sample_inputs
-    from kontext_trt.runtime import checkpoint as ck
-
     out, _ = fp8_run
     torch.manual_seed(0)
     inputs = sample_inputs("transformer", ck.open_checkpoint(tiny_ckpt).transformer_config, torch.float32)

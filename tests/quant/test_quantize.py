@@ -16,8 +16,8 @@ import json
 
 import pytest
 
-from kontext_trt.runtime.cli import main
-from kontext_trt.runtime.files import LOCK_NAME
+from kontext_trt.cli.main import main
+from kontext_trt.core.files import LOCK_NAME
 
 BOUNDS = {"fp8_run": {"cosine_min": 0.995, "rel_error_max": 0.10, "psnr_min_db": 36.0, "ssim_min": 0.995},
           "nvfp4_plain_run": {"cosine_min": 0.98, "rel_error_max": 0.20, "psnr_min_db": 29.0, "ssim_min": 0.98},
@@ -80,8 +80,8 @@ def test_svdquant_report_and_state(nvfp4_run, nvfp4_plain_run):
 
 
 def test_same_request_reuses_the_calibration(fp8_run, tiny_ckpt, calib_jsonl, monkeypatch, capsys):
+    from kontext_trt.core.checkpoint import load_transformer
     from kontext_trt.quant import quantize as qz
-    from kontext_trt.runtime.checkpoint import load_transformer
 
     out, _ = fp8_run
     req = qz.QuantizeRequest(model=tiny_ckpt, precision="fp8", out=out, calib=calib_jsonl, calib_size=2, calib_steps=2,

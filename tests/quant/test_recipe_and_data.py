@@ -3,14 +3,14 @@ import json
 
 import pytest
 
-from kontext_trt.quant import calib_data, recipe as rc
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.core.errors import KontextError
+from kontext_trt.quant import calib_data
+from kontext_trt.quant import recipe as rc
 
 
 @pytest.fixture(scope="module")
 def transformer(tiny_ckpt):
-    from kontext_trt.runtime import checkpoint as ck
-
+    from kontext_trt.core import checkpoint as ck
     return ck.load_transformer(ck.open_checkpoint(tiny_ckpt))
 
 
@@ -64,7 +64,7 @@ def test_shipped_set_cycles_categories_and_is_deterministic():
 
 
 def test_folder_and_jsonl_are_read(tmp_path, calib_jsonl):
-    from kontext_trt.runtime.image import sample_image
+    from kontext_trt.core.image import sample_image
 
     sample_image(96, 96, seed=3).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("Make the sky purple.\n")
@@ -80,7 +80,7 @@ def test_folder_and_jsonl_are_read(tmp_path, calib_jsonl):
     ([{"image": "a.png"}], r"pairs.jsonl:1: each line needs a string \"image\" and a string \"prompt\""),
 ])
 def test_bad_jsonl_is_one_line(tmp_path, lines, message):
-    from kontext_trt.runtime.image import sample_image
+    from kontext_trt.core.image import sample_image
 
     sample_image(64, 64).save(tmp_path / "a.png")
     (tmp_path / "pairs.jsonl").write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines))
@@ -91,7 +91,7 @@ def test_bad_jsonl_is_one_line(tmp_path, lines, message):
 def test_empty_or_incomplete_folders(tmp_path):
     with pytest.raises(KontextError, match="no calibration data found in"):
         calib_data.calibration_pairs(tmp_path, 4)
-    from kontext_trt.runtime.image import sample_image
+    from kontext_trt.core.image import sample_image
 
     sample_image(64, 64).save(tmp_path / "b.png")
     with pytest.raises(KontextError, match=r"b.png has no instruction: write it into .*b.txt"):

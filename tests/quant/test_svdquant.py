@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kontext_trt.quant import formats, svdquant as sq
+from kontext_trt.quant import svdquant as sq
 from kontext_trt.quant.qmodel import QuantLinear
 
 
@@ -92,10 +92,9 @@ def test_flop_model_counts_the_branch_like_torch(tiny_ckpt, rank):
 
     from kontext_trt.benchmarks.flops import transformer_flops
     from kontext_trt.benchmarks.transformer_step import step_inputs
+    from kontext_trt.core import checkpoint as ck
     from kontext_trt.quant import recipe as rc
     from kontext_trt.quant.qmodel import quantize_transformer
-    from kontext_trt.runtime import checkpoint as ck
-
     ckpt = ck.open_checkpoint(tiny_ckpt)
     model = ck.load_transformer(ckpt, torch.float32)
     recipe = rc.make_recipe(model, "nvfp4", "fp8", rank)

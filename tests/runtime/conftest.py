@@ -19,7 +19,7 @@ RANK, ALPHA = 4, 8.0
 
 def request():
     """The edit every LoRA test runs: 64x64, 2 steps (fixture lora_request)."""
-    from kontext_trt.runtime import image as im
+    from kontext_trt.core import image as im
     from kontext_trt.runtime.flow import EditRequest
 
     return EditRequest(prompts=["make it a watercolor"], image=im.sample_image(64, 64, seed=2), width=64, height=64, steps=2, seed=5,
@@ -76,8 +76,7 @@ def tiny_loras(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
     from diffusers import FluxKontextPipeline
     from safetensors.torch import save_file
 
-    from kontext_trt.runtime import checkpoint as ck
-
+    from kontext_trt.core import checkpoint as ck
     ckpt = ck.open_checkpoint(tiny_ckpt)
     config = ckpt.transformer_config
     shapes = {name: tuple(p.shape) for name, p in ck.load_transformer(ckpt, torch.float32).named_parameters()}
@@ -253,8 +252,7 @@ def fake_engines(tiny_onnx, trt_manifest, monkeypatch):
 def trt_stages(trt_engines, trt_manifest):
     """Makes the transformer and decoder TrtStages of the built set on a pool: trt_stages(pool, transformer={...})."""
     from kontext_trt.engines import trt_api
-    from kontext_trt.runtime import trt_stages as ts
-
+    from kontext_trt.engines import trt_stages as ts
     folder = trt_engines / "rtx4090-sm89" / trt_api.load_api("tensorrt-rtx").folder / "fp32"
 
     def make(pool, **kw):

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from kontext_trt import KontextPipeline
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.assemble import build_pipeline
+from kontext_trt.core import image as im
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.specs import LoadSpec
 from kontext_trt.runtime.flow import EditRequest, edit
-from kontext_trt.runtime.pipeline import load_kontext
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def test_call_is_the_edit_path_bit_for_bit(pipe, tiny_ckpt, tmp_path):
                auto_resize=False)
     req = EditRequest(prompts=["add a hat"], image=im.load_image(source), steps=2, guidance=3.0, seed=5,
                       auto_resize=False)
-    expected = edit(load_kontext(tiny_ckpt, dtype="fp32"), req)
+    expected = edit(build_pipeline(LoadSpec(tiny_ckpt, dtype="fp32")), req)
     assert torch.equal(out.latents, expected.latents)
     assert len(out.images) == 1 and out.images[0].size == (80, 64) and out.metadata["seed"] == 5
     assert pipe.info.backend == "torch" and pipe.info.dtype == "fp32"

@@ -7,10 +7,11 @@ torch (CPU) always; torch on CUDA and TensorRT (engines built here for this GPU)
 import pytest
 import torch
 
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.assemble import build_pipeline
+from kontext_trt.core import image as im
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.specs import LoadSpec
 from kontext_trt.runtime.flow import EditRequest, edit
-from kontext_trt.runtime.pipeline import load_kontext
 from kontext_trt.runtime.session import EditSession
 
 BACKENDS = ("torch", "torch-cuda", "onnxruntime", "tensorrt")
@@ -29,8 +30,8 @@ def make_request(prompts, size=(None, None), image=None) -> EditRequest:
 
 def tensorrt_kontext(onnx, root):
     """The tiny engines built for this GPU (strict fp32: no TF32) and loaded, or a skip saying what is missing."""
+    from kontext_trt.cli.main import main
     from kontext_trt.engines import device, trt_api
-    from kontext_trt.runtime.cli import main
 
     gpu, why = device.detect_gpu()
     if gpu is None or not torch.cuda.is_available():
@@ -43,12 +44,12 @@ def tensorrt_kontext(onnx, root):
         env.setenv("NVIDIA_TF32_OVERRIDE", "0")  # TF32 (on by default) would cost the 1e-4 parity
         assert main(["build", "--onnx", str(onnx), "--out", str(root), "--sizes", "64x64,80x64,96x64",
                      "--batch", "1-2"]) == 0
-    return load_kontext(None, backend="tensorrt", engines=root, precision="fp32")
+    return build_pipeline(LoadSpec(None, backend="tensorrt", engines=root, precision="fp32"))
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt):
-    return load_kontext(tiny_ckpt, backend="torch", dtype="fp32")
+    return build_pipeline(LoadSpec(tiny_ckpt, backend="torch", dtype="fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +76,10 @@ def backend(request, tiny_ckpt, reference, tmp_path_factory):
         elif name == "torch-cuda":
             if not torch.cuda.is_available():
                 pytest.skip("torch-cuda needs a CUDA GPU; this host has none")
-            yield load_kontext(tiny_ckpt, backend="torch", dtype="fp32", device="cuda")
+            yield build_pipeline(LoadSpec(tiny_ckpt, backend="torch", dtype="fp32", device="cuda"))
         elif name == "onnxruntime":
             pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-            yield load_kontext(None, backend="onnxruntime", onnx=request.getfixturevalue("tiny_onnx"))
+            yield build_pipeline(LoadSpec(None, backend="onnxruntime", onnx=request.getfixturevalue("tiny_onnx")))
         else:
             yield tensorrt_kontext(request.getfixturevalue("tiny_onnx"), tmp_path_factory.mktemp("engines"))
 

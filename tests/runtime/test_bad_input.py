@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from onnx import TensorProto, helper, save
 
-from kontext_trt.runtime import image as im
+from kontext_trt.core import image as im
 
 SCRIPT = Path(sys.executable).with_name("kontext-trt")
 

@@ -2,15 +2,16 @@
 import pytest
 import torch
 
+from kontext_trt.assemble import build_pipeline
+from kontext_trt.core import image as im
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.specs import LoadSpec
 from kontext_trt.runtime import flow
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.pipeline import load_kontext
 
 
 @pytest.fixture(scope="module")
 def k32(tiny_ckpt):
-    return load_kontext(tiny_ckpt, dtype="fp32")
+    return build_pipeline(LoadSpec(tiny_ckpt, dtype="fp32"))
 
 
 def request(**kw):

@@ -14,8 +14,8 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5EncoderModel
 
-from kontext_trt.runtime import checkpoint as ck
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.core import checkpoint as ck
+from kontext_trt.core.errors import KontextError
 from kontext_trt.synth import write_synthetic_checkpoint
 
 LOADERS = [ck.load_transformer, ck.load_vae, ck.load_clip, ck.load_t5]
@@ -205,7 +205,7 @@ def test_weights_that_do_not_fit_the_config_fail_at_load(tiny_ckpt, tmp_path):
 
 RSS_PROBE = """
 import json, resource, sys, torch
-from kontext_trt.runtime.checkpoint import load_transformer, open_checkpoint
+from kontext_trt.core.checkpoint import load_transformer, open_checkpoint
 ckpt = open_checkpoint(sys.argv[1])
 from diffusers import FluxTransformer2DModel  # its import (~200 MB) is not the load's
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -247,7 +247,7 @@ PROMPTS = ["make the house blue and add snow on the roof", "Ünïcödé, CAPS & 
 
 
 def test_tokenizer_json_and_slow_files_give_identical_ids(tiny_ckpt, tmp_path):
-    from kontext_trt.runtime.text import CLIP_LEN, T5_LEN, tokenize
+    from kontext_trt.core.text import CLIP_LEN, T5_LEN, tokenize
 
     saved = saved_by_transformers(tiny_ckpt, tmp_path / "saved")
     assert sorted(p.name for p in (saved / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]

@@ -4,8 +4,8 @@ import json
 import pytest
 from PIL import Image
 
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime.cli import main
+from kontext_trt.cli.main import main
+from kontext_trt.core import image as im
 
 
 def run(capsys, *argv):
@@ -129,8 +129,8 @@ def test_stale_temp_of_a_killed_edit_is_removed(capsys, tiny_ckpt, tmp_path):
 def test_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys):
     import torch
 
-    from kontext_trt.runtime import commands
-    from kontext_trt.runtime.cli import main
+    from kontext_trt.cli import edit as commands
+    from kontext_trt.cli.main import main
 
     def run_out_of_memory(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -4,9 +4,9 @@ import time
 import pytest
 import torch
 
-from kontext_trt.runtime import image as im
+from kontext_trt.core import image as im
+from kontext_trt.core.errors import KontextError
 from kontext_trt.runtime.cudagraphs import GRAPHED_STAGES, GraphedStage, graphed, signature
-from kontext_trt.runtime.errors import KontextError
 from kontext_trt.runtime.flow import EditRequest, edit
 
 
@@ -156,9 +156,10 @@ def host_ms_per_call(stage, feeds: dict, calls: int = 20) -> float:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs capture and replay on one")
 def test_replayed_edit_matches_eager_and_costs_less_host_time(tiny_ckpt):
-    from kontext_trt.runtime.pipeline import load_kontext, with_cuda_graphs
+    from kontext_trt.assemble import build_pipeline, with_cuda_graphs
+    from kontext_trt.core.specs import LoadSpec
 
-    k = load_kontext(tiny_ckpt, dtype="fp32", device="cuda")
+    k = build_pipeline(LoadSpec(tiny_ckpt, dtype="fp32", device="cuda"))
     req = EditRequest(prompts=["add a cat", "make it night"], image=im.sample_image(80, 64, seed=3), width=96,
                       height=64, steps=4, seed=11, auto_resize=False)
     eager = edit(k, req)

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from kontext_trt.runtime import files
-from kontext_trt.runtime.errors import KontextError, WriteError
+from kontext_trt.core import files
+from kontext_trt.core.errors import KontextError, WriteError
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):

@@ -7,8 +7,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS, FluxKontextPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.core import image as im
+from kontext_trt.core.errors import KontextError
 from kontext_trt.runtime.latents import draw_noise, latent_ids, pack_latents, unpack_latents
 from kontext_trt.runtime.schedule import flow_schedule, shift_mu
 

@@ -8,17 +8,18 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from kontext_trt.runtime.cli import main
-from kontext_trt.runtime.commands import parse_lora
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.assemble import build_pipeline
+from kontext_trt.cli.edit import parse_lora
+from kontext_trt.cli.main import main
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.specs import LoadSpec
 from kontext_trt.runtime.flow import edit
 from kontext_trt.runtime.lora import read_lora
-from kontext_trt.runtime.pipeline import load_kontext
 
 
 @pytest.fixture(scope="module")
 def torch_k(tiny_ckpt):
-    return load_kontext(tiny_ckpt, backend="torch", dtype="fp32")
+    return build_pipeline(LoadSpec(tiny_ckpt, backend="torch", dtype="fp32"))
 
 
 def test_parse_lora():

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from kontext_trt.export.weight_map import OnnxWeights
-from kontext_trt.runtime import checkpoint as ck
-from kontext_trt.runtime.cli import main
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.assemble import build_pipeline
+from kontext_trt.cli.main import main
+from kontext_trt.core import checkpoint as ck
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.specs import LoadSpec
+from kontext_trt.core.weight_map import OnnxWeights
 from kontext_trt.runtime.flow import edit
 from kontext_trt.runtime.lora import fused_weights, read_lora
-from kontext_trt.runtime.pipeline import load_kontext
-
 
 
 def manifest_entry(folder):
@@ -37,7 +37,7 @@ def test_weight_map_reads_back_every_parameter(tiny_ckpt, tiny_onnx):
 
 def test_onnxruntime_swaps_without_reexport(lora_request, tiny_onnx, tiny_loras, lora_reference):
     files = {p: p.stat().st_mtime_ns for p in tiny_onnx.rglob("*") if p.is_file()}
-    k = load_kontext(None, backend="onnxruntime", onnx=tiny_onnx)
+    k = build_pipeline(LoadSpec(None, backend="onnxruntime", onnx=tiny_onnx))
     base = edit(k, lora_request)
     k.set_loras([(tiny_loras["a"], 0.8)])
     with_a = edit(k, lora_request)
@@ -65,6 +65,6 @@ def test_export_lora_bakes_the_fused_weights(tiny_onnx, tiny_ckpt, tiny_loras, t
     assert len(fused) == 26  # 12 linear layers in each of the 2 double blocks, proj_out in the 2 single ones
     for name, value in fused.items():
         assert torch.equal(baked.read(name), value), name
-    k = load_kontext(None, backend="onnxruntime", onnx=out)
+    k = build_pipeline(LoadSpec(None, backend="onnxruntime", onnx=out))
     with pytest.raises(KontextError, match="exported with LoRAs fused in"):
         k.set_loras([(tiny_loras["b"], 1.0)])

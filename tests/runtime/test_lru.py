@@ -1,5 +1,5 @@
 """LruCache: bounded, most recently used kept, eviction hook called with what it drops."""
-from kontext_trt.runtime.lru import LruCache
+from kontext_trt.core.lru import LruCache
 
 
 def test_lru_keeps_recent_and_reports_evictions():

@@ -7,22 +7,23 @@ import pytest
 import torch
 from PIL import Image
 
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime.cli import main
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.assemble import build_pipeline
+from kontext_trt.cli.main import main
+from kontext_trt.core import image as im
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.specs import LoadSpec
 from kontext_trt.runtime.flow import EditRequest, edit
 from kontext_trt.runtime.ort_stages import OrtStage
-from kontext_trt.runtime.pipeline import load_kontext
 
 
 @pytest.fixture(scope="module")
 def torch_k(tiny_ckpt):
-    return load_kontext(tiny_ckpt, backend="torch", dtype="fp32")
+    return build_pipeline(LoadSpec(tiny_ckpt, backend="torch", dtype="fp32"))
 
 
 @pytest.fixture(scope="module")
 def ort_k(tiny_onnx):
-    return load_kontext(None, backend="onnxruntime", onnx=tiny_onnx)
+    return build_pipeline(LoadSpec(None, backend="onnxruntime", onnx=tiny_onnx))
 
 
 @pytest.mark.parametrize("prompts,width,height", [(["turn the house red"], 64, 64),
@@ -73,4 +74,4 @@ def test_cli_errors(capsys, tiny_onnx, tmp_path, argv, message):
 
 def test_load_kontext_refuses_missing_folder(tmp_path):
     with pytest.raises(KontextError, match="no manifest.json"):
-        load_kontext(None, backend="onnxruntime", onnx=tmp_path)
+        build_pipeline(LoadSpec(None, backend="onnxruntime", onnx=tmp_path))

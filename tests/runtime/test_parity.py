@@ -4,9 +4,10 @@ import pytest
 import torch
 from diffusers import FluxKontextPipeline
 
-from kontext_trt.runtime import image as im
+from kontext_trt.assemble import build_pipeline
+from kontext_trt.core import image as im
+from kontext_trt.core.specs import LoadSpec
 from kontext_trt.runtime.flow import EditRequest, edit
-from kontext_trt.runtime.pipeline import load_kontext
 
 LATENT_TOL = 1e-4
 
@@ -20,7 +21,7 @@ def reference(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def ours(tiny_ckpt):
-    return load_kontext(tiny_ckpt, backend="torch", dtype="fp32")
+    return build_pipeline(LoadSpec(tiny_ckpt, backend="torch", dtype="fp32"))
 
 
 def run_reference(pipe, req: EditRequest, output_type: str):
@@ -87,6 +88,6 @@ def test_default_output_size_is_the_resized_input(ours):
 def test_bfl_single_files_give_the_same_edit(tiny_ckpt, tiny_bfl_ckpt):
     req = EditRequest(prompts=["make it snow"], image=im.sample_image(64, 64, seed=8), width=64, height=64,
                       steps=2, seed=3, auto_resize=False)
-    diffusers_layout = edit(load_kontext(tiny_ckpt, dtype="fp32"), req)
-    bfl_layout = edit(load_kontext(tiny_bfl_ckpt, dtype="fp32"), req)
+    diffusers_layout = edit(build_pipeline(LoadSpec(tiny_ckpt, dtype="fp32")), req)
+    bfl_layout = edit(build_pipeline(LoadSpec(tiny_bfl_ckpt, dtype="fp32")), req)
     assert torch.equal(diffusers_layout.latents, bfl_layout.latents)

@@ -3,15 +3,17 @@ Protocols; a pipeline is changed only through its methods, which leave the origi
 import pytest
 import torch
 
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.assemble import build_pipeline, with_cuda_graphs
+from kontext_trt.core import image as im
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.specs import LoadSpec
+from kontext_trt.core.stages import SetsWeights, SupportsGraphCapture, SupportsMemoryStats
 from kontext_trt.runtime.flow import EditRequest, PipelineInfo, edit
-from kontext_trt.runtime.pipeline import load_kontext, with_cuda_graphs
-from kontext_trt.runtime.stages import SupportsGraphCapture, SupportsMemoryStats, SetsWeights
+
 
 @pytest.fixture(scope="module")
 def torch_k(tiny_ckpt):
-    return load_kontext(tiny_ckpt, dtype="fp32")
+    return build_pipeline(LoadSpec(tiny_ckpt, dtype="fp32"))
 
 
 def request() -> EditRequest:
@@ -19,7 +21,7 @@ def request() -> EditRequest:
 
 
 def test_info_has_the_same_keys_on_every_backend(torch_k, tiny_ckpt, tiny_onnx):
-    ort_k = load_kontext(backend="onnxruntime", onnx=tiny_onnx)
+    ort_k = build_pipeline(LoadSpec(backend="onnxruntime", onnx=tiny_onnx))
     assert torch_k.info == PipelineInfo("torch", "fp32", "fp32", torch_k.info.checkpoint, str(tiny_ckpt))
     assert ort_k.info == PipelineInfo("onnxruntime", "fp32", "fp32", torch_k.info.checkpoint, str(tiny_onnx))
     assert len(torch_k.info.checkpoint) == 16
@@ -27,7 +29,7 @@ def test_info_has_the_same_keys_on_every_backend(torch_k, tiny_ckpt, tiny_onnx):
 
 
 def test_stage_abilities_are_protocols(torch_k, tiny_onnx):
-    ort_k = load_kontext(backend="onnxruntime", onnx=tiny_onnx)
+    ort_k = build_pipeline(LoadSpec(backend="onnxruntime", onnx=tiny_onnx))
     transformer = torch_k.stages["transformer"]
     assert isinstance(transformer, SetsWeights) and not isinstance(transformer, SupportsGraphCapture)
     assert isinstance(ort_k.stages["transformer"], SupportsGraphCapture)
@@ -39,7 +41,7 @@ def test_stage_abilities_are_protocols(torch_k, tiny_onnx):
 def test_tensorrt_stage_protocols(tmp_path):
     pytest.importorskip("tensorrt_rtx")
     from kontext_trt.engines import trt_api
-    from kontext_trt.runtime.trt_stages import EnginePool, TrtStage
+    from kontext_trt.engines.trt_stages import EnginePool, TrtStage
 
     stage = TrtStage("transformer", tmp_path / "transformer.plan",
                      EnginePool(trt_api.load_api("tensorrt-rtx"), torch.device("cpu")))
@@ -66,7 +68,7 @@ def test_cuda_graphs_need_a_gpu(torch_k, tiny_ckpt):
     with pytest.raises(KontextError, match="--cuda-graphs replays on a GPU"):
         with_cuda_graphs(torch_k)
     with pytest.raises(KontextError, match="--cuda-graphs replays on a GPU"):
-        load_kontext(tiny_ckpt, cuda_graphs=True)
+        build_pipeline(LoadSpec(tiny_ckpt, cuda_graphs=True))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -79,4 +81,4 @@ def test_cuda_graphs_need_a_gpu(torch_k, tiny_ckpt):
 ])
 def test_bad_load_is_one_line(tiny_ckpt, kwargs, message):
     with pytest.raises(KontextError, match=message):
-        load_kontext(**{"model": tiny_ckpt, **kwargs})
+        build_pipeline(LoadSpec(**{"model": tiny_ckpt, **kwargs}))

@@ -6,7 +6,7 @@ import re
 from PIL import Image
 from sd_parsers import ParserManager
 
-from kontext_trt.runtime import image as im
+from kontext_trt.core import image as im
 from kontext_trt.runtime.flow import PipelineInfo
 
 # modules/infotext_utils.py of stable-diffusion-webui

@@ -4,10 +4,10 @@ import logging
 
 import pytest
 
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime import timing
-from kontext_trt.runtime.checks import pick_device
-from kontext_trt.runtime.cli import build_parser, main
+from kontext_trt.cli.main import build_parser, main
+from kontext_trt.core import image as im
+from kontext_trt.core import timing
+from kontext_trt.core.checks import pick_device
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +49,7 @@ def test_flags_go_before_or_after_the_subcommand():
 
 
 def test_verbose_sets_the_log_level(monkeypatch):
-    from kontext_trt.runtime import commands
-
+    from kontext_trt.cli import edit as commands
     levels = []
     monkeypatch.setattr(commands, "run_synth", lambda args: levels.append(logging.getLogger().level) or 0)
     for flags, level in (([], logging.WARNING), (["-v"], logging.INFO), (["-vv"], logging.DEBUG),

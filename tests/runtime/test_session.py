@@ -2,14 +2,15 @@
 import numpy as np
 import torch
 
-from kontext_trt.runtime import image as im
+from kontext_trt.assemble import build_pipeline
+from kontext_trt.core import image as im
+from kontext_trt.core.specs import LoadSpec
 from kontext_trt.runtime.flow import EditRequest, edit
-from kontext_trt.runtime.pipeline import load_kontext
 from kontext_trt.runtime.session import EditSession
 
 
 def test_each_turn_edits_the_previous_output(tiny_ckpt):
-    k = load_kontext(tiny_ckpt, dtype="fp32")
+    k = build_pipeline(LoadSpec(tiny_ckpt, dtype="fp32"))
     session = EditSession(k, im.sample_image(64, 64), steps=2, seed=1, auto_resize=False)
     first = session.edit("make it night")
     second = session.edit("add stars")
@@ -19,7 +20,7 @@ def test_each_turn_edits_the_previous_output(tiny_ckpt):
 
 
 def test_caches_skip_repeated_encoding(tiny_ckpt):
-    k = load_kontext(tiny_ckpt, dtype="fp32")
+    k = build_pipeline(LoadSpec(tiny_ckpt, dtype="fp32"))
     image = im.sample_image(64, 64)
     session = EditSession(k, image, steps=1, auto_resize=False)
     a = session.run(EditRequest(prompts=["a hat"], image=image, steps=1, seed=1, auto_resize=False))

@@ -1,9 +1,9 @@
 """--stages takes one form on export and build: names separated by commas or spaces, unknown names refused."""
 import pytest
 
-from kontext_trt.runtime.cli import build_parser
-from kontext_trt.runtime.errors import KontextError
-from kontext_trt.runtime.stages import stage_list
+from kontext_trt.cli.main import build_parser
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.stages import stage_list
 
 
 def test_commas_spaces_and_duplicates():

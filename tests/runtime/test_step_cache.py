@@ -8,32 +8,32 @@ import pytest
 import torch
 from PIL import Image
 
-from kontext_trt.runtime import checkpoint as ck
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.assemble import build_pipeline
+from kontext_trt.core import checkpoint as ck
+from kontext_trt.core import image as im
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.specs import TEACACHE_FLUX, CacheSpec, LoadSpec, parse_cache
+from kontext_trt.core.stages import STAGE_IO, TRANSFORMER_PARTS
+from kontext_trt.core.timing import StageTimes
 from kontext_trt.runtime.flow import EditRequest, edit
-from kontext_trt.runtime.pipeline import load_kontext
-from kontext_trt.runtime.stages import STAGE_IO, TRANSFORMER_PARTS
-from kontext_trt.runtime.step_cache import (TEACACHE_FLUX, CacheSpec, FirstBlockCache, TeaCache, parse_cache,
-                                            relative_l1)
-from kontext_trt.runtime.timing import StageTimes
+from kontext_trt.runtime.step_cache import FirstBlockCache, TeaCache, relative_l1
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def torch_k(tiny_ckpt):
-    return load_kontext(tiny_ckpt, backend="torch", dtype="fp32")
+    return build_pipeline(LoadSpec(tiny_ckpt, backend="torch", dtype="fp32"))
 
 
 @pytest.fixture(scope="module")
 def ort_k(tiny_onnx_split):
-    return load_kontext(None, backend="onnxruntime", onnx=tiny_onnx_split)
+    return build_pipeline(LoadSpec(None, backend="onnxruntime", onnx=tiny_onnx_split))
 
 
 def request(cache: str, prompts=("add a cat",), steps=STEPS, **kw) -> EditRequest:
     return EditRequest(prompts=list(prompts), image=im.sample_image(96, 64, seed=3), steps=steps, seed=5,
-                       auto_resize=False, cache=cache, **kw)
+                       auto_resize=False, cache=parse_cache(cache), **kw)
 
 
 def transformer_inputs(config: dict, batch=2, tokens=40) -> dict[str, torch.Tensor]:
@@ -117,7 +117,7 @@ def test_zero_threshold_is_the_uncached_edit_torch(torch_k, spec):
 
 
 def test_zero_threshold_is_the_uncached_edit_bf16(tiny_ckpt):
-    k = load_kontext(tiny_ckpt, backend="torch", dtype="bf16")
+    k = build_pipeline(LoadSpec(tiny_ckpt, backend="torch", dtype="bf16"))
     assert torch.equal(edit(k, request("fbcache:0", steps=3)).latents, edit(k, request("off", steps=3)).latents)
 
 
@@ -145,7 +145,7 @@ def test_true_cfg_follows_the_prompt_decision(torch_k):
 
 
 def test_cache_needs_the_split_transformer(tiny_onnx):
-    k = load_kontext(None, backend="onnxruntime", onnx=tiny_onnx)
+    k = build_pipeline(LoadSpec(None, backend="onnxruntime", onnx=tiny_onnx))
     with pytest.raises(KontextError, match="no transformer_head: export it with `kontext-trt export --stages "
                                            "transformer_head,transformer_body,transformer_tail`"):
         edit(k, request("fbcache:0.1"))
@@ -154,7 +154,7 @@ def test_cache_needs_the_split_transformer(tiny_onnx):
 
 
 def test_ort_parts_compose_to_the_single_graph(ort_k, tiny_onnx_split):
-    from kontext_trt.export.manifest import read_export_manifest
+    from kontext_trt.core.export_manifest import read_export_manifest
 
     manifest = read_export_manifest(tiny_onnx_split)
     for part in TRANSFORMER_PARTS:
@@ -183,7 +183,7 @@ def test_zero_threshold_is_the_uncached_edit_ort(ort_k, torch_k):
 
 
 def test_cli_edit_cache(capsys, tiny_ckpt, tmp_path):
-    from kontext_trt.runtime.cli import main
+    from kontext_trt.cli.main import main
 
     source = tmp_path / "in.png"
     im.sample_image(64, 64).save(source)

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from kontext_trt.runtime.timing import StageTimes
+from kontext_trt.core.timing import StageTimes
 
 
 def test_cpu_times_each_call():

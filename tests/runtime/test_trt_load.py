@@ -6,10 +6,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kontext_trt.engines import cache, device as gpus, trt_api
-from kontext_trt.runtime import engine_select as es, image as im, pipeline as pl
-from kontext_trt.runtime.cli import main
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt import assemble as pl
+from kontext_trt.cli.main import main
+from kontext_trt.core import image as im
+from kontext_trt.core.errors import KontextError
+from kontext_trt.engines import cache, trt_api
+from kontext_trt.engines import device as gpus
+from kontext_trt.engines import select as es
 from kontext_trt.runtime.flow import EditRequest
 
 pytest.importorskip("tensorrt_rtx")

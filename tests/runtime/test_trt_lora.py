@@ -3,15 +3,16 @@ import numpy as np
 import pytest
 import torch
 
+from kontext_trt.assemble import build_pipeline
+from kontext_trt.core.specs import LoadSpec
 from kontext_trt.runtime.flow import edit
-from kontext_trt.runtime.pipeline import load_kontext
 
 
 @pytest.fixture(scope="module")
 def refit_kontext(request, tmp_path_factory):
     """The tiny engines built for this GPU with --refit (GPU checked first, before any fixture is made)."""
+    from kontext_trt.cli.main import main
     from kontext_trt.engines import device
-    from kontext_trt.runtime.cli import main
 
     gpu, why = device.detect_gpu()
     if gpu is None or not torch.cuda.is_available():
@@ -21,7 +22,7 @@ def refit_kontext(request, tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("NVIDIA_TF32_OVERRIDE", "0")
         assert main(["build", "--onnx", str(tiny_onnx), "--out", str(root), "--sizes", "64x64", "--refit"]) == 0
-    return load_kontext(None, backend="tensorrt", engines=root, precision="fp32", onnx=tiny_onnx)
+    return build_pipeline(LoadSpec(None, backend="tensorrt", engines=root, precision="fp32", onnx=tiny_onnx))
 
 
 @pytest.mark.cuda
@@ -33,7 +34,7 @@ def test_refit_swaps_match_onnxruntime_and_return_to_base(refit_kontext, request
     k.set_loras([(tiny_loras["a"], 0.8)])
     with_a = edit(k, lora_request)
     assert np.abs(np.asarray(with_a.images[0], int) - lora_reference[0].astype(int)).max() <= 2
-    ort = load_kontext(None, backend="onnxruntime", onnx=tiny_onnx, loras=[(tiny_loras["a"], 0.8)])
+    ort = build_pipeline(LoadSpec(None, backend="onnxruntime", onnx=tiny_onnx, loras=[(tiny_loras["a"], 0.8)]))
     assert (with_a.latents.cpu() - edit(ort, lora_request).latents).abs().max().item() < 1e-3
     k.set_loras([(tiny_loras["b"], 1.0)])
     k.set_loras([])

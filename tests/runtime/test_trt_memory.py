@@ -3,9 +3,10 @@ included), engines that allocate their own scratch, scratch growth and the out-o
 import pytest
 import torch
 
-from kontext_trt.engines import trt_api
-from kontext_trt.runtime import commands, trt_pool, trt_stages as ts
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.cli import edit as commands
+from kontext_trt.core.errors import KontextError
+from kontext_trt.engines import trt_api, trt_pool
+from kontext_trt.engines import trt_stages as ts
 
 pytest.importorskip("tensorrt_rtx")
 API = trt_api.load_api("tensorrt-rtx")

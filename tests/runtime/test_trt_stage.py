@@ -3,9 +3,9 @@ planning, the shared scratch, one context per shape, low VRAM, and TensorRT-RTX'
 import pytest
 import torch
 
-from kontext_trt.engines import trt_api
-from kontext_trt.runtime import trt_io, trt_pool, trt_stages as ts
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.core.errors import KontextError
+from kontext_trt.engines import trt_api, trt_io, trt_pool
+from kontext_trt.engines import trt_stages as ts
 
 pytest.importorskip("tensorrt_rtx")
 API = trt_api.load_api("tensorrt-rtx")

@@ -1,8 +1,8 @@
 """Safety checkers: NudeNet passes a benign image; --safety-checker specs load, warn or fail in one line."""
 import pytest
 
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.core import image as im
+from kontext_trt.core.errors import KontextError
 from kontext_trt.safety import checker as ck
 
 

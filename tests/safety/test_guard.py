@@ -5,10 +5,11 @@ import json
 import pytest
 from PIL import Image
 
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime.cli import main
+from kontext_trt.assemble import build_pipeline
+from kontext_trt.cli.main import main
+from kontext_trt.core import image as im
+from kontext_trt.core.specs import LoadSpec
 from kontext_trt.runtime.flow import EditRequest
-from kontext_trt.runtime.pipeline import load_kontext
 from kontext_trt.safety import guard
 from kontext_trt.safety.checker import ContentFlagged, load_checker
 
@@ -26,7 +27,7 @@ def edit_argv(model, sample, out, *extra):
 
 
 def test_flagged_input_refused_before_any_stage(tiny_ckpt, fake_checkers):
-    k = load_kontext(tiny_ckpt, dtype="fp32")
+    k = build_pipeline(LoadSpec(tiny_ckpt, dtype="fp32"))
     policy = guard.OutputPolicy(load_checker(f"{fake_checkers}:FlagEverything"), "flag-everything")
     req = EditRequest(prompts=["x"], image=im.sample_image(96, 64), steps=1, auto_resize=False)
     with pytest.raises(ContentFlagged, match=r"input image flagged by the safety checker \(TEST_LABEL\)") as info:
@@ -36,7 +37,7 @@ def test_flagged_input_refused_before_any_stage(tiny_ckpt, fake_checkers):
 
 
 def test_flagged_output_raises_with_verdicts(tiny_ckpt, fake_checkers):
-    k = load_kontext(tiny_ckpt, dtype="fp32")
+    k = build_pipeline(LoadSpec(tiny_ckpt, dtype="fp32"))
     policy = guard.OutputPolicy(load_checker(f"{fake_checkers}:FlagOutputs"), "flag-outputs")
     req = EditRequest(prompts=["a", "b"], image=im.sample_image(96, 64), steps=1, auto_resize=False)
     with pytest.raises(ContentFlagged, match="output flagged") as info:

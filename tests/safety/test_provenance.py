@@ -5,9 +5,9 @@ from importlib.metadata import version
 import c2pa
 import pytest
 
-from kontext_trt.runtime import image as im
-from kontext_trt.runtime.cli import main
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.cli.main import main
+from kontext_trt.core import image as im
+from kontext_trt.core.errors import KontextError
 from kontext_trt.safety.provenance import TRAINED_ALGORITHMIC_MEDIA, C2paCredentials, read_c2pa_manifest
 
 

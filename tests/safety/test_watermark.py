@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from kontext_trt.runtime import image as im
+from kontext_trt.core import image as im
 from kontext_trt.safety import watermark as wm
 
 

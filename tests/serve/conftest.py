@@ -47,7 +47,7 @@ class ServerProcess:
     def __init__(self, *args: str, env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "kontext_trt.runtime.cli", "serve", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "kontext_trt.cli.main", "serve", "--host", "127.0.0.1",
                "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
@@ -107,9 +107,10 @@ class FaultyTransformer:
 
 @pytest.fixture(scope="package")
 def tiny_pipeline(tiny_ckpt):
-    from kontext_trt.runtime.pipeline import load_kontext
+    from kontext_trt.assemble import build_pipeline
+    from kontext_trt.core.specs import LoadSpec
 
-    return load_kontext(tiny_ckpt, dtype="fp32")
+    return build_pipeline(LoadSpec(tiny_ckpt, dtype="fp32"))
 
 
 @contextmanager
@@ -121,6 +122,7 @@ def app_in_thread(k, wrap: dict, max_batch: int = 4, max_queue: int = 64, window
 
     import uvicorn
 
+    from kontext_trt.core.specs import parse_cache
     from kontext_trt.serve.app import Settings, create_app
     from kontext_trt.serve.batcher import MicroBatcher
     from kontext_trt.serve.metrics import Metrics
@@ -138,7 +140,7 @@ def app_in_thread(k, wrap: dict, max_batch: int = 4, max_queue: int = 64, window
         await batcher.stop()
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(batcher, metrics, Settings(timeout_s, cache), lifespan),
+    server = uvicorn.Server(uvicorn.Config(create_app(batcher, metrics, Settings(timeout_s, parse_cache(cache)), lifespan),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -153,8 +155,7 @@ def app_in_thread(k, wrap: dict, max_batch: int = 4, max_queue: int = 64, window
 
 @pytest.fixture
 def sample_png(tmp_path) -> Path:
-    from kontext_trt.runtime import image as im
-
+    from kontext_trt.core import image as im
     path = tmp_path / "in.png"
     im.sample_image(96, 64).save(path)
     return path

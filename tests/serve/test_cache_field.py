@@ -1,13 +1,14 @@
 """The per-request step-cache field of the serving API: parsed into EditRequest.cache, refused in one 400 line."""
 import pytest
 
+from kontext_trt.core.specs import CacheSpec
 from kontext_trt.serve import openai_api
 
 
 def test_cache_field_becomes_the_request_cache():
     req = openai_api.parse_request({"prompt": "add a moon", "cache": "FBCache:0.2"}, None)
-    assert req.cache == "fbcache:0.2"
-    assert openai_api.parse_request({"prompt": "add a moon"}, None).cache == "off"
+    assert req.cache == CacheSpec("fbcache", 0.2)
+    assert openai_api.parse_request({"prompt": "add a moon"}, None).cache == CacheSpec()
 
 
 def test_bad_cache_field_is_a_400_naming_it():
@@ -42,7 +43,7 @@ def test_server_cache_is_the_default_of_requests_without_one(tiny_pipeline):
 
 
 def test_serve_refuses_a_bad_cache_spec_in_one_line(capsys):
-    from kontext_trt.runtime.cli import main
+    from kontext_trt.cli.main import main
 
     assert main(["serve", "--cache", "fbcache:lots"]) == 2
     err = capsys.readouterr().err

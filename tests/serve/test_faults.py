@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import httpx
-
 from conftest import FaultyTransformer, SlowStage, app_in_thread, server_process
 
 from kontext_trt.safety.guard import OutputPolicy

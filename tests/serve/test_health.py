@@ -7,10 +7,9 @@ import time
 
 import httpx
 import uvicorn
-
 from conftest import free_port, wait_healthy
 
-from kontext_trt.runtime import image as im
+from kontext_trt.core import image as im
 from kontext_trt.runtime.flow import EditRequest
 from kontext_trt.safety.guard import OutputPolicy
 from kontext_trt.serve.app import Settings, create_app

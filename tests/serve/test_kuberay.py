@@ -16,7 +16,7 @@ def test_rayservice_example_is_consistent():
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    from kontext_trt.runtime.cli import build_parser
+    from kontext_trt.cli.main import build_parser
     from kontext_trt.serve.ray_app import KontextDeployment
 
     spec = yaml.safe_load(EXAMPLE.read_text())

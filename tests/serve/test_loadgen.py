@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from kontext_trt.runtime.cli import main
+from kontext_trt.cli.main import main
 
 
 def test_bench_serve_writes_bench_results(served, tmp_path, capsys):

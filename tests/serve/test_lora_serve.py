@@ -1,8 +1,8 @@
 """serve --lora-dir: a request picks a LoRA set by name; batches group by set and swap between batches (/metrics)."""
 from __future__ import annotations
 
-import io
 import base64
+import io
 import re
 
 import httpx
@@ -13,7 +13,7 @@ from conftest import server_process
 from PIL import Image
 from safetensors.torch import save_file
 
-from kontext_trt.runtime.cli import main
+from kontext_trt.cli.main import main
 
 EDIT = {"prompt": "add a moon", "steps": "2", "auto_resize": "false", "seed": "4"}
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kontext_trt.runtime.cli import main
+from kontext_trt.cli.main import main
 
 EDIT = {"prompt": "add a moon", "steps": "2", "auto_resize": "false"}
 

@@ -9,9 +9,8 @@ import time
 
 import httpx
 import numpy as np
-from PIL import Image
-
 from conftest import ServerProcess, wait_healthy
+from PIL import Image
 
 
 def test_two_cpu_replicas_serve_the_same_app(tiny_ckpt, sample_png):

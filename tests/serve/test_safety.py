@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from kontext_trt.runtime import image as im
+from kontext_trt.core import image as im
 from kontext_trt.safety import watermark
 from kontext_trt.safety.guard import OutputPolicy
 from kontext_trt.safety.provenance import C2paCredentials

@@ -14,9 +14,9 @@ from diffusers.loaders.single_file_utils import (
 from PIL import Image
 from transformers import CLIPTokenizer, T5TokenizerFast
 
-from kontext_trt.runtime.bfl_keys import transformer_to_bfl, vae_to_ldm
-from kontext_trt.runtime.checkpoint import read_safetensors
-from kontext_trt.runtime.errors import KontextError
+from kontext_trt.core.bfl_keys import transformer_to_bfl, vae_to_ldm
+from kontext_trt.core.checkpoint import read_safetensors
+from kontext_trt.core.errors import KontextError
 from kontext_trt.synth import write_synthetic_checkpoint
 
 TEXT_FILES = {

@@ -1,0 +1,188 @@
+"""Subcommands of the runtime: synth, edit, demo."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kontext_trt.cli.safety import add_output_arguments, output_policy
+from kontext_trt.core.errors import KontextError, arg_type
+from kontext_trt.core.specs import CacheSpec, LoadSpec, parse_budget, parse_cache, parse_lora
+
+if TYPE_CHECKING:
+    from kontext_trt.runtime.flow import EditRequest, Kontext
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register synth, edit and demo."""
+    p = sub.add_parser("synth", help="write a synthetic checkpoint in the real HF (or BFL) layout")
+    p.add_argument("out", type=Path)
+    p.add_argument("--preset", choices=("tiny", "slim"), default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", dest="fmt", choices=("diffusers", "bfl"), default="diffusers")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=run_synth)
+
+    p = sub.add_parser("edit", help="edit an image (or generate from text alone) with a prompt")
+    add_model_arguments(p)
+    p.add_argument("--image", type=Path, help="input image; omit for text-to-image")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch on one image")
+    p.add_argument("--out", type=Path, required=True, help="output PNG (batch: OUT-0.png, OUT-1.png, ...)")
+    add_sampling_arguments(p)
+    add_output_arguments(p)
+    p.set_defaults(func=run_edit)
+
+    p = sub.add_parser("demo", help="synthesize the tiny checkpoint and edit a drawn sample image")
+    p.add_argument("--out", type=Path, default=Path("out/demo"))
+    p.add_argument("--steps", type=int, default=28)
+    add_output_arguments(p)
+    p.set_defaults(func=run_demo)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model/--backend/--onnx/--dtype/--device and the TensorRT options (--engines, memory modes, graphs)."""
+    p.add_argument("--model", type=Path, help="checkpoint folder (diffusers layout or BFL single files)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    p.add_argument("--onnx", type=Path, help="export folder (kontext-trt export) for --backend onnxruntime")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="torch backend weights and compute")
+    add_device_argument(p)
+    p.add_argument("--engines", type=Path, help="engine cache (kontext-trt build): run this GPU's TensorRT engines")
+    add_engine_selection(p)
+    p.add_argument("--low-vram", action="store_true", help="with --engines: one engine on the GPU at a time")
+    p.add_argument("--weight-streaming-budget", type=arg_type(parse_budget), metavar="BYTES",
+                   help="with --engines: keep this much of the transformer's weights on the GPU (e.g. 8GiB, or auto) "
+                        "and stream the rest from host memory; needs engines built with --weight-streaming")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the transformer step as a CUDA graph (GPU only)")
+    add_lora_argument(p)
+
+
+def add_lora_argument(p: argparse.ArgumentParser) -> None:
+    """--lora PATH[:SCALE], repeatable: transformer LoRAs fused into the weights (runtime.lora)."""
+    p.add_argument("--lora", action="append", type=parse_lora, default=[], metavar="PATH[:SCALE]",
+                   help="a transformer LoRA (safetensors file, or a folder holding one; diffusers/PEFT, kohya, "
+                        "ai-toolkit keys) with its scale (default 1.0); repeat for several")
+
+
+def add_engine_selection(p: argparse.ArgumentParser) -> None:
+    """--precision and --sku: which engine set of the --engines cache runs."""
+    from kontext_trt.core.onnx_dir import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, help="with --engines: the engine set's precision (default: the "
+                   "only one built for this GPU)")
+    p.add_argument("--sku", default="auto", help="with --engines: the SKU whose engines run (default: this GPU's, "
+                   "from NVML); another SKU of the same architecture, e.g. h100-sxm engines on an H100 NVL")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """Sampling options shared by edit and demo."""
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=2.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--no-auto-resize", dest="auto_resize", action="store_false")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--true-cfg", type=float, default=1.0, help="> 1 with --negative-prompt enables true CFG")
+    add_cache_argument(p, "step cache")
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """--device, with the one default (runtime.checks.pick_device, resolved by the CLI before the command runs)."""
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
+
+
+def add_cache_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """--cache SPEC (edit: this edit's step cache; serve: the default of requests without a `cache` field)."""
+    p.add_argument("--cache", default=CacheSpec(), type=arg_type(parse_cache), metavar="SPEC", help=f"{what}: off, fbcache:T "
+                   "(First-Block Cache, FLUX default 0.12) or teacache:T (0.25/0.4/0.6); with --engines it loads the "
+                   "split transformer (export and build --stages transformer_head,transformer_body,transformer_tail)")
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    """kontext-trt synth."""
+    from kontext_trt.synth import write_synthetic_checkpoint
+
+    out = write_synthetic_checkpoint(args.out, preset=args.preset, seed=args.seed, fmt=args.fmt, force=args.force)
+    print(out)
+    return 0
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    """kontext-trt edit: the Python API's KontextPipeline.run on the request the flags describe."""
+    from kontext_trt.core import checks, image
+    from kontext_trt.pipeline import KontextPipeline
+    from kontext_trt.runtime import flow
+
+    checks.check_output_file(args.out)
+    checks.check_device(args.device)
+    request = flow.EditRequest(
+        prompts=args.prompt, image=image.load_image(args.image) if args.image else None,
+        width=args.width, height=args.height, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        auto_resize=args.auto_resize, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, cache=args.cache)
+    flow.check_request(request)
+    policy = output_policy(args, args.device)
+    pipe = KontextPipeline(load_edit_pipeline(args, request), policy)
+    k = pipe.kontext
+    start = time.perf_counter()
+    result = pipe.run(request)
+    for path in pipe.save(result, args.out):
+        print(path)
+    print(f"{result.width}x{result.height}, {args.steps} steps in {time.perf_counter() - start:.2f}s")
+    cache = result.metadata["cache"]
+    if cache["spec"] != "off":
+        print(f"cache {cache['spec']}: {cache['steps_computed']} steps computed, {cache['steps_skipped']} skipped")
+    print(k.times.table())
+    if args.engines is not None:
+        from kontext_trt.engines.trt_stages import memory_summary
+
+        print(memory_summary(k.stages))
+    return 0
+
+
+def load_spec(args: argparse.Namespace) -> LoadSpec:
+    """The LoadSpec of parsed --model/--backend/--onnx/--engines/... flags (edit, serve and bench take the same)."""
+    return LoadSpec(args.model, backend=args.backend, dtype=args.dtype, device=args.device, onnx=args.onnx,
+                    engines=args.engines, precision=args.precision, sku=args.sku, low_vram=args.low_vram,
+                    weight_budget=args.weight_streaming_budget, cuda_graphs=args.cuda_graphs, loras=tuple(args.lora),
+                    cache=args.cache)
+
+
+def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontext:
+    """The pipeline `edit` runs on: a checkpoint, an export folder, or the engines for this GPU and this request."""
+    from kontext_trt.assemble import build_pipeline, request_geometry
+
+    return build_pipeline(load_spec(args), request_geometry(request) if args.engines is not None else None)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """kontext-trt demo: synth tiny (once), draw a sample image, edit it, print where the PNG went."""
+    from kontext_trt.assemble import build_pipeline
+    from kontext_trt.core import checks, image
+    from kontext_trt.core.timing import progress
+    from kontext_trt.pipeline import KontextPipeline
+    from kontext_trt.runtime import flow
+    from kontext_trt.synth import write_synthetic_checkpoint
+
+    checks.check_output_folder(args.out)
+    if args.steps < 1:
+        raise KontextError(f"--steps {args.steps}: the demo needs at least 1 step")
+    args.out.mkdir(parents=True, exist_ok=True)
+    policy = output_policy(args)
+    model = args.out / "tiny-checkpoint"
+    if not (model / "model_index.json").exists():
+        with progress(f"writing the synthetic tiny checkpoint to {model}"):
+            write_synthetic_checkpoint(model, preset="tiny", seed=0, force=True)
+    source = args.out / "input.png"
+    image.sample_image(512, 384).save(source)
+    with progress("loading the checkpoint (torch backend, fp32, cpu)"):
+        pipe = KontextPipeline(build_pipeline(LoadSpec(model, backend="torch", dtype="fp32", device="cpu")), policy)
+    # The input keeps its own 512x384 size (auto-resize off) so the CPU demo takes seconds, not minutes.
+    request = flow.EditRequest(prompts=["make the house blue and add snow on the roof"],
+                               image=image.load_image(source), steps=args.steps, auto_resize=False)
+    with progress(f"editing {source} ({args.steps} steps, 512x384, auto-resize off)"):
+        result = pipe.run(request)
+    out = pipe.save(result, args.out / "edited.png")[0]
+    print(f"input  {source}\noutput {out} ({result.width}x{result.height})")
+    print(pipe.kontext.times.table())
+    return 0

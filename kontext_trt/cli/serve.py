@@ -1,0 +1,132 @@
+"""`kontext-trt serve`: the OpenAI-compatible edit server, in one process (uvicorn) or on Ray Serve (--ray)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+from pathlib import Path
+
+from kontext_trt.cli.edit import load_spec
+from kontext_trt.cli.safety import output_spec
+from kontext_trt.core.errors import KontextError
+from kontext_trt.serve.server import DEFAULT_MAX_BATCH, ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register serve."""
+    from kontext_trt.cli.edit import add_cache_argument, add_model_arguments
+    from kontext_trt.cli.safety import add_output_arguments
+
+    p = sub.add_parser("serve", help="serve edits over HTTP (OpenAI Images API), micro-batched; --ray for Ray Serve")
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=positive, help=f"images per batch (default: the engine profile's largest "
+                   f"batch with --engines, else {DEFAULT_MAX_BATCH})")
+    p.add_argument("--max-queue", type=positive, default=64, help="queued requests beyond which new ones get 429")
+    p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long the first request of a batch waits "
+                   "for others of its size and steps")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take before it gets 504")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight "
+                   "requests before exiting")
+    add_cache_argument(p, "the step cache of requests without a `cache` field")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--lora-dir", type=Path, help="folder of named LoRAs (NAME.safetensors or NAME/) a request picks "
+                   "with its `lora` field (NAME[:SCALE],...); batches group by LoRA set and swap between batches")
+    add_ray_arguments(p)
+    add_output_arguments(p)
+    p.set_defaults(func=run_serve)
+
+
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    """--ray and its scale-out options."""
+    g = p.add_argument_group("Ray Serve (scale-out over GPUs and nodes)")
+    g.add_argument("--ray", action="store_true", help="serve the same app as a Ray Serve deployment")
+    g.add_argument("--replicas", type=positive, help="fixed number of replicas (default 1)")
+    g.add_argument("--autoscale", type=parse_autoscale, metavar="MIN:MAX", help="autoscale replicas on load")
+    g.add_argument("--gpus-per-replica", type=float, default=1.0, help="GPUs each replica holds where the cluster "
+                   "has GPUs (none on a CPU-only cluster)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0)
+    g.add_argument("--address", help="join an existing Ray cluster (e.g. auto, or ray://head:10001); default: start "
+                   "a local one")
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """argparse type: 'MIN:MAX' replicas -> (MIN, MAX) with 0 <= MIN <= MAX and MAX >= 1."""
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--autoscale takes MIN:MAX replicas, like 1:4, got {text!r}") from None
+    if not 0 <= low <= high or high < 1:
+        raise argparse.ArgumentTypeError(f"--autoscale {text}: need 0 <= MIN <= MAX and MAX >= 1")
+    return low, high
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse what cannot be served, with one line, before anything loads."""
+    if args.model is None and args.onnx is None and args.engines is None:
+        raise KontextError("serve needs a model: pass --model CHECKPOINT_DIR (or --onnx EXPORT_DIR with --backend "
+                           "onnxruntime, or --engines DIR); `kontext-trt synth DIR` writes a test checkpoint",
+                           param="model", code="missing_argument")
+    if args.timeout <= 0 or args.drain_timeout < 0 or args.batch_window_ms < 0:
+        raise KontextError("--timeout must be positive and --batch-window-ms and --drain-timeout not negative",
+                           param="timeout", code="out_of_range")
+    if not 0 <= args.port <= 65535:
+        raise KontextError(f"--port {args.port} is not a TCP port: use 0..65535 (0: any free port)", param="port",
+                           code="out_of_range")
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise KontextError(f"--lora-dir {args.lora_dir} is not a folder: pass the folder of NAME.safetensors LoRAs",
+                           param="lora_dir", code="not_found")
+    if args.model is not None and not Path(args.model).exists():
+        raise KontextError(f"--model {args.model} does not exist: pass a checkpoint folder", param="model",
+                           code="not_found")
+    if args.replicas is not None and args.autoscale:
+        raise KontextError("give --replicas N or --autoscale MIN:MAX, not both", param="replicas")
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig of parsed serve flags, checked."""
+    check_arguments(args)
+    return ServeConfig(load_spec(args), output_spec(args), host=args.host, port=args.port, max_batch=args.max_batch,
+                       max_queue=args.max_queue, batch_window_ms=args.batch_window_ms, timeout=args.timeout,
+                       drain_timeout=args.drain_timeout, log_level=args.log_level, lora_dir=args.lora_dir,
+                       replicas=args.replicas or 1, autoscale=args.autoscale, gpus_per_replica=args.gpus_per_replica,
+                       cpus_per_replica=args.cpus_per_replica, address=args.address)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """kontext-trt serve."""
+    config = serve_config(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)  # --log-level rules the server (over -v/--quiet)
+    if args.ray:
+        from kontext_trt.serve.ray_app import run_ray
+
+        return run_ray(config)
+    from kontext_trt.serve.server import run_local
+
+    return run_local(config)
+
+
+def app_builder(config: dict):
+    """The Ray Serve config entry point (serveConfigV2 in a KubeRay RayService, or `serve run`): config["flags"] holds
+    `kontext-trt serve` flags, e.g. "--engines /cache/engines --max-batch 4"; the config's `deployments` section may
+    override replicas and resources."""
+    from kontext_trt.cli.main import build_parser
+    from kontext_trt.serve.ray_app import deployment
+
+    args = build_parser().parse_args(["serve", "--ray", *shlex.split(config.get("flags", ""))])
+    return deployment(serve_config(args))

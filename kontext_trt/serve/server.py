@@ -1,0 +1,134 @@
+"""What a server runs, as one typed value (ServeConfig, parsed from the CLI's flags by cli/serve.py), and the
+single-process server: uvicorn, the micro-batcher, the model on one thread; SIGTERM drains, then exits 0."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.specs import LoadSpec, SafetySpec
+
+if TYPE_CHECKING:  # the CLI reads this module to build its parser: torch and the pipeline load on first use
+    from kontext_trt.runtime.flow import EditRequest, Kontext
+    from kontext_trt.serve.service import EditService
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_BATCH = 4
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `kontext-trt serve` decided before starting: what to load, what leaves, how requests queue, and
+    (--ray) how replicas scale."""
+
+    load: LoadSpec
+    safety: SafetySpec = field(default_factory=SafetySpec)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int | None = None  # None: the engine profile's largest batch with engines, else DEFAULT_MAX_BATCH
+    max_queue: int = 64
+    batch_window_ms: float = 5.0
+    timeout: float = 300.0
+    drain_timeout: float = 30.0
+    log_level: str = "info"
+    lora_dir: Path | None = None
+    replicas: int = 1  # Ray: fixed replicas, unless autoscale
+    autoscale: tuple[int, int] | None = None
+    gpus_per_replica: float = 1.0
+    cpus_per_replica: float = 1.0
+    address: str | None = None
+
+    def service(self) -> EditService:
+        """The model behind the server (loaded and warmed by EditService.load, on the model thread)."""
+        from kontext_trt.assemble import build_pipeline
+        from kontext_trt.safety.guard import OutputPolicy
+        from kontext_trt.serve.service import EditService
+
+        policy = OutputPolicy.from_options(self.safety.checker, self.safety.c2pa_cert, self.safety.c2pa_key,
+                                           self.load.device)
+        return EditService(lambda: build_pipeline(self.load), warm_request, policy=policy, lora_dir=self.lora_dir,
+                           default_loras=list(self.load.loras))
+
+    def batch_size(self, k: Kontext) -> int:
+        """Images per batch: --max-batch, else the engine profile's largest batch, else DEFAULT_MAX_BATCH."""
+        return self.max_batch or engine_max_batch(k) or DEFAULT_MAX_BATCH
+
+
+def warm_request(k: Kontext) -> EditRequest:
+    """The warm-up request: one step at the engine set's own size with engines, else a 64x64 edit."""
+    from kontext_trt.core import image as im
+    from kontext_trt.runtime.flow import EditRequest
+    from kontext_trt.serve.service import small_edit
+
+    if not k.info.backend.startswith("tensorrt"):
+        return small_edit(k)
+    from kontext_trt.engines.select import default_geometry
+
+    g = default_geometry(Path(k.info.source))
+    image = None if g.context is None else im.sample_image(*g.context)
+    return EditRequest(prompts=["warm up"] * g.batch, image=image, width=g.width, height=g.height, steps=1,
+                       auto_resize=False)
+
+
+def engine_max_batch(k: Kontext) -> int | None:
+    """The largest batch of the engine profile the pipeline runs, if it runs engines."""
+    if not k.info.backend.startswith("tensorrt"):
+        return None
+    from kontext_trt.engines import cache, profiles
+
+    build = (cache.read_engine_manifest(Path(k.info.source)) or {}).get("build", {})
+    return profiles.parse_batch(build.get("batch", "1"))[1]
+
+
+def run_local(config: ServeConfig) -> int:
+    """One process: uvicorn, the micro-batcher, the model on one thread. SIGTERM drains, then exits 0."""
+    import uvicorn
+
+    from kontext_trt.serve.app import Settings, create_app
+    from kontext_trt.serve.batcher import MicroBatcher
+    from kontext_trt.serve.metrics import Metrics
+
+    service = config.service()
+    metrics = Metrics()
+    batcher = MicroBatcher(service, metrics, config.max_batch or DEFAULT_MAX_BATCH, config.max_queue,
+                           config.batch_window_ms / 1e3)
+    failure: list[BaseException] = []
+
+    async def lifespan(app):
+        batcher.start()
+        loading = asyncio.get_running_loop().run_in_executor(batcher.model_thread, service.load)
+        loading.add_done_callback(lambda done: loaded(done.exception()))
+        yield
+        await batcher.stop()
+
+    def loaded(exc: BaseException | None) -> None:
+        if exc is not None:
+            failure.append(exc)
+            server.should_exit = True
+            return
+        batcher.max_batch = config.batch_size(service.k)
+        log.info("ready: serving on http://%s:%d (max batch %d)", config.host, server_port(server), batcher.max_batch)
+
+    app = create_app(batcher, metrics, Settings(config.timeout, config.load.cache), lifespan)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                           timeout_graceful_shutdown=config.drain_timeout, access_log=False))
+    # uvicorn re-raises the signal it drained on; a handler that ignores SIGTERM makes that a clean exit 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+    if failure:
+        if isinstance(failure[0], KontextError):
+            raise failure[0]
+        raise KontextError(f"the model failed to load: {failure[0].__class__.__name__}: {failure[0]}")
+    return 0
+
+
+def server_port(server) -> int:
+    """The port uvicorn listens on (the one picked for --port 0)."""
+    for s in getattr(server, "servers", []):
+        for sock in s.sockets:
+            return sock.getsockname()[1]
+    return server.config.port

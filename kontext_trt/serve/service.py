@@ -1,0 +1,160 @@
+"""The model behind the server: one pipeline, the session's prompt and input-latent caches, batches and warm-up."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kontext_trt.core import image as im
+from kontext_trt.core.errors import KontextError
+from kontext_trt.core.specs import parse_lora
+from kontext_trt.core.timing import StageTimes
+from kontext_trt.runtime import flow
+from kontext_trt.runtime.flow import EditRequest, EditResult, Kontext
+from kontext_trt.runtime.session import EditSession
+from kontext_trt.safety import guard
+from kontext_trt.safety.checker import ContentFlagged
+
+log = logging.getLogger(__name__)
+
+
+def small_edit(k: Kontext) -> EditRequest:
+    """The warm-up request of the torch and ONNX Runtime backends: one step on a 64x64 image."""
+    return EditRequest(prompts=["warm up"], image=im.sample_image(64, 64), steps=1, auto_resize=False)
+
+
+def lora_set(lora_dir: Path | None, text: str) -> list[tuple[Path, float]]:
+    """A request's `lora` value, NAME[:SCALE],..., as (file or folder in lora_dir, scale) pairs."""
+    if lora_dir is None:
+        raise KontextError("lora: this server has no LoRAs: start it with --lora-dir DIR to serve named LoRAs")
+    loras = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, scale = parse_lora(item)
+        if name.name != str(name) or name.name.startswith("."):
+            raise KontextError(f"lora: {str(name)!r} is not a LoRA name: use a name of {available(lora_dir)}")
+        path = next((p for p in (lora_dir / f"{name}.safetensors", lora_dir / str(name)) if p.exists()), None)
+        if path is None:
+            raise KontextError(f"lora: no LoRA named {str(name)!r}: this server has {available(lora_dir)}")
+        loras.append((path, scale))
+    return loras
+
+
+def available(lora_dir: Path) -> str:
+    """The LoRA names of a --lora-dir, for error messages."""
+    names = sorted(p.stem if p.is_file() else p.name for p in lora_dir.iterdir()
+                   if (p.is_file() and p.suffix == ".safetensors") or p.is_dir())
+    return ", ".join(names) or "none"
+
+
+@dataclass
+class Served:
+    """A request's result and how it was served: its batch's size, its wait in the queue, the batch's stage seconds."""
+
+    result: EditResult
+    batch_images: int
+    queue_s: float
+    stage_seconds: dict[str, float]
+
+    def server_timing(self) -> str:
+        """A Server-Timing header value (milliseconds), which browsers' devtools and the page show."""
+        parts = [f"queue;dur={1e3 * self.queue_s:.1f}"]
+        parts += [f"{stage};dur={1e3 * seconds:.1f}" for stage, seconds in self.stage_seconds.items()]
+        return ", ".join(parts)
+
+
+@dataclass
+class BatchRun:
+    """What one batch returned: a result or an exception per request, its stage seconds and wall time."""
+
+    outcomes: list[EditResult | BaseException]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    lora_swaps: int = 0
+
+
+class EditService:
+    """Loads the pipeline once, then runs batches of requests (one at a time: call from one thread)."""
+
+    def __init__(self, load: Callable[[], Kontext], warm_request: Callable[[Kontext], EditRequest] = small_edit,
+                 cache_size: int = 64, policy: guard.OutputPolicy | None = None, lora_dir: Path | None = None,
+                 default_loras: list[tuple[Path, float]] = ()) -> None:
+        self.load_pipeline, self.warm_request, self.cache_size = load, warm_request, cache_size
+        self.lora_dir, self.default_loras = lora_dir, list(default_loras)  # the --lora set serves requests without one
+        self.lora: str | None = None  # the request `lora` whose set the transformer holds now (None: the default)
+        self.policy = policy  # None: the default (NudeNet on the pipeline's device, watermark), made at load
+        self.k: Kontext | None = None
+        self.session: EditSession | None = None
+        self.ready = False
+
+    def load(self) -> None:
+        """Load the pipeline and run one edit so the first request pays no first-call costs; then ready."""
+        start = time.perf_counter()
+        self.k = self.load_pipeline()
+        if self.policy is None:
+            self.policy = guard.OutputPolicy.from_options(device=self.k.device)
+        self.session = EditSession(self.k, cache_size=self.cache_size)
+        failed = self.run([self.warm_request(self.k)]).outcomes[0]
+        if isinstance(failed, BaseException):
+            raise failed
+        self.ready = True
+        log.info("model loaded and warmed in %.2fs (%s)", time.perf_counter() - start, self.k.info)
+
+    def run(self, reqs: list[EditRequest]) -> BatchRun:
+        """Run requests sharing a batch key as one batch; should the batch fail, each request runs alone so one bad
+        request cannot fail its batch-mates."""
+        start = time.perf_counter()
+        self.k.reset_times()
+        try:
+            swaps = self.use_loras(reqs[0].lora)  # one LoRA set per batch: it is part of the batch key
+        except Exception as exc:  # noqa: BLE001 - a bad LoRA name fails its batch, the server and its set stay
+            return BatchRun([exc] * len(reqs), {}, time.perf_counter() - start)
+        try:
+            outcomes = self.run_batch(reqs)
+        except Exception as exc:  # noqa: BLE001 - an outcome per request, never a dead server
+            if len(reqs) == 1:
+                outcomes = [exc]
+            else:
+                log.warning("a batch of %d failed (%s); running its requests one by one", len(reqs), exc)
+                outcomes = [self.run_alone(req) for req in reqs]
+        return BatchRun(outcomes, self.k.times.totals(), time.perf_counter() - start, swaps)
+
+    def use_loras(self, lora: str | None) -> int:
+        """Put the transformer on a request's LoRA set (NAME[:SCALE],... of --lora-dir; None: the --lora set);
+        returns 1 if that took a swap."""
+        if lora == self.lora:
+            return 0
+        self.k.set_loras(self.default_loras if lora is None else lora_set(self.lora_dir, lora))
+        self.lora = lora
+        return 1
+
+    def run_alone(self, req: EditRequest) -> EditResult | BaseException:
+        """One request, its failure returned rather than raised."""
+        try:
+            return self.run_batch([req])[0]
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+    def signer(self, result: EditResult) -> Callable[[bytes, str], bytes] | None:
+        """What signs a result's PNGs with the policy's C2PA credentials (None without them); called off the model
+        thread, so its time is not in the batch's stage table."""
+        return guard.signer(self.policy, result, StageTimes())
+
+    def run_batch(self, reqs: list[EditRequest]) -> list[EditResult | ContentFlagged]:
+        """flow.edit_batch through the session's caches (prompt encodings and input latents), between the safety
+        checks: a request with a flagged input reaches no stage, one with a flagged output gets ContentFlagged."""
+        verdicts = guard.input_verdicts(self.policy, reqs, self.k.times)
+        outcomes: list = [ContentFlagged("input image", [v]) if v is not None and v.flagged else None for v in verdicts]
+        todo = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        if not todo:
+            return outcomes
+        run = [reqs[i] for i in todo]
+        prompts = [self.session.prompt(req.prompts) for req in run]
+        contexts = [None if req.image is None else self.session.context(req.image, req.auto_resize) for req in run]
+        for i, result in zip(todo, flow.edit_batch(self.k, run, prompts, contexts)):
+            try:
+                outcomes[i] = guard.finish(self.policy, reqs[i], result, self.k.times, verdicts[i])
+            except ContentFlagged as flagged:
+                outcomes[i] = flagged
+        return outcomes
