@@ -32,7 +32,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/kontext-trt demo --out out/demo
 
+# The floors first (seconds): a wrong import fails before the suite starts.
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 clean:
