@@ -15,6 +15,7 @@ from kontext_trt.core import image as im
 from kontext_trt.core.checks import resolve_device
 from kontext_trt.core.dtypes import DTYPES, TORCH_BACKEND_DTYPES
 from kontext_trt.core.errors import KontextError
+from kontext_trt.core.export_manifest import ExportManifest
 from kontext_trt.core.specs import LoadSpec
 from kontext_trt.core.stages import SPLIT_STAGE_NAMES, STAGE_NAMES, Stage
 from kontext_trt.engines.select import Geometry, select_engines
@@ -69,8 +70,8 @@ def _build_stages(spec: LoadSpec, geometry: Geometry | None) -> Kontext:
                                code="missing_argument")
         return load_onnx(spec.onnx, dev, spec.cuda_graphs)
     if spec.model is None:
-        raise KontextError("no model given: pass --model CHECKPOINT_DIR (or run `kontext-trt synth DIR` for a test one)",
-                           param="model", code="missing_argument")
+        raise KontextError("no model given: pass --model CHECKPOINT_DIR (or run `kontext-trt synth DIR` for a test "
+                           "one)", param="model", code="missing_argument")
     return load_torch(spec.model, spec.dtype, dev, spec.cuda_graphs)
 
 
@@ -112,17 +113,17 @@ def load_onnx(folder: str | Path, device: torch.device, cuda_graphs: bool = Fals
     if manifest is None:
         raise KontextError(f"{folder}: no manifest.json, so not an export folder; "
                            f"run `kontext-trt export --model CHECKPOINT --out {folder}`")
-    missing = [name for name in STAGE_NAMES if name not in manifest["stages"]]
+    missing = [name for name in STAGE_NAMES if name not in manifest.stages]
     if missing:  # before hashing: a user who forgot a stage hears that, not minutes of sha256 first
         raise KontextError(f"{folder}: stage {missing[0]} was not exported; run "
                            f"`kontext-trt export --model CHECKPOINT --out {folder} --stages {missing[0]}`")
     verify_files(folder, manifest)
-    entries = manifest["stages"]
+    entries = manifest.stages
     dtype = ",".join(sorted({entry["dtype"] for entry in entries.values()}))
     precision = entries.get("transformer", {}).get("precision", dtype)
-    info = PipelineInfo("onnxruntime", dtype, precision, manifest["checkpoint"]["fingerprint"][:16], str(folder))
+    info = PipelineInfo("onnxruntime", dtype, precision, manifest.fingerprint[:16], str(folder))
     return assemble(ort_stages(folder, manifest, str(device)), export_tokenizers(folder, manifest),
-                    KontextConfig.from_dict(manifest["kontext"]), device, info, cuda_graphs)
+                    KontextConfig.from_dict(manifest.kontext), device, info, cuda_graphs)
 
 
 def load_engines(engines: Path, precision: str | None = None, sku: str = "auto", geometry: Geometry | None = None,
@@ -157,12 +158,11 @@ def load_engines(engines: Path, precision: str | None = None, sku: str = "auto",
     return assemble(stages, tokenizers, config, device, info, cuda_graphs)
 
 
-def export_tokenizers(folder: Path, manifest: dict) -> Tokenizers:
+def export_tokenizers(folder: Path, manifest: ExportManifest) -> Tokenizers:
     """The CLIP and T5 tokenizers an export folder copied from its checkpoint."""
     from kontext_trt.core.checkpoint import load_tokenizer_folders
 
-    return load_tokenizer_folders(Path(folder) / manifest["tokenizers"]["clip"],
-                                  Path(folder) / manifest["tokenizers"]["t5"])
+    return load_tokenizer_folders(manifest.tokenizer_folder(folder, "clip"), manifest.tokenizer_folder(folder, "t5"))
 
 
 def engine_tokenizers_and_config(manifest: dict, onnx: Path | None,
@@ -174,7 +174,7 @@ def engine_tokenizers_and_config(manifest: dict, onnx: Path | None,
     folder = onnx or manifest.get("onnx", {}).get("dir")
     export = read_export_manifest(Path(folder)) if folder and Path(folder).is_dir() else None
     if export is not None:
-        config = KontextConfig.from_dict(manifest.get("onnx", {}).get("kontext") or export["kontext"])
+        config = KontextConfig.from_dict(manifest.get("onnx", {}).get("kontext") or export.kontext)
         return export_tokenizers(Path(folder), export), config
     if model is None:
         raise KontextError(f"the export folder the engines were built from ({folder}) holds no manifest.json, and "

@@ -26,7 +26,8 @@ def transformer_config(spec: LoadSpec) -> dict | None:
 
 def run_bench(spec: LoadSpec, configs: list[RunConfig], warmup: int, iters: int,
               policy: OutputPolicy | None = None, quality: bool = False) -> dict:
-    """Load the pipeline once (the one builder, assemble.build_pipeline), run every configuration with a progress line each (through the safety policy's checks
+    """Load the pipeline once (assemble.build_pipeline), run every configuration with a progress line each (through the
+    safety policy's checks
     and watermark when given; with `quality`, cached configurations against uncached), and assemble the results."""
     source = spec.engines or spec.onnx or spec.model
     with progress(f"loading {source} ({spec.backend}, {spec.dtype}, {spec.device})"):

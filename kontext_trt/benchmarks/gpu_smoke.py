@@ -48,7 +48,8 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
     ckpt, onnx, engines, streaming = (work / name for name in ("tiny-checkpoint", "onnx", "engines", "engines-ws"))
     if not (ckpt / "model_index.json").exists():
         write_synthetic_checkpoint(ckpt, preset="tiny", seed=0, force=True)
-    if set((read_export_manifest(onnx) or {}).get("stages", {})) != set(STAGE_NAMES):
+    manifest = read_export_manifest(onnx)
+    if manifest is None or set(manifest.stages) != set(STAGE_NAMES):
         export_checkpoint(ckpt, onnx, dtype="fp32", force=True)
     os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")  # strict fp32 kernels, as the comparison assumes
     gpu, why = device.detect_gpu()

@@ -120,7 +120,8 @@ def run_config(k: Kontext, cfg: RunConfig, warmup: int, iters: int, transformer_
         "images_per_s": cfg.batch / float(np.mean(walls)),
         "stages_ms": {name: summarize(calls[name]) for name in (*STAGES, *TRANSFORMER_PARTS) if name in calls},
         "breakdown_ms": breakdown,
-        "roofline": roofline(transformer_config, tokens, cfg.batch, step_s, peak_tflops) if cfg.cache.policy == "off" else None,
+        "roofline": (roofline(transformer_config, tokens, cfg.batch, step_s, peak_tflops)
+                     if cfg.cache.policy == "off" else None),
         "memory": memory_report(k.stages, k.device),
     }
     if quality and cfg.cache.policy != "off":

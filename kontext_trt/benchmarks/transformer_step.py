@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: see the module docstring."""
     p = argparse.ArgumentParser(prog="python -m kontext_trt.benchmarks.transformer_step", description=__doc__)
     p.add_argument("--preset", choices=("full", "slim", "tiny"), default="full")
-    p.add_argument("--size", type=arg_type(parse_sizes), default=[(1024, 1024)], help="target WxH (context the same size)")
+    p.add_argument("--size", type=arg_type(parse_sizes), default=[(1024, 1024)],
+                   help="target WxH (context the same size)")
     p.add_argument("--no-context", dest="context", action="store_false", help="text-to-image: no context tokens")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=TORCH_BACKEND_DTYPES, default="bf16")

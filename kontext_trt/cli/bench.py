@@ -37,7 +37,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, help="checkpoint folder; with --onnx or --engines it still gives the FLOP "
                    "model its transformer config (no roofline figures without it)")
     p.add_argument("--onnx", type=Path, help="exported ONNX folder, for --backend onnxruntime")
-    p.add_argument("--sizes", type=arg_type(parse_sizes), default=[(1024, 1024)], help="output sizes WxH, comma-separated; "
+    p.add_argument("--sizes", type=arg_type(parse_sizes), default=[(1024, 1024)],
+                   help="output sizes WxH, comma-separated; "
                    "the input image has the same size")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--batch", type=int_list, default=[1], help="batch sizes, comma-separated")
@@ -63,7 +64,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int_list, default=[1, 4, 16], help="concurrent clients, comma-separated")
     p.add_argument("--requests", type=int, default=32, help="edits per concurrency level")
     p.add_argument("--warmup", type=int, default=2, help="edits before the first level, not counted")
-    p.add_argument("--size", type=arg_type(parse_sizes), default=[(512, 512)], help="WxH of the input image and the output")
+    p.add_argument("--size", type=arg_type(parse_sizes), default=[(512, 512)],
+                   help="WxH of the input image and the output")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--max-seconds", type=float, default=600.0, help="per level: no request starts after this")
     p.add_argument("--out", type=Path, default=Path("out/bench-serve"))

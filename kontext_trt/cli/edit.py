@@ -94,7 +94,8 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
 
 def add_cache_argument(p: argparse.ArgumentParser, what: str) -> None:
     """--cache SPEC (edit: this edit's step cache; serve: the default of requests without a `cache` field)."""
-    p.add_argument("--cache", default=CacheSpec(), type=arg_type(parse_cache), metavar="SPEC", help=f"{what}: off, fbcache:T "
+    p.add_argument("--cache", default=CacheSpec(), type=arg_type(parse_cache), metavar="SPEC",
+                   help=f"{what}: off, fbcache:T "
                    "(First-Block Cache, FLUX default 0.12) or teacache:T (0.25/0.4/0.6); with --engines it loads the "
                    "split transformer (export and build --stages transformer_head,transformer_body,transformer_tail)")
 

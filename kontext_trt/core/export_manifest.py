@@ -27,57 +27,100 @@ Fields (plain JSON; every path is relative to DIR):
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from kontext_trt.core import files
 from kontext_trt.core.errors import KontextError
-from kontext_trt.core.stages import DimRange, eval_dim
+from kontext_trt.core.stages import STAGE_IO, DimRange, eval_dim
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZERS = {"clip": "tokenizer", "t5": "tokenizer_2"}
 TOOLS = ("torch", "onnx", "onnxslim", "diffusers", "transformers", "kontext-trt")
+FIX = "re-export with `kontext-trt export --force` (or delete manifest.json to scan the graphs)"
 
 
-def read_export_manifest(folder: Path) -> dict | None:
-    """The manifest of an export folder, None if there is none; a KontextError if it is unreadable."""
-    return files.read_json(Path(folder) / MANIFEST, FORMAT_VERSION, "re-export with `kontext-trt export --force`")
+@dataclass
+class ExportManifest:
+    """DIR/manifest.json as a value: the fields above, `stages` holding one entry per stage exported so far."""
+
+    checkpoint: dict[str, str]  # {"path", "fingerprint"}
+    kontext: dict  # KontextConfig.to_dict()
+    tokenizers: dict[str, str] = field(default_factory=lambda: dict(TOKENIZERS))
+    tools: dict[str, str] = field(default_factory=dict)
+    stages: dict[str, dict] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def fingerprint(self) -> str:
+        """The exported checkpoint's fingerprint."""
+        return self.checkpoint["fingerprint"]
+
+    def tokenizer_folder(self, folder: Path, which: str) -> Path:
+        """Where the copied `clip` or `t5` tokenizer lies in the export folder."""
+        return Path(folder) / self.tokenizers[which]
+
+    def to_json(self) -> dict:
+        """The JSON object written to manifest.json."""
+        return {"format_version": self.format_version, "checkpoint": self.checkpoint, "kontext": self.kontext,
+                "tokenizers": self.tokenizers, "tools": self.tools, "stages": self.stages}
 
 
-def write_manifest(folder: Path, manifest: dict) -> Path:
+def read_export_manifest(folder: Path) -> ExportManifest | None:
+    """The one reader of an export folder's manifest.json: None if there is none; a one-line KontextError if it is
+    unreadable, malformed or of another format version."""
+    path = Path(folder) / MANIFEST
+    data = files.read_json(path, fix=FIX)
+    if data is None:
+        return None
+    stages = data.get("stages")
+    if not isinstance(stages, dict) or not all(
+            name in STAGE_IO and isinstance(entry, dict) and isinstance(entry.get("file"), str)
+            for name, entry in stages.items()):
+        raise KontextError(f"{path} is malformed: 'stages' must map stage names ({', '.join(STAGE_IO)}) to entries "
+                           f"with a 'file'; {FIX}", code="invalid_manifest")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise KontextError(f"{path}: format_version {data.get('format_version')!r} is not {FORMAT_VERSION}; {FIX}",
+                           code="invalid_manifest")
+    try:
+        return ExportManifest(data["checkpoint"], data["kontext"], data["tokenizers"], data.get("tools", {}), stages)
+    except KeyError as missing:
+        raise KontextError(f"{path} is malformed: it has no {missing} field; {FIX}", code="invalid_manifest") from None
+
+
+def write_manifest(folder: Path, manifest: ExportManifest) -> Path:
     """Write DIR/manifest.json atomically (temp file, then rename)."""
-    return files.write_json(Path(folder) / MANIFEST, manifest, indent=2)
+    return files.write_json(Path(folder) / MANIFEST, manifest.to_json(), indent=2)
 
 
-def record_stage(folder: Path, stage: str, entry: dict, fresh: dict) -> Path:
+def record_stage(folder: Path, stage: str, entry: dict, fresh: ExportManifest) -> Path:
     """Add one stage's entry to DIR/manifest.json under the folder lock, keeping the stages siblings recorded meanwhile
     (`fresh` when there is no manifest yet)."""
     with files.folder_lock(folder):
         manifest = read_export_manifest(folder) or fresh
-        manifest["stages"][stage] = entry
+        manifest.stages[stage] = entry
         return write_manifest(folder, manifest)
 
 
-def verify_files(folder: Path, manifest: dict) -> None:
+def verify_files(folder: Path, manifest: ExportManifest) -> None:
     """Hash each stage's ONNX (external data included) once and refuse, in one line, one that no longer matches."""
     from kontext_trt.core.onnx_dir import file_identity
     from kontext_trt.core.timing import progress
 
     with progress(f"hashing the ONNX files of {folder} (sha256, checked once against its manifest)"):
-        for entry in manifest["stages"].values():
+        for entry in manifest.stages.values():
             path = Path(folder) / entry["file"]
             if "sha256" in entry and file_identity(path) != entry["sha256"]:
                 raise KontextError(f"{path} (or its external data) is not what {Path(folder) / MANIFEST} records "
                                    "(sha256 differs): it changed or was damaged since the export; export it again")
 
 
-def new_manifest(checkpoint_path: Path, fingerprint: str, kontext: dict) -> dict:
+def new_manifest(checkpoint_path: Path, fingerprint: str, kontext: dict) -> ExportManifest:
     """A manifest with no stages yet."""
-    return {"format_version": FORMAT_VERSION,
-            "checkpoint": {"path": str(Path(checkpoint_path).resolve()), "fingerprint": fingerprint},
-            "kontext": kontext, "tokenizers": dict(TOKENIZERS), "tools": tool_versions(), "stages": {}}
+    return ExportManifest({"path": str(Path(checkpoint_path).resolve()), "fingerprint": fingerprint}, kontext,
+                          tools=tool_versions())
 
 
 def stage_entry(stage: str, external: bool, weight_bytes: int, dtype: str, opset: int, inputs: list[dict],

@@ -11,6 +11,7 @@ import onnx
 
 from kontext_trt.core import files
 from kontext_trt.core.errors import KontextError
+from kontext_trt.core.export_manifest import MANIFEST, ExportManifest, read_export_manifest
 from kontext_trt.core.stages import STAGE_IO, STAGE_NAMES
 from kontext_trt.core.timing import progress
 
@@ -43,14 +44,14 @@ class OnnxDir:
 
     root: Path
     stages: dict[str, dict[str, OnnxStage]] = field(default_factory=dict)
-    manifest: dict | None = None
+    manifest: ExportManifest | None = None
     manifest_sha256: str | None = None
     layout: str = "export"  # "export" (manifest.json), "bfl" (BFL's published ONNX) or "graphs" (any other folder)
 
     @property
     def fingerprint(self) -> str | None:
         """The checkpoint fingerprint export/ recorded, or None for a folder without a manifest."""
-        return ((self.manifest or {}).get("checkpoint") or {}).get("fingerprint")
+        return None if self.manifest is None else self.manifest.fingerprint
 
     def pick(self, stage: str, precision: str | None) -> OnnxStage:
         """The file for a stage: the requested precision (required for the transformer), else the widest there is."""
@@ -161,17 +162,11 @@ def read_onnx_dir(root: Path) -> OnnxDir:
         raise KontextError(f"ONNX folder {root} does not exist: pass the folder kontext-trt export wrote (or BFL's "
                            "ONNX)")
     found = OnnxDir(root)
-    manifest_path = root / "manifest.json"
-    if manifest_path.exists():
-        fix = "export the folder again (kontext-trt export) or delete manifest.json to scan the graphs"
-        found.manifest = files.read_json(manifest_path, fix=fix)
+    manifest_path = root / MANIFEST
+    found.manifest = read_export_manifest(root)
+    if found.manifest is not None:
         found.manifest_sha256 = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
-        stages = found.manifest.get("stages")
-        if not isinstance(stages, dict) or not all(
-                name in STAGE_IO and isinstance(entry, dict) and isinstance(entry.get("file"), str)
-                for name, entry in stages.items()):
-            raise KontextError(f"{manifest_path} is malformed: 'stages' must map stage names ({', '.join(STAGE_IO)})"
-                               f" to entries with a 'file'; {fix}")
+        stages = found.manifest.stages
         with progress(f"hashing the ONNX files of {root} (sha256, checked against its manifest)"):
             for name, entry in stages.items():
                 stage = read_stage(root / entry["file"], name, entry.get("precision"))

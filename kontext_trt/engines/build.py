@@ -137,7 +137,7 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
         "precision": precision, "targets": build["targets"],
         "checkpoint_fingerprint": onnx.fingerprint,
         "onnx": {"dir": build["onnx"], "manifest_sha256": onnx.manifest_sha256,
-                 "kontext": (onnx.manifest or {}).get("kontext"),
+                 "kontext": onnx.manifest and onnx.manifest.kontext,
                  **({"graphs": onnx.describe()} if onnx.manifest is None else {})},
         "tokens": profiles.token_ranges(req.shapes),
         "caches": {"runtime": cache.RUNTIME_CACHE if api.is_rtx else None,

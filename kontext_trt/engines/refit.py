@@ -28,7 +28,7 @@ def export_entry(onnx_path: Path) -> dict | None:
     """The export manifest's entry of the stage whose ONNX file this is (None outside an export folder)."""
     folder = Path(onnx_path).parent.parent
     manifest = read_export_manifest(folder)
-    for entry in (manifest or {}).get("stages", {}).values():
+    for entry in (manifest.stages if manifest else {}).values():
         if (folder / entry["file"]).resolve() == Path(onnx_path).resolve():
             return entry
     return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -63,14 +64,14 @@ def export_checkpoint(model: str | Path, out: str | Path, stages: tuple[str, ...
     fresh = new_manifest(ckpt.root, fingerprint, KontextConfig.from_checkpoint(ckpt).to_dict())
     with files.folder_lock(out):  # a sibling export into `out` reads and writes the manifest under the same lock
         manifest = read_export_manifest(out)
-        if manifest is not None and manifest["checkpoint"]["fingerprint"] != fingerprint:
+        if manifest is not None and manifest.fingerprint != fingerprint:
             if not force:
-                raise KontextError(f"{out} holds an export of another checkpoint ({manifest['checkpoint']['path']}); "
-                                   f"choose another --out or pass --force to replace it")
-            for stage in manifest["stages"]:
+                raise KontextError(f"{out} holds an export of another checkpoint ({manifest.checkpoint['path']}); "
+                                   f"choose another --out or pass --force to replace it", param="out")
+            for stage in manifest.stages:
                 shutil.rmtree(out / stage, ignore_errors=True)
             manifest = None
-        write_manifest(out, {**(manifest or fresh), "tools": tool_versions()})
+        write_manifest(out, replace(manifest or fresh, tools=tool_versions()))
     with progress(f"copying the tokenizers to {out}"):
         copy_tokenizers(ckpt, out)
     for stage in bar(stages, "export", unit="stage"):

@@ -48,8 +48,8 @@ def export_quantized(model: str | Path, out: str | Path, dtype: str = "bf16", op
                            "checkpoint into another folder")
     fresh = new_manifest(ckpt.root, fingerprint, KontextConfig.from_checkpoint(ckpt).to_dict())
     manifest = read_export_manifest(out) or fresh
-    if manifest["checkpoint"]["fingerprint"] != fingerprint:
-        raise KontextError(f"{out} holds an export of another checkpoint ({manifest['checkpoint']['path']}): "
+    if manifest.fingerprint != fingerprint:
+        raise KontextError(f"{out} holds an export of another checkpoint ({manifest.checkpoint['path']}): "
                            "quantize into another folder")
     copy_tokenizers(ckpt, out)  # the manifest names them, as export/'s does
     with progress(f"exporting the {recipe.precision} transformer ({dtype}, opset {opset}) to {out / STAGE}"):

@@ -133,7 +133,7 @@ def check_out(out: Path, fingerprint: str) -> None:
     """Refuse an output folder that holds an export or a calibration of another checkpoint."""
     manifest = read_export_manifest(out) if Path(out).is_dir() else None
     saved = state.load_state(out) if Path(out).is_dir() else None
-    others = [m for m in ((manifest or {}).get("checkpoint", {}), saved[0].checkpoint if saved else {}) if m]
+    others = [m for m in (manifest.checkpoint if manifest else {}, saved[0].checkpoint if saved else {}) if m]
     for other in others:
         if other.get("fingerprint") != fingerprint:
             raise KontextError(f"{out} holds an export or calibration of another checkpoint ({other.get('path')}): "

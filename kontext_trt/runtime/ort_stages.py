@@ -13,6 +13,7 @@ import onnxruntime as ort
 import torch
 
 from kontext_trt.core.errors import KontextError
+from kontext_trt.core.export_manifest import ExportManifest
 from kontext_trt.core.stages import STAGE_IO, STAGE_NAMES, TRANSFORMER_PARTS
 from kontext_trt.core.weight_map import OnnxWeights
 
@@ -131,13 +132,13 @@ def _wrap_cuda(value: ort.OrtValue, dtype: torch.dtype, device: torch.device) ->
     return torch.as_tensor(_CudaArray(value, dtype), device=device)
 
 
-def ort_stages(folder: str | Path, manifest: dict, device: str = "cpu") -> dict[str, OrtStage]:
+def ort_stages(folder: str | Path, manifest: ExportManifest, device: str = "cpu") -> dict[str, OrtStage]:
     """All five stages of an export folder as OrtStage adapters (the caller has checked they are all in the manifest),
     and the transformer's parts where exported."""
     stages = {}
-    for name in [*STAGE_NAMES, *(part for part in TRANSFORMER_PARTS if part in manifest["stages"])]:
-        path = Path(folder) / manifest["stages"][name]["file"]
+    for name in [*STAGE_NAMES, *(part for part in TRANSFORMER_PARTS if part in manifest.stages)]:
+        path = Path(folder) / manifest.stages[name]["file"]
         if not path.is_file():
             raise KontextError(f"{path}: missing; re-export with `kontext-trt export --out {folder} --stages {name}`")
-        stages[name] = OrtStage(name, path, device, manifest["stages"][name])
+        stages[name] = OrtStage(name, path, device, manifest.stages[name])
     return stages

@@ -84,7 +84,8 @@ def export(out: Path, dtype: torch.dtype = torch.float32) -> Path:
     }
     from kontext_trt.core.stages import STAGE_IO
 
-    manifest = {"stages": {}, "checkpoint": {"fingerprint": "proto-tiny"}, "kontext": {}}
+    manifest = {"format_version": 1, "stages": {}, "checkpoint": {"path": "proto", "fingerprint": "proto-tiny"},
+                "kontext": {}, "tokenizers": {"clip": "tokenizer", "t5": "tokenizer_2"}}
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     for name, (module, args, in_axes, out_axes) in stages.items():
         path = out / name / "model.onnx"

@@ -20,8 +20,8 @@ def test_concurrent_exports_keep_every_stage_and_hash_it(tiny_ckpt, tmp_path):
     for proc in procs:
         assert proc.wait(timeout=1200) == 0, proc.stderr.read()
     manifest = read_export_manifest(out)
-    assert set(manifest["stages"]) == {"clip", "t5", "vae_decoder"}
-    for entry in manifest["stages"].values():
+    assert set(manifest.stages) == {"clip", "t5", "vae_decoder"}
+    for entry in manifest.stages.values():
         assert entry["sha256"] == file_identity(out / entry["file"])
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
     read_onnx_dir(out)  # verifies every hash

@@ -62,7 +62,8 @@ def clip_onnx_dir(root: Path, content: str) -> Path:
         path.write_bytes(os.urandom(path.stat().st_size))
     elif content == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    (root / "manifest.json").write_text('{"stages": {"clip": {"file": "clip/model.onnx"}}}')
+    (root / "manifest.json").write_text('{"format_version": 1, "checkpoint": {"path": "x", "fingerprint": "0"}, '
+                                        '"kontext": {}, "tokenizers": {}, "stages": {"clip": {"file": "clip/model.onnx"}}}')
     return root
 
 

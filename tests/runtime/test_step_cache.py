@@ -158,11 +158,11 @@ def test_ort_parts_compose_to_the_single_graph(ort_k, tiny_onnx_split):
 
     manifest = read_export_manifest(tiny_onnx_split)
     for part in TRANSFORMER_PARTS:
-        entry = manifest["stages"][part]
+        entry = manifest.stages[part]
         assert [v["name"] for v in entry["inputs"]] == list(STAGE_IO[part][0])
         assert [v["name"] for v in entry["outputs"]] == list(STAGE_IO[part][1])
     # the parts hold the transformer's weights once between them (the head: embedders + block 0 only)
-    weights = {part: manifest["stages"][part]["weight_bytes"] for part in (*TRANSFORMER_PARTS, "transformer")}
+    weights = {part: manifest.stages[part]["weight_bytes"] for part in (*TRANSFORMER_PARTS, "transformer")}
     assert abs(sum(weights[p] for p in TRANSFORMER_PARTS) - weights["transformer"]) < 0.02 * weights["transformer"]
     config = ck.open_checkpoint(manifest["checkpoint"]["path"]).transformer_config
     inputs = transformer_inputs(config)
