@@ -6,6 +6,8 @@ lives here and in runtime.flow.
 """
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from kontext_trt.engines.select import Geometry, select_engines
 from kontext_trt.runtime.cudagraphs import GRAPHED_STAGES, graphed
 from kontext_trt.runtime.flow import EditRequest, Kontext, KontextConfig, PipelineInfo, output_size
 
+log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 Tokenizers = tuple[Any, Any]  # (CLIPTokenizer, T5TokenizerFast)
 
@@ -34,10 +37,14 @@ def request_geometry(req: EditRequest) -> Geometry:
 
 def build_pipeline(spec: LoadSpec, geometry: Geometry | None = None) -> Kontext:
     """The one place a pipeline is built, for edit, generate, serve, bench and the Python API: the stages LoadSpec
-    names (engines: the set that runs here and covers `geometry`), tokenizers, loop config, CUDA graphs, LoRAs."""
+    names (engines: the set that runs here and covers `geometry`), tokenizers, loop config, CUDA graphs, LoRAs.
+    Logs its load time (INFO: -v)."""
+    start = time.perf_counter()
     k = _build_stages(spec, geometry)
     if spec.loras:
         k.set_loras(list(spec.loras))
+    log.info("loaded the %s pipeline (%s) from %s in %.2fs", k.info.backend, k.info.precision, k.info.source,
+             time.perf_counter() - start)
     return k
 
 

@@ -1,6 +1,7 @@
 """Session fixtures shared by all tests: the tiny synthetic checkpoint in both layouts, fully offline."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -134,3 +135,15 @@ def c2pa_chain(tmp_path_factory) -> tuple[Path, Path]:
     key.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return chain, key
+
+
+@pytest.fixture
+def cli_logging():
+    """Logging set up as the CLI sets it (WARNING and up on stderr), for tests that call library code directly and
+    read its warnings from stderr."""
+    from kontext_trt.cli.main import set_log_level
+
+    level = logging.getLogger().level
+    set_log_level(logging.WARNING)
+    yield
+    logging.getLogger().setLevel(level)

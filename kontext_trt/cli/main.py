@@ -11,6 +11,10 @@ from kontext_trt.core.checks import pick_device
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.timing import set_quiet
 
+# Loggers whose warnings show even under --quiet: outputs written without the watermark, no safety checker.
+ALWAYS_SHOWN = ("kontext_trt.safety",)
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
 # Modules with add_parsers(subparsers): each registers its subcommands and sets `func(args) -> int`.
 COMMAND_MODULES = (
     "kontext_trt.cli.edit",
@@ -45,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_verbosity(p: argparse.ArgumentParser, default: object) -> None:
-    """-v/--verbose (INFO, -vv DEBUG) and -q/--quiet (errors only: no progress lines or bars)."""
-    p.add_argument("-v", "--verbose", action="count", default=default, help="log more: -v info, -vv debug")
-    p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress output; errors and "
-                   "results only")
+    """-v/--verbose (INFO, -vv DEBUG) and -q/--quiet (no progress lines, notes or bars; errors, safety warnings and
+    results only)."""
+    p.add_argument("-v", "--verbose", action="count", default=default, help="log more: -v info (e.g. the pipeline's "
+                   "load time), -vv debug")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress lines, notes or bars; "
+                   "errors, safety warnings and results only")
 
 
 def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -61,10 +67,34 @@ def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.Argumen
     return found
 
 
+def log_level(args: argparse.Namespace) -> int:
+    """The log level of -v/-q: WARNING by default, -v INFO, -vv DEBUG, --quiet ERROR."""
+    return logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+
+
+class StderrHandler(logging.StreamHandler):
+    """A StreamHandler on sys.stderr as it is when a record is written (not when the handler was made), so a
+    redirected stderr gets the log too."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def set_log_level(level: int, fmt: str = LOG_FORMAT) -> None:
+    """Log on stderr at `level`; the ALWAYS_SHOWN loggers keep their warnings at any higher level."""
+    logging.basicConfig(level=level, format=fmt, force=True, handlers=[StderrHandler()])
+    for name in ALWAYS_SHOWN:
+        logging.getLogger(name).setLevel(logging.WARNING if level > logging.WARNING else logging.NOTSET)
+
+
 def configure(args: argparse.Namespace) -> None:
-    """Logging (WARNING by default; -v INFO, -vv DEBUG; --quiet ERROR) on stderr, and the progress switch."""
-    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    """Logging on stderr at the level of -v/-q (log_level), and the progress switch."""
+    set_log_level(log_level(args))
     set_quiet(args.quiet)
     if "device" in vars(args):  # the one --device default of every subcommand
         args.device = pick_device(args.device)

@@ -12,6 +12,7 @@ from kontext_trt.core.errors import KontextError
 from kontext_trt.serve.server import DEFAULT_MAX_BATCH, ServeConfig
 
 log = logging.getLogger(__name__)
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +33,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight "
                    "requests before exiting")
     add_cache_argument(p, "the step cache of requests without a `cache` field")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="the server's log level (default: info, -v debug, "
+                   "-q error); given, it wins over -v/-q")
     p.add_argument("--lora-dir", type=Path, help="folder of named LoRAs (NAME.safetensors or NAME/) a request picks "
                    "with its `lora` field (NAME[:SCALE],...); batches group by LoRA set and swap between batches")
     add_ray_arguments(p)
@@ -102,16 +104,25 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     check_arguments(args)
     return ServeConfig(load_spec(args), output_spec(args), host=args.host, port=args.port, max_batch=args.max_batch,
                        max_queue=args.max_queue, batch_window_ms=args.batch_window_ms, timeout=args.timeout,
-                       drain_timeout=args.drain_timeout, log_level=args.log_level, lora_dir=args.lora_dir,
+                       drain_timeout=args.drain_timeout, log_level=serve_log_level(args), lora_dir=args.lora_dir,
                        replicas=args.replicas or 1, autoscale=args.autoscale, gpus_per_replica=args.gpus_per_replica,
                        cpus_per_replica=args.cpus_per_replica, address=args.address)
 
 
+def serve_log_level(args: argparse.Namespace) -> str:
+    """The server's log level: --log-level when given, else info (its `ready: serving on` line), -v debug,
+    -q error."""
+    if args.log_level is not None:
+        return args.log_level
+    return "error" if args.quiet else "debug" if args.verbose else "info"
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """kontext-trt serve."""
+    from kontext_trt.cli.main import set_log_level
+
     config = serve_config(args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        force=True)  # --log-level rules the server (over -v/--quiet)
+    set_log_level(getattr(logging, config.log_level.upper()), "%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.ray:
         from kontext_trt.serve.ray_app import run_ray
 

@@ -1,12 +1,13 @@
 """Tokenizing prompts for CLIP (77 tokens) and T5 (512 tokens): pad, truncate with a warning, no mask."""
 from __future__ import annotations
 
-import sys
+import logging
 
 import torch
 
 CLIP_LEN = 77
 T5_LEN = 512
+log = logging.getLogger(__name__)
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int, name: str) -> torch.Tensor:
@@ -14,6 +15,6 @@ def tokenize(tokenizer, prompts: list[str], max_length: int, name: str) -> torch
     batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     full = tokenizer(prompts, padding="longest", truncation=False, return_tensors="pt")
     if full.input_ids.shape[1] > max_length:
-        print(f"warning: a prompt is longer than {name}'s {max_length} tokens "
-              f"({full.input_ids.shape[1]}); it was truncated", file=sys.stderr)
+        log.warning("a prompt is longer than %s's %d tokens (%d); it was truncated", name, max_length,
+                    full.input_ids.shape[1])
     return batch.input_ids.to(torch.int64)

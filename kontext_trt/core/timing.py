@@ -59,12 +59,24 @@ class StageTimes:
         return "\n".join(rows)
 
 
-QUIET = {"on": False}  # the CLI's --quiet: no progress lines, bars or announcements (errors and results stay)
+QUIET = {"on": False}  # the CLI's --quiet: no progress lines, notes, bars or announcements (errors and results stay)
 
 
 def set_quiet(quiet: bool) -> None:
     """Switch progress output off (--quiet) or back on."""
     QUIET["on"] = quiet
+
+
+def is_quiet() -> bool:
+    """Whether progress output is off (--quiet)."""
+    return QUIET["on"]
+
+
+def note(message: str) -> None:
+    """One progress or notice line on stderr (a stage up to date, a component written, a hint); nothing under
+    --quiet. Warnings a user must see even then go through logging instead."""
+    if not QUIET["on"]:
+        print(message, file=sys.stderr, flush=True)
 
 
 @contextmanager

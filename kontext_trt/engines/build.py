@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -13,7 +12,7 @@ from kontext_trt.core import files
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.onnx_dir import OnnxStage, read_onnx_dir
 from kontext_trt.core.stages import STAGE_NAMES, TRANSFORMER_PARTS
-from kontext_trt.core.timing import progress
+from kontext_trt.core.timing import note, progress
 from kontext_trt.engines import cache, profiles, refit, trt_api
 from kontext_trt.engines.skus import PRECISION_FALLBACK, Sku, precision_refusal
 
@@ -125,8 +124,8 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
     files.remove_stale_temps(folder)
     flags = req.flags
     if api.is_rtx and flags.timing_cache is not None:
-        print(f"note: {api.flavor} has no build timing cache (it would force a GPU query and change nothing); its "
-              f"JIT kernels go to {folder / cache.RUNTIME_CACHE} on first run", file=sys.stderr)
+        note(f"note: {api.flavor} has no build timing cache (it would force a GPU query and change nothing); its "
+             f"JIT kernels go to {folder / cache.RUNTIME_CACHE} on first run")
     if not api.is_rtx:
         flags = BuildFlags(flags.opt_level, flags.refit, flags.weight_streaming,
                            flags.timing_cache or folder.parent / cache.TIMING_CACHE)
@@ -154,10 +153,10 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
         key = stage_key(pick, profile, req.target, stage_flags, api.version)
         entry, plan_path = manifest["stages"].get(stage, {}), folder / f"{stage}.plan"
         if entry.get("key") == key and cache.plan_problem(plan_path, entry) is None:
-            print(f"{stage}: up to date ({plan_path}, sha256 checked)", file=sys.stderr)
+            note(f"{stage}: up to date ({plan_path}, sha256 checked)")
             continue
         if entry.get("key") == key:
-            print(f"{stage}: rebuilding: {cache.plan_problem(plan_path, entry)}", file=sys.stderr)
+            note(f"{stage}: rebuilding: {cache.plan_problem(plan_path, entry)}")
         start = time.perf_counter()
         with progress(f"building {stage} ({pick.precision}, {api.folder}, {','.join(build['targets'])})"):
             try:

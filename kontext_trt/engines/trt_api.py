@@ -183,7 +183,7 @@ def progress_monitor(api: TrtApi) -> Any:
     """A TensorRT IProgressMonitor that shows each build phase as a tqdm bar (keep it alive until the build ends)."""
     from tqdm import tqdm
 
-    from kontext_trt.core.timing import QUIET
+    from kontext_trt.core.timing import is_quiet
 
     class Monitor(api.trt.IProgressMonitor):
         def __init__(self) -> None:
@@ -194,7 +194,7 @@ def progress_monitor(api: TrtApi) -> Any:
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             depth = len(self.bars)
             self.bars[phase_name] = tqdm(total=num_steps, desc=phase_name, position=depth, leave=depth == 0,
-                                         unit="step", dynamic_ncols=True, disable=True if QUIET["on"] else None)
+                                         unit="step", dynamic_ncols=True, disable=True if is_quiet() else None)
             self.phases += 1
 
         def step_complete(self, phase_name: str, step: int) -> bool:

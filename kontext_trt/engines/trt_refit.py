@@ -5,7 +5,7 @@ engines/refit.py does the refit. Runs on a GPU only (never run here: no GPU on t
 """
 from __future__ import annotations
 
-import sys
+import logging
 import weakref
 from pathlib import Path
 from typing import Iterable
@@ -17,6 +17,7 @@ from kontext_trt.core.weight_map import OnnxWeights
 from kontext_trt.engines import cache, refit
 from kontext_trt.engines.trt_stages import TrtStage
 
+log = logging.getLogger(__name__)
 _TARGETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one RefitWeights per TrtStage
 
 
@@ -56,7 +57,7 @@ class RefitWeights:
             self.stage.load()
         seconds = refit.refit(self.stage.pool.api, self.stage.engine, values, self.stage.stream_handle())
         self.changed = lora_inits
-        print(f"LoRA swap: refit {len(values)} transformer weights in {seconds:.3f}s", file=sys.stderr)
+        log.info("LoRA swap: refit %d transformer weights in %.3fs", len(values), seconds)
 
 
 def weight_target(stage: TrtStage) -> RefitWeights:

@@ -3,13 +3,14 @@ SVDQuant activation statistics (quant/svdquant.py) of the recipe's SVDQuant laye
 from __future__ import annotations
 
 import contextlib
+import io
 import sys
 
 import torch
 from torch import nn
 
 from kontext_trt.core.errors import KontextError
-from kontext_trt.core.timing import bar, progress
+from kontext_trt.core.timing import bar, is_quiet, progress
 from kontext_trt.quant import svdquant
 from kontext_trt.quant.calib_data import Pair
 from kontext_trt.quant.recipe import Recipe, modelopt_config, svd_layers
@@ -40,7 +41,8 @@ def calibrate(k: flow.Kontext, transformer: nn.Module, recipe: Recipe, pairs: li
             for hook in hooks:
                 hook.remove()
 
-    with contextlib.redirect_stdout(sys.stderr):  # ModelOpt prints its progress; stdout is for the report
+    # ModelOpt prints its progress: on stderr (stdout is for the report), nowhere under --quiet
+    with contextlib.redirect_stdout(io.StringIO() if is_quiet() else sys.stderr):
         model = mtq.quantize(transformer, modelopt_config(recipe), forward_loop)
     amax = collect_amax(model, recipe)
     if names:

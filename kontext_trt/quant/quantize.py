@@ -5,7 +5,6 @@ second run with the same settings reuses the calibration, and exporting only nee
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from kontext_trt.core.checks import resolve_device
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.export_manifest import read_export_manifest
+from kontext_trt.core.timing import note
 from kontext_trt.export.export import prepare_folder
 from kontext_trt.quant import calib_data, state, svdquant
 from kontext_trt.quant import recipe as rc
@@ -122,8 +122,7 @@ def ensure_calibration(k: Kontext, transformer: torch.nn.Module, recipe: rc.Reci
     calibration; True when it was reused."""
     saved = state.load_state(req.out)
     if saved is not None and saved[0].to_dict() == recipe.to_dict():
-        print(f"reusing the calibration in {req.out / state.FOLDER} (same checkpoint, recipe and calibration set)",
-              file=sys.stderr)
+        note(f"reusing the calibration in {req.out / state.FOLDER} (same checkpoint, recipe and calibration set)")
         return True
     state.save_state(req.out, recipe, calibrate(k, transformer, recipe, pairs, req.calib_steps, req.auto_resize))
     return False

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ast
 import importlib
-import sys
+import logging
 from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Protocol, Sequence, runtime_checkable
@@ -14,6 +14,8 @@ from PIL import Image
 
 from kontext_trt.core.errors import KontextError
 
+log = logging.getLogger(__name__)
+
 # NudeNet classes that block an image: exposed sexual body parts. Faces, feet, bellies, armpits, covered parts and
 # exposed male chests are detected by the model but do not block.
 NUDENET_LABELS = ("FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "BUTTOCKS_EXPOSED",
@@ -22,7 +24,7 @@ NUDENET_LABELS = ("FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_
 # a few misses for few false blocks; not tuned here, where no labelled data is at hand).
 NUDENET_THRESHOLD = 0.5
 NUDENET_SIZE = 320  # the shipped 320n.onnx: a YOLOv8n detector on 320x320 letterboxed RGB in [0, 1]
-LICENSE_LINE = ("warning: no safety checker: the FLUX.1 [dev] Non-Commercial License obliges you to filter or review "
+LICENSE_LINE = ("no safety checker: the FLUX.1 [dev] Non-Commercial License obliges you to filter or review "
                 "outputs before you share them")
 
 
@@ -115,7 +117,7 @@ def load_checker(spec: str, device: torch.device | str = "cpu") -> SafetyChecker
     if spec == "nudenet":
         return NudeNetChecker(device=device)
     if spec == "none":
-        print(LICENSE_LINE, file=sys.stderr)
+        log.warning(LICENSE_LINE)  # a warning that --quiet keeps (cli.main.set_log_level)
         return None
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -13,7 +12,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from kontext_trt.core.timing import StageTimes
+from kontext_trt.core.timing import StageTimes, note
 from kontext_trt.runtime import flow
 from kontext_trt.runtime.flow import Context, EditRequest, EditResult, Kontext, Prompt
 from kontext_trt.safety import watermark
@@ -128,10 +127,10 @@ def signer(policy: OutputPolicy, result: EditResult, times: StageTimes) -> Calla
 
 def save(result: EditResult, out: str | Path, policy: OutputPolicy, times: StageTimes) -> list[Path]:
     """flow.save_images, signing a C2PA manifest into each file when the policy has credentials (else one line
-    on stderr says how to add one)."""
+    on stderr says how to add one, not under --quiet)."""
     signed = signer(policy, result, times)
     if signed is None:
         paths = flow.save_images(result, out)
-        print(NO_CERT_LINE, file=sys.stderr)
+        note(NO_CERT_LINE)
         return paths
     return flow.save_images(result, out, finish=lambda data, path: signed(data, path.name))

@@ -7,7 +7,6 @@ Tokenizers are trained offline (synth.tokenizers).
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from kontext_trt.core.checks import check_output_folder, check_seed
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.files import remove_stale_temps, replace_dir, temp_dir
 from kontext_trt.core.flux_constants import SCHEDULER_CONFIG, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
-from kontext_trt.core.timing import QUIET
+from kontext_trt.core.timing import note
 from kontext_trt.synth.tokenizers import CLIP_BOS, CLIP_EOS, write_clip_tokenizer, write_t5_tokenizer
 from kontext_trt.synth.weights import random_weights, write_json, write_safetensors, write_sharded
 
@@ -123,11 +122,9 @@ def _write_all(root: Path, preset: dict, seed: int, fmt: str) -> None:
 def _progress(component: str, root: Path, start: float) -> None:
     """One progress line per finished component on stderr: bytes written so far and elapsed time (not under
     --quiet)."""
-    if QUIET["on"]:
-        return
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     elapsed = time.monotonic() - start
-    print(f"[synth] {component} done: {size / 2**20:.1f} MiB written, {elapsed:.1f}s", file=sys.stderr, flush=True)
+    note(f"[synth] {component} done: {size / 2**20:.1f} MiB written, {elapsed:.1f}s")
 
 
 def _transformer_config(preset: dict) -> dict:

@@ -24,10 +24,11 @@ def test_unknown_nudenet_label():
         ck.NudeNetChecker(labels=["NOT_A_LABEL"])
 
 
-def test_none_warns_about_the_license(capsys):
+def test_none_warns_about_the_license(capsys, cli_logging):
     assert ck.load_checker("none") is None
     err = capsys.readouterr().err
     assert "License obliges you to filter or review outputs" in err and err.count("\n") == 1
+    assert err.startswith("WARNING kontext_trt.safety.checker: no safety checker:")
 
 
 def test_module_callable(fake_checkers):
