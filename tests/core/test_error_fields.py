@@ -31,7 +31,8 @@ def test_flag_param(flag, param):
 @pytest.mark.parametrize("call,param,code,message", [
     (lambda: checks.check_finite("--guidance", math.nan), "guidance", "invalid_value",
      "--guidance nan is not a finite number"),
-    (lambda: checks.check_finite("--true-cfg", math.inf), "true_cfg", "invalid_value", "--true-cfg inf is not a finite"),
+    (lambda: checks.check_finite("--true-cfg", math.inf), "true_cfg", "invalid_value",
+     "--true-cfg inf is not a finite"),
     (lambda: checks.check_seed(-3), "seed", "out_of_range", "--seed -3 is outside 0..18446744073709551615"),
     (lambda: checks.check_seed(2**64), "seed", "out_of_range", f"--seed {2**64} is outside"),
     (lambda: checks.check_text("--negative-prompt", "caf\udce9"), "negative_prompt", "invalid_value",

@@ -20,7 +20,8 @@ def error_of(call) -> KontextError:
 def test_sku_and_gpu_errors(monkeypatch):
     h100 = device.Gpu("NVIDIA H100 80GB HBM3", 90, 80.0, 0)
     error = error_of(lambda: select.gpu_sku("rtx4090", h100))
-    assert (error.param, error.code) == ("sku", "gpu_mismatch") and "--sku rtx4090 engines are for sm89" in error.message
+    assert (error.param, error.code) == ("sku", "gpu_mismatch")
+    assert "--sku rtx4090 engines are for sm89" in error.message
     error = error_of(lambda: device.resolve_sku("rtx9090", None))
     assert (error.param, error.code) == ("sku", "invalid_value")
     error = error_of(lambda: device.resolve_sku("auto", None, "NVML sees no GPU"))

@@ -8,7 +8,6 @@ import math
 
 import httpx
 import pytest
-from conftest import app_in_thread
 
 from kontext_trt.safety.guard import OutputPolicy
 from kontext_trt.serve import openai_api
@@ -63,13 +62,6 @@ def test_a_tiny_input_image_is_the_image_field():
     assert (info.value.param, info.value.code) == ("image", "unsupported_format")
 
 
-@pytest.fixture(scope="module")
-def app_url(tiny_pipeline):
-    """The real FastAPI app over the tiny pipeline (no safety checker: these requests are refused before it)."""
-    with app_in_thread(tiny_pipeline, {}, policy=OutputPolicy(None, "none")) as url:
-        yield url
-
-
 def error_of(response: httpx.Response) -> dict:
     assert response.status_code == 400, response.text
     body = response.json()
@@ -78,44 +70,43 @@ def error_of(response: httpx.Response) -> dict:
     return body["error"]
 
 
-@pytest.mark.parametrize("name", list(FIELD_ERRORS))
-def test_field_errors_through_the_app(app_url, sample_png, name):
-    value, param, code, message = FIELD_ERRORS[name]
-    form = {"prompt": "add a moon", "steps": "2", name: value}
-    edit = httpx.post(f"{app_url}/v1/images/edits", data=form, timeout=60,
-                      files={"image": ("in.png", sample_png.read_bytes(), "image/png")})
-    error = error_of(edit)
-    assert (error["param"], error["code"]) == (param, code) and message in error["message"], error
-    number = {"steps": 0, "seed": -3, "guidance": math.nan, "true_cfg": 7}[name]  # JSON numbers (NaN as Python writes)
-    body = json.dumps({"prompt": "a red door", "size": "64x64", name: number})
-    generation = httpx.post(f"{app_url}/v1/images/generations", content=body, timeout=60,
-                            headers={"content-type": "application/json"})
-    error = error_of(generation)
-    assert (error["param"], error["code"]) == (param, code) and message in error["message"], error
-
-
-def test_request_errors_of_the_app_itself(app_url, sample_png):
+def test_field_errors_through_the_app(app_server, tiny_pipeline, sample_png):
+    """The real FastAPI app over the tiny pipeline (no safety checker: these requests are refused before it): each
+    field error as a form field of an edit and as a JSON number of a generation."""
     png = ("in.png", sample_png.read_bytes(), "image/png")
-    error = error_of(httpx.post(f"{app_url}/v1/images/edits", data={"prompt": "x"}, timeout=60))
-    assert (error["param"], error["code"]) == ("image", "missing_argument")
-    error = error_of(httpx.post(f"{app_url}/v1/images/edits", data={"prompt": "x"}, timeout=60,
-                                files=[("image", png), ("image", png)]))
-    assert (error["param"], error["code"]) == ("image", "invalid_value")
-    error = error_of(httpx.post(f"{app_url}/v1/images/edits", data={"prompt": "x"}, timeout=60,
-                                files={"image": png, "mask": png}))
-    assert (error["param"], error["code"]) == ("mask", "unsupported_parameter")
-    error = error_of(httpx.post(f"{app_url}/v1/images/generations", content=b"{not json", timeout=60,
-                                headers={"content-type": "application/json"}))
-    assert (error["param"], error["code"]) == (None, "invalid_body")
+    with app_server(tiny_pipeline, {}, policy=OutputPolicy(None, "none")) as url:
+        for name, (value, param, code, message) in FIELD_ERRORS.items():
+            edit = httpx.post(f"{url}/v1/images/edits", data={"prompt": "add a moon", "steps": "2", name: value},
+                              files={"image": png}, timeout=60)
+            error = error_of(edit)
+            assert (error["param"], error["code"]) == (param, code) and message in error["message"], error
+            number = {"steps": 0, "seed": -3, "guidance": math.nan, "true_cfg": 7}[name]  # NaN as Python writes it
+            body = json.dumps({"prompt": "a red door", "size": "64x64", name: number})
+            generation = httpx.post(f"{url}/v1/images/generations", content=body, timeout=60,
+                                    headers={"content-type": "application/json"})
+            error = error_of(generation)
+            assert (error["param"], error["code"]) == (param, code) and message in error["message"], error
 
 
-def test_an_error_while_running_keeps_its_field(app_url):
-    """The LoRA set is resolved when the request runs (model thread): its KontextError is a 400 naming `lora`."""
-    response = httpx.post(f"{app_url}/v1/images/generations", timeout=60,
-                          json={"prompt": "a red door", "size": "64x64", "steps": 1, "lora": "style"})
-    error = error_of(response)
-    assert (error["param"], error["code"]) == ("lora", "unsupported_parameter")
-    assert "this server has no LoRAs: start it with --lora-dir DIR" in error["message"]  # a server flag stays one
+def test_app_and_run_time_errors_name_their_field(app_server, tiny_pipeline, sample_png):
+    png = ("in.png", sample_png.read_bytes(), "image/png")
+    with app_server(tiny_pipeline, {}, policy=OutputPolicy(None, "none")) as url:
+        error = error_of(httpx.post(f"{url}/v1/images/edits", data={"prompt": "x"}, timeout=60))
+        assert (error["param"], error["code"]) == ("image", "missing_argument")
+        error = error_of(httpx.post(f"{url}/v1/images/edits", data={"prompt": "x"}, timeout=60,
+                                    files=[("image", png), ("image", png)]))
+        assert (error["param"], error["code"]) == ("image", "invalid_value")
+        error = error_of(httpx.post(f"{url}/v1/images/edits", data={"prompt": "x"}, timeout=60,
+                                    files={"image": png, "mask": png}))
+        assert (error["param"], error["code"]) == ("mask", "unsupported_parameter")
+        error = error_of(httpx.post(f"{url}/v1/images/generations", content=b"{not json", timeout=60,
+                                    headers={"content-type": "application/json"}))
+        assert (error["param"], error["code"]) == (None, "invalid_body")
+        # the LoRA set is resolved when the request runs (model thread): its KontextError is a 400 naming `lora`
+        error = error_of(httpx.post(f"{url}/v1/images/generations", timeout=60,
+                                    json={"prompt": "a red door", "size": "64x64", "steps": 1, "lora": "style"}))
+        assert (error["param"], error["code"]) == ("lora", "unsupported_parameter")
+        assert "this server has no LoRAs: start it with --lora-dir DIR" in error["message"]  # a server flag stays
 
 
 def test_serve_without_a_model_is_one_line_and_exit_2(capsys, monkeypatch):
