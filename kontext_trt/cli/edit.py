@@ -167,7 +167,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     checks.check_output_folder(args.out)
     if args.steps < 1:
-        raise KontextError(f"--steps {args.steps}: the demo needs at least 1 step")
+        raise KontextError(f"--steps {args.steps}: the demo needs at least 1 step", "steps", "out_of_range")
     args.out.mkdir(parents=True, exist_ok=True)
     policy = output_policy(args)
     model = args.out / "tiny-checkpoint"

@@ -50,7 +50,8 @@ def parse_targets(text: str) -> tuple[int, ...]:
     try:
         return tuple(dict.fromkeys(int(t.strip().lower().removeprefix("sm")) for t in text.split(",") if t.strip()))
     except ValueError:
-        raise KontextError(f"--target {text!r}: write compute capabilities like sm86,sm89,sm120") from None
+        raise KontextError(f"--target {text!r}: write compute capabilities like sm86,sm89,sm120",
+                           "target", "invalid_value") from None
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -65,7 +66,7 @@ def run_build(args: argparse.Namespace) -> int:
     targets = parse_targets(args.target) if args.target else (sku.sm,)
     if sku.sm not in targets:
         raise KontextError(f"--target {args.target} leaves out sm{sku.sm}, the compute capability of {sku.name}: "
-                           "add it")
+                           "add it", "target", "invalid_value")
     batch = profiles.parse_batch(args.batch)
     shapes = (profiles.Shapes((parse_size(args.static),), batch, static=True) if args.static
               else profiles.Shapes(profiles.parse_sizes(args.sizes), batch))
@@ -96,7 +97,7 @@ def run_check(args: argparse.Namespace) -> int:
     gpu, why = device.detect_gpu()
     if gpu is None:
         raise KontextError(f"check runs the engines and needs an NVIDIA GPU; none found ({why}): run it on the GPU "
-                           "host the engines were built for")
+                           "host the engines were built for", "engines", "gpu_unavailable")
     sku = device.resolve_sku(args.sku, gpu, why)
     api = trt_api.load_api(sku.flavor if args.backend == "auto" else args.backend)
     base = args.engines / sku.tag / api.folder
@@ -106,11 +107,12 @@ def run_check(args: argparse.Namespace) -> int:
         built = ", ".join(cache.built_precisions(base)) or "none"
         raise KontextError(f"no engine set in {base} for precision {precision} (built: {built}): "
                            f"build it with kontext-trt build --onnx {args.onnx} --out {args.engines} --precision "
-                           f"{precision}")
+                           f"{precision}", "precision", "not_found")
     for stage, plan in engines.plans.items():
         problem = cache.plan_problem(plan, engines.manifest["stages"][stage])
         if problem:
-            raise KontextError(f"{problem}: rebuild with {engines.manifest.get('command', 'kontext-trt build')}")
+            raise KontextError(f"{problem}: rebuild with {engines.manifest.get('command', 'kontext-trt build')}",
+                               "engines", "invalid_value")
     rows = check.check_engines(engines, read_onnx_dir(args.onnx), api, args.atol, args.rtol)
     print(check.format_rows(rows))
     return 0 if all(r.get("passed") for r in rows) else 1

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         configure(args)
         return int(args.func(args) or 0)
     except KontextError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(exc.message.splitlines())}", file=sys.stderr)  # one line, whatever a library said
         return exc.exit_code
     except Exception as exc:
         if not out_of_memory(exc):

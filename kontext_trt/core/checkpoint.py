@@ -59,12 +59,15 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):
             raise KontextError(
                 f"{path}: not a local folder; if it is a Hugging Face hub id, download it first with "
-                f"`hf download {path} --local-dir DIR` and pass DIR"
+                f"`hf download {path} --local-dir DIR` and pass DIR",
+                "model", "not_found"
             )
-        raise KontextError(f"{root}: no such checkpoint folder; pass the local folder of {HUB_ID}")
+        raise KontextError(f"{root}: no such checkpoint folder; pass the local folder of {HUB_ID}",
+                           "model", "not_found")
     if not root.is_dir():
         raise KontextError(
-            f"{root}: is a file; pass the checkpoint folder that holds model_index.json or {BFL_TRANSFORMER}"
+            f"{root}: is a file; pass the checkpoint folder that holds model_index.json or {BFL_TRANSFORMER}",
+            "model", "invalid_value"
         )
     if (root / "model_index.json").is_file():
         return _open_diffusers(root)
@@ -72,7 +75,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return _open_bfl(root)
     raise KontextError(
         f"{root}: holds neither model_index.json (diffusers layout) nor {BFL_TRANSFORMER} (BFL layout); "
-        f"download the checkpoint with `hf download {HUB_ID} --local-dir {root}`"
+        f"download the checkpoint with `hf download {HUB_ID} --local-dir {root}`",
+        "model", "invalid_value"
     )
 
 
@@ -193,7 +197,8 @@ def _open_bfl(root: Path) -> Checkpoint:
     """Validate a BFL-layout folder: the two single files plus the HF text encoder and tokenizer folders."""
     transformer_path, ae_path = root / BFL_TRANSFORMER, root / BFL_AE
     if not ae_path.is_file():
-        raise KontextError(f"{ae_path}: missing; the BFL layout needs it beside {BFL_TRANSFORMER}; {REFETCH}")
+        raise KontextError(f"{ae_path}: missing; the BFL layout needs it beside {BFL_TRANSFORMER}; {REFETCH}",
+                           "model", "not_found")
     transformer_config = transformer_config_from_shapes(_shapes(transformer_path), transformer_path)
     vae_config = vae_config_from_shapes(_shapes(ae_path), ae_path)
     _check_transformer(transformer_config, transformer_path)
@@ -211,7 +216,7 @@ def _text_files(root: Path) -> list[Path]:
     for component, choices in TOKENIZER_FILES.items():
         if not any(all((root / component / name).is_file() for name in names) for names in choices):
             wanted = " or ".join("+".join(names) for names in choices)
-            raise KontextError(f"{root / component}: no tokenizer files ({wanted}); {REFETCH}")
+            raise KontextError(f"{root / component}: no tokenizer files ({wanted}); {REFETCH}", "model", "not_found")
     return files
 
 
@@ -221,20 +226,21 @@ def _weight_files(folder: Path, stem: str) -> list[Path]:
     if not index_path.is_file():
         path = folder / f"{stem}.safetensors"
         if not path.exists():
-            raise KontextError(f"{path}: missing (and no {index_path.name}); {REFETCH}")
+            raise KontextError(f"{path}: missing (and no {index_path.name}); {REFETCH}", "model", "not_found")
         _shapes(path)
         return [path]
     weight_map = _load_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise KontextError(f"{index_path}: has no weight_map; {REFETCH}")
+        raise KontextError(f"{index_path}: has no weight_map; {REFETCH}", "model", "invalid_value")
     files = [folder / name for name in sorted(set(weight_map.values()))]
     for path in files:
         if not path.exists():
-            raise KontextError(f"{path}: missing shard listed in {index_path.name}; {REFETCH}")
+            raise KontextError(f"{path}: missing shard listed in {index_path.name}; {REFETCH}", "model", "not_found")
         shapes = _shapes(path)
         absent = [key for key, name in weight_map.items() if name == path.name and key not in shapes]
         if absent:
-            raise KontextError(f"{path}: lacks tensor {absent[0]} that {index_path.name} places there; {REFETCH}")
+            raise KontextError(f"{path}: lacks tensor {absent[0]} that {index_path.name} places there; {REFETCH}",
+                               "model", "invalid_value")
     return files
 
 
@@ -248,15 +254,18 @@ def _check_transformer(config: dict, source: Path) -> None:
     if config.get("in_channels") != TRANSFORMER_IN_CHANNELS:
         raise KontextError(
             f"{source}: in_channels is {config.get('in_channels')}, FLUX.1 Kontext [dev] has {TRANSFORMER_IN_CHANNELS} "
-            f"(Fill/Canny/Depth variants differ); point at the {HUB_ID} checkpoint"
+            f"(Fill/Canny/Depth variants differ); point at the {HUB_ID} checkpoint",
+            "model", "model_mismatch"
         )
     if not config.get("guidance_embeds"):
         raise KontextError(
             f"{source}: no guidance embedding (guidance_embeds false: a FLUX.1 [schnell]-like model); "
-            f"Kontext [dev] is guidance-distilled, point at the {HUB_ID} checkpoint"
+            f"Kontext [dev] is guidance-distilled, point at the {HUB_ID} checkpoint",
+            "model", "model_mismatch"
         )
     if config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0) <= 0:
-        raise KontextError(f"{source}: num_attention_heads/attention_head_dim missing; {REFETCH}")
+        raise KontextError(f"{source}: num_attention_heads/attention_head_dim missing; {REFETCH}",
+                           "model", "invalid_value")
 
 
 def _check_vae(config: dict, source: Path) -> None:
@@ -265,7 +274,8 @@ def _check_vae(config: dict, source: Path) -> None:
         raise KontextError(
             f"{source}: latent_channels is {config.get('latent_channels')}, "
             f"the FLUX autoencoder has {LATENT_CHANNELS}; "
-            f"use the ae/vae of {HUB_ID}"
+            f"use the ae/vae of {HUB_ID}",
+            "model", "model_mismatch"
         )
 
 
@@ -289,13 +299,15 @@ def _assign(model: nn.Module, sd: dict[str, torch.Tensor], files: list[Path]) ->
     where = files[0] if len(files) == 1 else files[0].parent
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise KontextError(f"{where}: weights do not match {type(model).__name__} ({detail}); {REFETCH}")
+        raise KontextError(f"{where}: weights do not match {type(model).__name__} ({detail}); {REFETCH}",
+                           "model", "invalid_value")
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as error:
         lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
         detail = (lines or [str(error).splitlines()[0]])[0]
-        raise KontextError(f"{where}: weights do not fit its config ({detail}); {REFETCH}") from None
+        raise KontextError(f"{where}: weights do not fit its config ({detail}); {REFETCH}",
+                           "model", "invalid_value") from None
     return model.eval().requires_grad_(False)
 
 
@@ -309,16 +321,16 @@ def _shapes(path: Path) -> dict[str, list[int]]:
 def _safetensors(path: Path) -> Iterator[safe_open]:
     """safetensors.safe_open on `path`; a missing, unreadable, corrupt or truncated file is one KontextError."""
     if not path.exists():
-        raise KontextError(f"{path}: missing; {REFETCH}")
+        raise KontextError(f"{path}: missing; {REFETCH}", "model", "not_found")
     try:
         with open(path, "rb"):  # names EACCES and a folder in words the library does not use
             pass
         handle = safe_open(path, framework="pt")
     except OSError as error:
         raise KontextError(f"{path} is unreadable ({error.strerror or error}); fix its permissions or "
-                           f"{REFETCH}") from None
+                           f"{REFETCH}", "model", "unreadable") from None
     except SafetensorError as error:
-        raise KontextError(f"{path}: {_safetensors_problem(str(error))}; {REFETCH}") from None
+        raise KontextError(f"{path}: {_safetensors_problem(str(error))}; {REFETCH}", "model", "invalid_value") from None
     with handle as f:
         yield f
 
@@ -336,5 +348,5 @@ def _load_json(path: Path) -> dict:
     """A JSON object from `path`, or a KontextError naming it (missing, unreadable, not JSON, not an object)."""
     value = read_json(path, fix=REFETCH)
     if value is None:
-        raise KontextError(f"{path}: missing; {REFETCH}")
+        raise KontextError(f"{path}: missing; {REFETCH}", "model", "not_found")
     return value

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kontext_trt.core.errors import KontextError
+from kontext_trt.core.errors import KontextError, flag_param
 from kontext_trt.core.files import temp_path
 
 SEED_MAX = 2**64 - 1
@@ -22,15 +22,17 @@ IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 
 
 def check_finite(flag: str, value: float) -> None:
-    """Refuse nan and inf for a float setting."""
+    """Refuse nan and inf for a float setting (param: the flag's field, --true-cfg -> true_cfg)."""
     if not math.isfinite(value):
-        raise KontextError(f"{flag} {value} is not a finite number: pass a plain number like 2.5")
+        raise KontextError(f"{flag} {value} is not a finite number: pass a plain number like 2.5", flag_param(flag),
+                           "invalid_value")
 
 
 def check_seed(seed: int, flag: str = "--seed") -> None:
     """Refuse a seed torch's generator cannot take: 0..2**64-1."""
     if not 0 <= seed <= SEED_MAX:
-        raise KontextError(f"{flag} {seed} is outside 0..{SEED_MAX} (2**64-1): pick a seed in that range")
+        raise KontextError(f"{flag} {seed} is outside 0..{SEED_MAX} (2**64-1): pick a seed in that range",
+                           flag_param(flag, "seed"), "out_of_range")
 
 
 def check_text(flag: str, text: str) -> None:
@@ -41,7 +43,8 @@ def check_text(flag: str, text: str) -> None:
         bad = text[error.start]
         byte = f" (byte 0x{ord(bad) - 0xDC00:02x})" if 0xDC80 <= ord(bad) <= 0xDCFF else ""
         raise KontextError(f"{flag} is not valid UTF-8 text{byte} at character {error.start}: pass the text in "
-                           "UTF-8 (check the terminal's or the file's encoding)") from None
+                           "UTF-8 (check the terminal's or the file's encoding)", flag_param(flag),
+                           "invalid_value") from None
 
 
 def pick_device(device: str | None) -> str:
@@ -63,7 +66,8 @@ def pick_device(device: str | None) -> str:
 def check_device(device: str) -> None:
     """Refuse devices the project does not run on: cpu, cuda and cuda:N only."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
-        raise KontextError(f"--device {device}: kontext-trt runs on cpu or cuda (cuda:N picks a GPU)")
+        raise KontextError(f"--device {device}: kontext-trt runs on cpu or cuda (cuda:N picks a GPU)", "device",
+                           "invalid_value")
 
 
 def _probe(folder: Path, what: str, flag: str) -> None:
@@ -74,7 +78,7 @@ def _probe(folder: Path, what: str, flag: str) -> None:
         probe.touch(exist_ok=False)
     except OSError as error:
         raise KontextError(f"{what} cannot be written ({folder}: {error.strerror or error}): choose another "
-                           f"{flag}") from None
+                           f"{flag}", flag_param(flag, "out"), "not_writable") from None
     probe.unlink(missing_ok=True)
 
 
@@ -83,7 +87,8 @@ def _existing_ancestor(path: Path, what: str, flag: str) -> Path:
     for parent in (path, *path.parents):
         if parent.exists():
             if not parent.is_dir():
-                raise KontextError(f"{what}: {parent} is a file, not a folder: choose another {flag}")
+                raise KontextError(f"{what}: {parent} is a file, not a folder: choose another {flag}",
+                                   flag_param(flag, "out"), "invalid_value")
             return parent
     return Path(".")
 
@@ -94,15 +99,17 @@ def check_output_file(path: str | Path, flag: str = "--out") -> Path:
     path = Path(path)
     what = f"{flag} {path}"
     if path.is_dir():
-        raise KontextError(f"{what} is a folder: give a file name, e.g. {path / 'edited.png'}")
+        raise KontextError(f"{what} is a folder: give a file name, e.g. {path / 'edited.png'}",
+                           flag_param(flag, "out"), "invalid_value")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise KontextError(f"{what}: the image format comes from the suffix: end it in "
-                           f"{', '.join(IMAGE_SUFFIXES)}")
+                           f"{', '.join(IMAGE_SUFFIXES)}", flag_param(flag, "out"), "unsupported_format")
     parent = path.parent
     if _existing_ancestor(parent, what, flag) != parent:
-        raise KontextError(f"{what}: output folder {parent} does not exist: create it or choose another {flag}")
+        raise KontextError(f"{what}: output folder {parent} does not exist: create it or choose another {flag}",
+                           flag_param(flag, "out"), "not_found")
     if path.exists() and not os.access(path, os.W_OK):
-        raise KontextError(f"{what} is not writable: choose another {flag}")
+        raise KontextError(f"{what} is not writable: choose another {flag}", flag_param(flag, "out"), "not_writable")
     _probe(parent, what, flag)
     return path
 
@@ -112,7 +119,8 @@ def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
     path = Path(path)
     what = f"{flag} {path}"
     if path.exists() and not path.is_dir():
-        raise KontextError(f"{what} is a file, not a folder: choose another {flag}")
+        raise KontextError(f"{what} is a file, not a folder: choose another {flag}", flag_param(flag, "out"),
+                           "invalid_value")
     _probe(_existing_ancestor(path, what, flag), what, flag)
     return path
 
@@ -124,5 +132,6 @@ def resolve_device(device: str) -> torch.device:
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KontextError("--device cuda was given but no CUDA GPU is visible: use --device cpu")
+        raise KontextError("--device cuda was given but no CUDA GPU is visible: use --device cpu", "device",
+                           "gpu_unavailable")
     return dev

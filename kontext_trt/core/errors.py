@@ -21,10 +21,21 @@ class KontextError(Exception):
         self.message, self.param, self.code = message, param, code
 
 
+def flag_param(flag: str, default: str | None = None) -> str | None:
+    """The request field a CLI flag names: --true-cfg -> true_cfg (the server's form field); `default` for a name
+    that is no flag (like "output folder")."""
+    if not flag.startswith("--"):
+        return default
+    return flag.removeprefix("--").split()[0].replace("-", "_")
+
+
 class WriteError(KontextError):
     """Writing an output failed on the file system (disk full, read-only); nothing partial was left (exit code 1)."""
 
     exit_code = 1
+
+    def __init__(self, message: str, param: str | None = "out", code: str = "write_failed") -> None:
+        super().__init__(message, param, code)
 
 
 def arg_type(parse: Callable[[str], T]) -> Callable[[str], T]:

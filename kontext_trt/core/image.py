@@ -45,7 +45,8 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(side) for side in str(text).lower().split("x"))
     except ValueError:
-        raise KontextError(f"size {text!r} is not WIDTHxHEIGHT: write it like 1024x1024") from None
+        raise KontextError(f"size {text!r} is not WIDTHxHEIGHT: write it like 1024x1024", "size",
+                           "invalid_value") from None
     check_size(width, height)
     return width, height
 
@@ -56,13 +57,14 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def check_size(width: int, height: int) -> None:
-    """Refuse an output size that is not a multiple of 16 or lies outside [64, 2048]."""
+    """Refuse an output size that is not a multiple of 16 or lies outside [64, 2048] (param: width or height)."""
     for name, side in (("width", width), ("height", height)):
         if side % MULTIPLE:
             raise KontextError(f"{name} {side} is not a multiple of 16: use {side // MULTIPLE * MULTIPLE} or "
-                               f"{(side // MULTIPLE + 1) * MULTIPLE}")
+                               f"{(side // MULTIPLE + 1) * MULTIPLE}", name, "invalid_value")
         if not MIN_SIDE <= side <= MAX_SIDE:
-            raise KontextError(f"{name} {side} is out of range: use a value from {MIN_SIDE} to {MAX_SIDE}")
+            raise KontextError(f"{name} {side} is out of range: use a value from {MIN_SIDE} to {MAX_SIDE}", name,
+                               "out_of_range")
 
 
 def check_context_size(width: int, height: int, auto_resize: bool = True) -> None:
@@ -71,21 +73,25 @@ def check_context_size(width: int, height: int, auto_resize: bool = True) -> Non
     if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
         size = "small" if min(w, h) < MIN_SIDE else "large"
         raise KontextError(f"the input image is {width}x{height}: too {size} to edit at its own size (--no-auto-resize"
-                           f" needs {MIN_SIDE} to {MAX_SIDE} pixels a side): resize it or drop --no-auto-resize")
+                           f" needs {MIN_SIDE} to {MAX_SIDE} pixels a side): resize it or drop --no-auto-resize",
+                           "image", "out_of_range")
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, or fail with one line naming the file."""
+    """Open an image file as RGB, or fail with one line naming the file (param image; code not_found, out_of_range
+    for a decompression bomb, unsupported_format)."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except FileNotFoundError:
-        raise KontextError(f"image {path} does not exist: pass an existing PNG/JPEG/WebP file") from None
+        raise KontextError(f"image {path} does not exist: pass an existing PNG/JPEG/WebP file", "image",
+                           "not_found") from None
     except Image.DecompressionBombError as exc:
         raise KontextError(f"image {path} is refused as a decompression bomb ({exc}): pass an image of at most "
-                           f"{Image.MAX_IMAGE_PIXELS} pixels") from None
+                           f"{Image.MAX_IMAGE_PIXELS} pixels", "image", "out_of_range") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise KontextError(f"image {path} is unreadable ({exc.__class__.__name__}): pass a valid PNG/JPEG/WebP file") from None
+        raise KontextError(f"image {path} is unreadable ({exc.__class__.__name__}): pass a valid PNG/JPEG/WebP file",
+                           "image", "unsupported_format") from None
 
 
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:

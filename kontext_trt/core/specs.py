@@ -46,10 +46,10 @@ def parse_cache(text: str) -> CacheSpec:
     head, *options = [part.strip() for part in str(text).strip().lower().split(",")]
     policy, _, threshold = head.partition(":")
     if policy not in POLICIES:
-        raise KontextError(f"--cache {text!r}: unknown policy {policy!r}: {hint}")
+        raise KontextError(f"--cache {text!r}: unknown policy {policy!r}: {hint}", "cache", "invalid_value")
     if policy == "off":
         if threshold or options:
-            raise KontextError(f"--cache {text!r}: off takes no threshold or options")
+            raise KontextError(f"--cache {text!r}: off takes no threshold or options", "cache", "invalid_value")
         return CacheSpec()
     fields: dict = {"policy": policy, "threshold": DEFAULT_THRESHOLDS[policy]}
     try:
@@ -62,13 +62,14 @@ def parse_cache(text: str) -> CacheSpec:
             elif key == "coefficients" and policy == "teacache":
                 fields[key] = tuple(float(c) for c in value.split("/"))
             else:
-                raise KontextError(f"--cache {text!r}: unknown option {key!r}: {hint}")
+                raise KontextError(f"--cache {text!r}: unknown option {key!r}: {hint}", "cache", "invalid_value")
     except ValueError:
-        raise KontextError(f"--cache {text!r}: not a number where one belongs: {hint}") from None
+        raise KontextError(f"--cache {text!r}: not a number where one belongs: {hint}", "cache",
+                           "invalid_value") from None
     spec = CacheSpec(**fields)
     if not (spec.threshold >= 0 and spec.warmup >= 1 and spec.cooldown >= 1 and spec.coefficients):
         raise KontextError(f"--cache {text!r}: the threshold must be >= 0 and warmup, cooldown >= 1 (the first and "
-                           "last steps are always computed)")
+                           "last steps are always computed)", "cache", "out_of_range")
     return spec
 
 

@@ -91,6 +91,14 @@ def _sets(root: Path) -> list[tuple[Path, dict]]:
     return [(folder, manifest) for folder, manifest in found if manifest]
 
 
+def _absent(root: Path, folder: Path) -> tuple[str, str]:
+    """(param, code) of a missing engine set: other precisions beside it -> precision; sets for another GPU, SKU or
+    TensorRT version only -> gpu_mismatch; nothing built -> not_found."""
+    if built_precisions(folder.parent):
+        return "precision", "not_found"
+    return ("engines", "gpu_mismatch") if _sets(root) else ("engines", "not_found")
+
+
 def _summary(root: Path) -> str:
     """What engine sets are under root, on one line."""
     sets = []
@@ -134,7 +142,8 @@ def pick_precision(base: Path, precision: str | None) -> str:
         return precision
     built = built_precisions(base)
     if len(built) > 1:
-        raise KontextError(f"{base} holds engine sets in {', '.join(built)}: pass --precision to pick one")
+        raise KontextError(f"{base} holds engine sets in {', '.join(built)}: pass --precision to pick one",
+                           "precision", "missing_argument")
     return built[0] if built else "bf16"
 
 
@@ -154,16 +163,17 @@ def find_engines(engines_dir: Path, sku: Sku | str, flavor_version: str, precisi
     needed = [s for s in stages if s != "vae_encoder" or context]
     sizes = [(width, height), *([context] if context else [])]
 
-    def fail(reason: str, near: dict | None = None) -> KontextError:
+    def fail(reason: str, near: dict | None = None, param: str = "engines", code: str = "not_found") -> KontextError:
         return KontextError(f"no engines for {want}: {reason}; built here: {_summary(root)}; rebuild: "
-                            f"{_rebuild(root, sku, flavor_version, precision, sizes, batch, needed, near)}")
+                            f"{_rebuild(root, sku, flavor_version, precision, sizes, batch, needed, near)}", param,
+                            code)
 
     if manifest is None:
-        raise fail(f"{folder} has no {MANIFEST}")
+        raise fail(f"{folder} has no {MANIFEST}", None, *_absent(root, folder))
     missing = [s for s in needed if s not in manifest.get("stages", {})]
     if missing:
         raise fail(f"stage {', '.join(missing)} not built in {folder}", manifest)
-    outside = []
+    outside, batch_only = [], True
     for stage, axes in profiles.request_axes(width, height, context, batch).items():
         if stage not in needed:
             continue
@@ -172,13 +182,14 @@ def find_engines(engines_dir: Path, sku: Sku | str, flavor_version: str, precisi
             lo, _, hi = entry["axes"].get(axis, (value, value, value))
             if not lo <= value <= hi:
                 outside.append(f"{stage} {axis}={value} outside {lo}..{hi}")
-    if outside:
-        raise fail(", ".join(outside), manifest)
+                batch_only = batch_only and axis == "B"
+    if outside:  # the request's field at fault: n (the batch) or size (output or input image)
+        raise fail(", ".join(outside), manifest, "n" if batch_only else "size", "out_of_range")
     with progress(f"hashing the {len(needed)} plans in {folder} (sha256, checked once against the manifest)"):
         for stage in needed:
             problem = plan_problem(found.plans[stage], manifest["stages"][stage])
             if problem:
-                raise fail(problem, manifest)
+                raise fail(problem, manifest, "engines", "invalid_value")
     # every stage the set has, not only this request's: a text-to-image first request must not leave a later edit
     # (a session's next turn, the server) without its VAE encoder
     plans = {s: found.plans[s] for s in stages if s in found.plans and found.plans[s].is_file()}

@@ -78,15 +78,17 @@ def resolve_sku(name: str, gpu: Gpu | None, why_no_gpu: str = "") -> Sku:
     known = ", ".join(SKUS)
     if name != "auto":
         if name not in SKUS:
-            raise KontextError(f"unknown SKU {name}: use one of {known} (or add it to engines/skus.py)")
+            raise KontextError(f"unknown SKU {name}: use one of {known} (or add it to engines/skus.py)",
+                               "sku", "invalid_value")
         return SKUS[name]
     if gpu is None:
         raise KontextError(f"--sku auto needs a GPU and none was found ({why_no_gpu}): name the GPU the engines "
-                           f"are for, e.g. --sku rtx4090 (one of {known})")
+                           f"are for, e.g. --sku rtx4090 (one of {known})", "sku", "gpu_unavailable")
     sku = sku_for_device_name(gpu.name)
     if sku is None:
         raise KontextError(f"GPU '{gpu.name}' (sm{gpu.sm}, {gpu.memory_gib:.0f} GiB) is not in the SKU table: pass "
-                           f"--sku NAME ({known}) or add it to engines/skus.py")
+                           f"--sku NAME ({known}) or add it to engines/skus.py", "sku", "gpu_mismatch")
     if sku.sm != gpu.sm:
-        raise KontextError(f"GPU '{gpu.name}' reports sm{gpu.sm} but SKU {sku.name} is sm{sku.sm}: fix engines/skus.py")
+        raise KontextError(f"GPU '{gpu.name}' reports sm{gpu.sm} but SKU {sku.name} is sm{sku.sm}: fix engines/skus.py",
+                           "sku", "gpu_mismatch")
     return sku

@@ -42,7 +42,8 @@ def cuda_gpu() -> gpus.Gpu:
         gpu, why = None, f"torch {torch.__version__} sees no CUDA device (a CPU-only torch build?)"
     if gpu is None:
         raise KontextError(f"--engines runs TensorRT engines on an NVIDIA GPU and none is usable here ({why}): run on "
-                           "the GPU the engines were built for, or use --backend onnxruntime --onnx DIR")
+                           "the GPU the engines were built for, or use --backend onnxruntime --onnx DIR",
+                           "engines", "gpu_unavailable")
     return gpu
 
 
@@ -52,7 +53,8 @@ def gpu_sku(name: str, gpu: gpus.Gpu) -> Sku:
     sku = gpus.resolve_sku(name, gpu)
     if sku.sm != gpu.sm:
         raise KontextError(f"--sku {name} engines are for sm{sku.sm} and this GPU ({gpu.name}) is sm{gpu.sm}: use "
-                           f"--sku auto, or build engines for it with kontext-trt build --sku auto")
+                           f"--sku auto, or build engines for it with kontext-trt build --sku auto",
+                           "sku", "gpu_mismatch")
     return sku
 
 
@@ -91,7 +93,7 @@ def select_engines(engines: Path, precision: str | None = None, sku: str = "auto
     if refusal is not None:
         fallback = PRECISION_FALLBACK.get(precision, "fp32")
         raise KontextError(f"{gpu.name} cannot run {precision} engines: {refusal}: run {fallback} engines instead "
-                           f"(--precision {fallback.split()[0]})")
+                           f"(--precision {fallback.split()[0]})", "precision", "gpu_mismatch")
     g = geometry or default_geometry(cache.engine_folder(engines, chosen, api.folder, precision))
     found = cache.find_engines(engines, chosen, api.folder, precision, g.width, g.height, g.batch, g.context, stages)
     return EngineSet(gpu, api, precision, found)

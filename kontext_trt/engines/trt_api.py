@@ -72,18 +72,19 @@ class TrtApi:
 def load_api(flavor: str) -> TrtApi:
     """Import the module of a flavour, or fail with one line saying how to install it."""
     if flavor not in MODULES:
-        raise KontextError(f"unknown backend {flavor}: use one of {', '.join(MODULES)}")
+        raise KontextError(f"unknown backend {flavor}: use one of {', '.join(MODULES)}", "backend", "invalid_value")
     try:
         api = TrtApi(flavor, importlib.import_module(MODULES[flavor]))
     except (ImportError, OSError) as exc:
         raise KontextError(f"{flavor} is not usable here ({exc.__class__.__name__}: {exc}): install it with "
                            f"pip install 'kontext-trt[{EXTRAS[flavor]}]'"
-                           + (" on a host with an NVIDIA driver" if flavor == "tensorrt" else "")) from None
+                           + (" on a host with an NVIDIA driver" if flavor == "tensorrt" else ""),
+                           "backend", "not_installed") from None
     floor = MIN_VERSIONS[flavor]
     if api.version_tuple[:2] < floor:
         raise KontextError(f"{flavor} {api.version} is older than {'.'.join(map(str, floor))}, the oldest that parses "
                            "the exports' ONNX Attention op and runs this project's engines: upgrade it with "
-                           f"pip install 'kontext-trt[{EXTRAS[flavor]}]'")
+                           f"pip install 'kontext-trt[{EXTRAS[flavor]}]'", "backend", "unsupported_version")
     return api
 
 
@@ -154,7 +155,7 @@ def parse_onnx(api: TrtApi, onnx_path: Path) -> Network:
     parser = trt.OnnxParser(network, log)
     if not parser.parse_from_file(str(onnx_path)):
         errors = " | ".join(str(parser.get_error(i)).strip() for i in range(parser.num_errors))
-        raise KontextError(f"{api.flavor} cannot parse {onnx_path}: {errors or log.take()}")
+        raise KontextError(f"{api.flavor} cannot parse {onnx_path}: {errors or log.take()}", "onnx", "invalid_value")
     return Network(builder, network, parser)
 
 
@@ -218,14 +219,16 @@ def check_targets(api: TrtApi, sms: tuple[int, ...], device_sm: int | None) -> l
         if None in names:
             known = ", ".join(n.lower() for n in api.trt.ComputeCapability.__members__ if n.startswith("SM"))
             raise KontextError(f"{api.folder} cannot target sm{sms[names.index(None)]}: it builds for {known}; "
-                               f"use --backend tensorrt for datacenter GPUs")
+                               f"use --backend tensorrt for datacenter GPUs", "target", "gpu_mismatch")
         return names
     if device_sm is None:
         raise KontextError("TensorRT builds an engine on the GPU it will run on and no GPU is present: run the build "
-                           "on that GPU, or use --backend tensorrt-rtx to build RTX engines on this host")
+                           "on that GPU, or use --backend tensorrt-rtx to build RTX engines on this host",
+                           "target", "gpu_unavailable")
     if tuple(sms) != (device_sm,):
         raise KontextError(f"TensorRT builds only for the GPU present (sm{device_sm}), not for "
-                           f"{','.join(f'sm{s}' for s in sms)}: run the build on that GPU or drop --target")
+                           f"{','.join(f'sm{s}' for s in sms)}: run the build on that GPU or drop --target",
+                           "target", "gpu_mismatch")
     return []
 
 
@@ -309,7 +312,7 @@ def load_engine(api: TrtApi, plan_path: Path) -> Any:
         engine = _runtime(api).deserialize_cuda_engine(plan)
     if engine is None:
         raise KontextError(f"{plan_path} does not load with {api.folder}: {_logger(api).take()}; rebuild it with "
-                           f"kontext-trt build")
+                           f"kontext-trt build", "engines", "gpu_mismatch")
     return engine
 
 

@@ -222,20 +222,22 @@ def decode(k: Kontext, x: torch.Tensor, width: int, height: int) -> torch.Tensor
 
 
 def check_request(req: EditRequest) -> None:
-    """Refuse requests the loop cannot run, with one line each."""
+    """Refuse requests the loop cannot run, with one line each naming the request field at fault (param) and a
+    code."""
     if not req.prompts:
-        raise KontextError("no prompt given: pass --prompt \"what to change\"")
+        raise KontextError("no prompt given: pass --prompt \"what to change\"", "prompt", "missing_argument")
     if req.steps < 1:
-        raise KontextError(f"steps must be at least 1, got {req.steps}")
+        raise KontextError(f"steps must be at least 1, got {req.steps}", "steps", "out_of_range")
     if (req.width is None) != (req.height is None):
-        raise KontextError("give both --width and --height, or neither")
+        raise KontextError("give both --width and --height, or neither", "width" if req.width is None else "height",
+                           "missing_argument")
     if req.width is not None:
         im.check_size(req.width, req.height)
     checks.check_finite("--guidance", req.guidance)
     checks.check_finite("--true-cfg", req.true_cfg)
     if req.true_cfg > 1 and req.negative_prompt is None:
         raise KontextError(f"--true-cfg {req.true_cfg} needs a --negative-prompt to push away from: add one, or drop "
-                           "--true-cfg")
+                           "--true-cfg", "true_cfg", "invalid_value")
     checks.check_seed(req.seed)
     for prompt in req.prompts:
         checks.check_text("--prompt", prompt)

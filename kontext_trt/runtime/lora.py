@@ -61,13 +61,15 @@ def lora_file(path: str | Path) -> Path:
         files = sorted(path.glob("*.safetensors"))
         if len(files) != 1:
             raise KontextError(f"{path}: holds {len(files)} .safetensors files and no {DIFFUSERS_FILE}; "
-                               f"pass the LoRA file itself (--lora FILE[:SCALE])")
+                               f"pass the LoRA file itself (--lora FILE[:SCALE])", "lora", "invalid_value")
         return files[0]
     if not path.is_file():
-        raise KontextError(f"{path}: no such LoRA file or folder; pass a .safetensors LoRA (--lora FILE[:SCALE])")
+        raise KontextError(f"{path}: no such LoRA file or folder; pass a .safetensors LoRA (--lora FILE[:SCALE])",
+                           "lora", "not_found")
     if path.suffix != ".safetensors":
         raise KontextError(f"{path}: not a .safetensors file; LoRAs are read from safetensors only (pickled .bin/.pt "
-                           f"files can run code): convert it with safetensors.torch.save_file")
+                           f"files can run code): convert it with safetensors.torch.save_file",
+                           "lora", "unsupported_format")
     return path
 
 
@@ -82,18 +84,21 @@ def read_lora(path: str | Path, scale: float = 1.0) -> Lora:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
             metadata = json.loads((f.metadata() or {}).get(METADATA_KEY) or "null")
     except (SafetensorError, OSError, json.JSONDecodeError) as error:
-        raise KontextError(f"{file}: not a readable safetensors LoRA ({str(error).splitlines()[0]})") from None
+        raise KontextError(f"{file}: not a readable safetensors LoRA ({str(error).splitlines()[0]})",
+                           "lora", "unsupported_format") from None
     sd, alphas = _to_diffusers(file, tensors)
     text = sorted(key for key in sd if key.startswith("text_encoder"))
     if text:
         raise KontextError(f"{file}: holds text-encoder LoRA weights ({text[0]}); only transformer LoRAs are "
-                           f"supported: keep its transformer.* keys and drop the text_encoder* ones")
+                           f"supported: keep its transformer.* keys and drop the text_encoder* ones",
+                           "lora", "unsupported_format")
     if any(key.startswith("transformer.") for key in sd):
         sd = {key.removeprefix("transformer."): t for key, t in sd.items() if key.startswith("transformer.")}
         alphas = {key.removeprefix("transformer."): float(a) for key, a in (alphas or {}).items()}
     config = {key.removeprefix("transformer."): value for key, value in (metadata or {}).items()}
     if config.get("use_dora"):
-        raise KontextError(f"{file}: is a DoRA (use_dora); only plain LoRAs can be fused into engine weights")
+        raise KontextError(f"{file}: is a DoRA (use_dora); only plain LoRAs can be fused into engine weights",
+                           "lora", "unsupported_format")
     return Lora(file, float(scale), _layers(file, sd, alphas or {}, config))
 
 
@@ -102,13 +107,14 @@ def _to_diffusers(file: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict, d
     from diffusers import FluxKontextPipeline
 
     if not tensors:
-        raise KontextError(f"{file}: holds no tensors; pass a LoRA file")
+        raise KontextError(f"{file}: holds no tensors; pass a LoRA file", "lora", "invalid_value")
     try:
         return FluxKontextPipeline.lora_state_dict(tensors, return_alphas=True)
     except (ValueError, KeyError, IndexError, AssertionError, RuntimeError, TypeError) as error:
         detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
         raise KontextError(f"{file}: unknown LoRA key layout ({detail}); supported: diffusers/PEFT, kohya, "
-                           f"ai-toolkit and the other Flux layouts diffusers' load_lora_weights reads") from None
+                           f"ai-toolkit and the other Flux layouts diffusers' load_lora_weights reads",
+                           "lora", "unsupported_format") from None
 
 
 def _layers(file: Path, sd: dict[str, torch.Tensor], alphas: dict[str, float], config: dict) -> dict[str, LoraLayer]:
@@ -118,19 +124,21 @@ def _layers(file: Path, sd: dict[str, torch.Tensor], alphas: dict[str, float], c
         match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)", key)
         if match is None:
             raise KontextError(f"{file}: unknown LoRA key layout ({key} is not a lora_A/lora_B weight); supported: "
-                               f"diffusers/PEFT, kohya, ai-toolkit and the other Flux layouts diffusers reads")
+                               f"diffusers/PEFT, kohya, ai-toolkit and the other Flux layouts diffusers reads",
+                               "lora", "unsupported_format")
         layers[match[1]][match[2]] = tensor
     if not layers:
-        raise KontextError(f"{file}: holds no transformer LoRA weights")
+        raise KontextError(f"{file}: holds no transformer LoRA weights", "lora", "invalid_value")
     default_alpha = collections.Counter(alphas.values()).most_common(1)[0][0] if alphas else None
     out = {}
     for module, parts in layers.items():
         if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
-            raise KontextError(f"{file}: {module} has only one of lora_A/lora_B; the file is incomplete")
+            raise KontextError(f"{file}: {module} has only one of lora_A/lora_B; the file is incomplete",
+                               "lora", "invalid_value")
         down, up = parts["lora_A.weight"], parts["lora_B.weight"]
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
             raise KontextError(f"{file}: {module} has factors {list(down.shape)} and {list(up.shape)}, not "
-                               f"(r, in) and (out, r) of a linear LoRA")
+                               f"(r, in) and (out, r) of a linear LoRA", "lora", "invalid_value")
         rank = down.shape[0]
         alpha = _alpha(module, rank, alphas, default_alpha, config)
         divisor = rank ** 0.5 if config.get("use_rslora") else rank
@@ -161,12 +169,15 @@ def check_fit(loras: Sequence[Lora], shapes: dict[str, tuple[int, ...]]) -> None
             shape = shapes.get(f"{module}.weight")
             if shape is None:
                 raise KontextError(f"{lora.path}: targets {module}, which this checkpoint's transformer does not have "
-                                   f"(or cannot swap); is it a LoRA for FLUX.1 Kontext / FLUX.1 [dev]?")
+                                   f"(or cannot swap); is it a LoRA for FLUX.1 Kontext / FLUX.1 [dev]?",
+                                   "lora", "model_mismatch")
             if (layer.up.shape[0], layer.down.shape[1]) != tuple(shape):
                 raise KontextError(f"{lora.path}: {module} is ({layer.up.shape[0]}, {layer.down.shape[1]}) in the "
-                                   f"LoRA but {tuple(shape)} in this checkpoint; it was made for another model size")
+                                   f"LoRA but {tuple(shape)} in this checkpoint; it was made for another model size",
+                                   "lora", "model_mismatch")
             if layer.bias is not None and f"{module}.bias" not in shapes:
-                raise KontextError(f"{lora.path}: {module} has a LoRA bias but no bias in this checkpoint")
+                raise KontextError(f"{lora.path}: {module} has a LoRA bias but no bias in this checkpoint",
+                                   "lora", "model_mismatch")
 
 
 def fused_weights(loras: Sequence[Lora], base: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -194,7 +205,8 @@ def apply_loras(stage: object, specs: Sequence[LoraSpec]) -> list[Lora]:
     """Set a stage's weights to its base plus these LoRAs (none: back to the base); returns the LoRAs read."""
     if not isinstance(stage, SetsWeights):
         raise KontextError(f"this backend's transformer ({type(stage).__name__}) cannot swap weights; LoRAs run on "
-                           f"the torch and onnxruntime backends and on engines built with `kontext-trt build --refit`")
+                           f"the torch and onnxruntime backends and on engines built with `kontext-trt build --refit`",
+                           "lora", "unsupported_backend")
     loras = read_loras(specs)
     check_fit(loras, stage.weight_shapes())
     stage.set_weights(fused_weights(loras, stage.base_weight))

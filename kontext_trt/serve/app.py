@@ -63,6 +63,10 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(KontextError)
+    async def kontext_error(request: Request, exc: KontextError) -> JSONResponse:
+        return JSONResponse(bad_request(exc.message, exc.param, exc.code).body(), status_code=400)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
@@ -70,7 +74,8 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(bad_request(f"malformed request: {exc.errors()[0].get('msg')}").body(), status_code=400)
+        return JSONResponse(bad_request(f"malformed request: {exc.errors()[0].get('msg')}", code="invalid_body").body(),
+                            status_code=400)
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -86,14 +91,17 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
             form = await request.form(max_part_size=MAX_UPLOAD_BYTES)
         except Exception as exc:  # noqa: BLE001 - a malformed body is the client's fault
             raise bad_request(f"the body is not readable multipart/form-data ({exc}): send the fields as a form "
-                              "with the image as a file") from None
+                              "with the image as a file", code="invalid_body") from None
         files = [value for key in ("image", "image[]") for value in form.getlist(key)]
         if len(files) != 1 or not isinstance(files[0], UploadFile):
-            raise bad_request("send exactly one image file in the `image` field (Kontext edits one image)", "image")
+            raise bad_request("send exactly one image file in the `image` field (Kontext edits one image)", "image",
+                              "invalid_value" if files else "missing_argument")
         if "mask" in form:
-            raise bad_request("mask is not supported: Kontext edits from the instruction alone", "mask")
+            raise bad_request("mask is not supported: Kontext edits from the instruction alone", "mask",
+                              "unsupported_parameter")
         if files[0].size is not None and files[0].size > MAX_UPLOAD_BYTES:
-            raise ApiError(413, f"image is over {MAX_UPLOAD_BYTES >> 20} MiB: send a smaller file", param="image")
+            raise ApiError(413, f"image is over {MAX_UPLOAD_BYTES >> 20} MiB: send a smaller file",
+                           code="file_too_large", param="image")
         image = openai_api.read_image(await files[0].read())
         fields = {key: value for key, value in form.multi_items() if key not in ("image", "image[]")}
         return await answer(openai_api.parse_request(fields, image, runner_max_n(), defaults()), start)
@@ -104,9 +112,9 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
         try:
             body = await request.json()
         except ValueError:
-            raise bad_request("the body is not JSON: send {\"prompt\": \"...\"}") from None
+            raise bad_request("the body is not JSON: send {\"prompt\": \"...\"}", code="invalid_body") from None
         if not isinstance(body, dict):
-            raise bad_request("the body must be a JSON object like {\"prompt\": \"...\"}")
+            raise bad_request("the body must be a JSON object like {\"prompt\": \"...\"}", code="invalid_body")
         return await answer(openai_api.parse_request(body, None, runner_max_n(), defaults()), start)
 
     def defaults() -> dict[str, str]:
@@ -130,8 +138,8 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
         except ContentFlagged as exc:
             metrics.observe_flagged(exc)
             raise openai_api.content_policy_violation(str(exc)) from None
-        except KontextError as exc:
-            raise bad_request(str(exc)) from None
+        except KontextError as exc:  # a request the model cannot run (engine geometry, LoRA): its field and code
+            raise bad_request(exc.message, exc.param, exc.code) from None
         except Exception as exc:  # noqa: BLE001 - one failed request, never a dead server
             log.exception("request failed")
             raise ApiError(500, f"the edit failed: {exc.__class__.__name__}: {exc}", "server_error") from None

@@ -38,9 +38,14 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def bad_request(message: str, param: str | None = None) -> ApiError:
-    """A 400 invalid_request_error."""
-    return ApiError(400, message, param=param)
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
+    """A 400 invalid_request_error: `param` the request field at fault, `code` a stable machine word."""
+    return ApiError(400, message, code=code, param=param)
+
+
+def request_error(exc: KontextError) -> ApiError:
+    """A KontextError as a 400 in the API's words (field_names), with its param and code."""
+    return bad_request(field_names(exc.message), exc.param, exc.code)
 
 
 def content_policy_violation(message: str) -> ApiError:
@@ -81,11 +86,8 @@ def text(value: Any) -> str:
 
 
 def cache_spec(value: Any) -> CacheSpec:
-    """A step-cache spec (core/specs.py)."""
-    try:
-        return parse_cache(text(value))
-    except KontextError as exc:
-        raise ValueError(str(exc)) from None
+    """A step-cache spec (core/specs.py); a bad one raises its KontextError (parse_request answers it as 400)."""
+    return parse_cache(text(value))
 
 
 # Extension fields: name -> (parser, what a valid value looks like). Each becomes the EditRequest field of its name.
@@ -108,44 +110,47 @@ def parse_size(value: Any) -> tuple[int, int] | None:
     try:
         return im.parse_size(value)
     except KontextError as exc:
-        raise bad_request(f"{exc} (or auto)", "size") from None
+        raise bad_request(f"{exc.message} (or auto)", "size", exc.code) from None
 
 
 def parse_request(fields: Mapping[str, Any], image: Image.Image | None, max_n: int = MAX_N,
                   defaults: Mapping[str, Any] | None = None) -> EditRequest:
     """An EditRequest from OpenAI fields plus extensions (`defaults`, the server's, for extensions not sent), or
-    ApiError(400) naming the field at fault."""
+    ApiError(400) naming the field at fault (param) with a code (missing_argument, invalid_value, out_of_range,
+    unknown_parameter, ...)."""
     unknown = set(fields) - {"prompt", "n", "size", "response_format", "output_format", *OPTIONS, *IGNORED}
     if unknown:
         raise bad_request(f"unrecognized field {sorted(unknown)[0]!r}: this server takes prompt, n, size, "
-                          f"response_format and {', '.join(OPTIONS)}", sorted(unknown)[0])
+                          f"response_format and {', '.join(OPTIONS)}", sorted(unknown)[0], "unknown_parameter")
     prompt = fields.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise bad_request("prompt is missing: send the instruction, e.g. prompt=make the sky pink", "prompt")
+        raise bad_request("prompt is missing: send the instruction, e.g. prompt=make the sky pink", "prompt",
+                          "missing_argument")
     if fields.get("response_format", "b64_json") != "b64_json":
         raise bad_request("response_format url is not offered (images are not stored): use b64_json",
-                          "response_format")
+                          "response_format", "unsupported_value")
     if fields.get("output_format", "png") != "png":
-        raise bad_request("output_format: this server returns png only", "output_format")
+        raise bad_request("output_format: this server returns png only", "output_format", "unsupported_format")
     try:
-        n = integer(fields.get("n", 1))
+        n, code = integer(fields.get("n", 1)), "out_of_range"
     except (TypeError, ValueError):
-        n = 0
+        n, code = 0, "invalid_value"
     if not 1 <= n <= max_n:
-        raise bad_request(f"n {fields.get('n')!r} must be an integer from 1 to {max_n}", "n")
+        raise bad_request(f"n {fields.get('n')!r} must be an integer from 1 to {max_n}", "n", code)
     options = dict(defaults or {})
     for name, (parse, looks_like) in OPTIONS.items():
         if name in fields and fields[name] not in (None, ""):
             try:
                 options[name] = parse(fields[name])
-            except (TypeError, ValueError):
-                raise bad_request(f"{name} {fields[name]!r} is invalid: send {looks_like}", name) from None
+            except (TypeError, ValueError, KontextError) as exc:
+                raise bad_request(f"{name} {fields[name]!r} is invalid: send {looks_like}", name,
+                                  getattr(exc, "code", "invalid_value")) from None
     size = parse_size(fields.get("size"))
     req = EditRequest(prompts=[prompt] * n, image=image, width=size and size[0], height=size and size[1], **options)
     try:
         flow.check_request(req)
     except KontextError as exc:
-        raise bad_request(field_names(str(exc))) from None
+        raise request_error(exc) from None
     return req
 
 
@@ -163,7 +168,7 @@ def read_image(data: bytes) -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        raise bad_request("image is not a readable PNG, JPEG or WebP file", "image") from None
+        raise bad_request("image is not a readable PNG, JPEG or WebP file", "image", "unsupported_format") from None
 
 
 def response_body(result: EditResult, sign: Callable[[bytes, str], bytes] | None = None) -> dict:

@@ -28,15 +28,18 @@ def small_edit(k: Kontext) -> EditRequest:
 def lora_set(lora_dir: Path | None, text: str) -> list[tuple[Path, float]]:
     """A request's `lora` value, NAME[:SCALE],..., as (file or folder in lora_dir, scale) pairs."""
     if lora_dir is None:
-        raise KontextError("lora: this server has no LoRAs: start it with --lora-dir DIR to serve named LoRAs")
+        raise KontextError("lora: this server has no LoRAs: start it with --lora-dir DIR to serve named LoRAs",
+                           "lora", "unsupported_parameter")
     loras = []
     for item in (part.strip() for part in text.split(",") if part.strip()):
         name, scale = parse_lora(item)
         if name.name != str(name) or name.name.startswith("."):
-            raise KontextError(f"lora: {str(name)!r} is not a LoRA name: use a name of {available(lora_dir)}")
+            raise KontextError(f"lora: {str(name)!r} is not a LoRA name: use a name of {available(lora_dir)}",
+                               "lora", "invalid_value")
         path = next((p for p in (lora_dir / f"{name}.safetensors", lora_dir / str(name)) if p.exists()), None)
         if path is None:
-            raise KontextError(f"lora: no LoRA named {str(name)!r}: this server has {available(lora_dir)}")
+            raise KontextError(f"lora: no LoRA named {str(name)!r}: this server has {available(lora_dir)}",
+                               "lora", "not_found")
         loras.append((path, scale))
     return loras
 
