@@ -92,7 +92,8 @@ def test_without_gpu_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_dtype_refusals():
-    assert block_timing.dtype_refusal("nvfp4", 90) == "nvfp4 needs sm100 (Blackwell) or later; this GPU is sm90 (Hopper)"
+    hopper = "nvfp4 needs sm100 (Blackwell) or later; this GPU is sm90 (Hopper)"
+    assert block_timing.dtype_refusal("nvfp4", 90) == hopper
     assert block_timing.dtype_refusal("fp8", 80) == "fp8 needs sm89 (Ada) or later; this GPU is sm80 (Ampere)"
     assert block_timing.dtype_refusal("fp8", 90) is None and block_timing.dtype_refusal("bf16", 90) is None
     assert block_timing.dtype_refusal("nvfp4", 100) is None and block_timing.dtype_refusal("nvfp4", 120) is None
