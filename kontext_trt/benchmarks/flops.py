@@ -31,10 +31,36 @@ def branch(n_in: int, n_out: int, rank: int) -> int:
     return 2 * min(rank, n_in, n_out) * (n_in + n_out)
 
 
+def _block_parts(d: int, seq: int) -> tuple[int, int, int]:
+    """Per block and sample: the double block's linear FLOP, the single block's and one attention's (QK^T and PV)."""
+    # double block: adaLN-Zero (6d) for each stream; q, k, v, out and a 4x MLP for each stream on its own tokens
+    double = 2 * linear(d, 6 * d, 1) + linear(d, d, 4 * seq) + 2 * linear(d, MLP_RATIO * d, seq)
+    # single block: adaLN (3d); q, k, v and the MLP in on all tokens; out projection from [attn | mlp] = 5d
+    single = (linear(d, 3 * d, 1) + linear(d, d, 3 * seq) + linear(d, MLP_RATIO * d, seq)
+              + linear((1 + MLP_RATIO) * d, d, seq))
+    return double, single, 4 * seq * seq * d
+
+
+def _config(config: dict) -> dict:
+    """diffusers' defaults overlaid with the config's entries the model reads."""
+    return {**DEFAULTS, **{k: v for k, v in config.items() if k in DEFAULTS}}
+
+
+def block_flops(config: dict, target_tokens: int, context_tokens: int = 0, text_tokens: int = 512,
+                batch: int = 1) -> dict[str, int]:
+    """FLOP of ONE double-stream and ONE single-stream block, each with its own attention (QK^T and PV):
+    {"double", "single"}. num_layers * double + num_single_layers * single is transformer_flops' double + single +
+    attention for the same tokens."""
+    c = _config(config)
+    double, single, attention = _block_parts(c["num_attention_heads"] * c["attention_head_dim"],
+                                             text_tokens + target_tokens + context_tokens)
+    return {"double": batch * (double + attention), "single": batch * (single + attention)}
+
+
 def transformer_flops(config: dict, target_tokens: int, context_tokens: int = 0, text_tokens: int = 512,
                       batch: int = 1, svd_rank: int = 0) -> dict[str, int]:
     """FLOP of one transformer forward, split into embed, double, single, attention, out, svdquant and total."""
-    c = {**DEFAULTS, **{k: v for k, v in config.items() if k in DEFAULTS}}
+    c = _config(config)
     d = c["num_attention_heads"] * c["attention_head_dim"]
     channels_in = c["in_channels"]
     channels_out = c["patch_size"] ** 2 * (c["out_channels"] or channels_in)
@@ -44,12 +70,7 @@ def transformer_flops(config: dict, target_tokens: int, context_tokens: int = 0,
     embed = (linear(channels_in, d, image) + linear(c["joint_attention_dim"], d, text_tokens)
              + time_mlps * (linear(TIMESTEP_CHANNELS, d, 1) + linear(d, d, 1))
              + linear(c["pooled_projection_dim"], d, 1) + linear(d, d, 1))
-    # double block: adaLN-Zero (6d) for each stream; q, k, v, out and a 4x MLP for each stream on its own tokens
-    double = 2 * linear(d, 6 * d, 1) + linear(d, d, 4 * seq) + 2 * linear(d, MLP_RATIO * d, seq)
-    # single block: adaLN (3d); q, k, v and the MLP in on all tokens; out projection from [attn | mlp] = 5d
-    single = (linear(d, 3 * d, 1) + linear(d, d, 3 * seq) + linear(d, MLP_RATIO * d, seq)
-              + linear((1 + MLP_RATIO) * d, d, seq))
-    attention = 4 * seq * seq * d
+    double, single, attention = _block_parts(d, seq)
     out = linear(d, 2 * d, 1) + linear(d, channels_out, image)
     # SVDQuant branch x -> r -> n_out of each NVFP4 layer: double (per stream: 4 d->d, d->4d, 4d->d), single
     # (3 d->d, d->4d, 5d->d); each layer runs on its stream's tokens
