@@ -9,10 +9,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from kontext_trt.assemble import build_pipeline
-from kontext_trt.cli.edit import parse_lora
 from kontext_trt.cli.main import main
 from kontext_trt.core.errors import KontextError
-from kontext_trt.core.specs import LoadSpec
+from kontext_trt.core.specs import LoadSpec, parse_lora
 from kontext_trt.runtime.flow import edit
 from kontext_trt.runtime.lora import read_lora
 

@@ -3,8 +3,8 @@ included), engines that allocate their own scratch, scratch growth and the out-o
 import pytest
 import torch
 
-from kontext_trt.cli import edit as commands
 from kontext_trt.core.errors import KontextError
+from kontext_trt.core.specs import parse_budget
 from kontext_trt.engines import trt_api, trt_pool
 from kontext_trt.engines import trt_stages as ts
 
@@ -84,10 +84,10 @@ def test_out_of_memory_names_the_mode_to_try(fake_engines, monkeypatch, trt_stag
 
 
 def test_budget_argument():
-    assert commands.budget_bytes("8GiB") == 8 * 2**30 and commands.budget_bytes("512m") == 512 * 2**20
-    assert commands.budget_bytes("1000") == 1000 and commands.budget_bytes("auto") == "auto"
+    assert parse_budget("8GiB") == 8 * 2**30 and parse_budget("512m") == 512 * 2**20
+    assert parse_budget("1000") == 1000 and parse_budget("auto") == "auto"
     with pytest.raises(Exception, match="is not a size"):
-        commands.budget_bytes("lots")
+        parse_budget("lots")
 
 
 
