@@ -7,9 +7,10 @@ dtypes, and runs execute_async_v3 on the one stream all stages share, joined to 
 waits: nothing in a call waits on the host, so the denoising loop never synchronises. Every execution context takes
 its scratch from ONE device allocation (runtime.trt_pool), grown to the largest engine's need; a TensorRT-RTX engine
 built for weight streaming allocates its own. Memory modes: all engines resident (default); low_vram, one engine
-resident at a time; and weight streaming of the transformer within a byte budget. Under CUDA graphs a context that is
-not stream capturable after its first run hands capture to TensorRT-RTX (its own graphs): such contexts own fixed
-I/O buffers, bound once, and calls copy in and out. Loading, freeing, growing the scratch and dropping a context
+resident at a time; and weight streaming of the transformer within a byte budget. Under CUDA graphs a TensorRT-RTX
+context that is not stream capturable after its first run hands capture to TensorRT-RTX (its own graphs): such
+contexts own fixed I/O buffers, bound once, and calls copy in and out; an engine that streams weights is never
+captured (graph_refusal). Loading, freeing, growing the scratch and dropping a context
 synchronise; calls don't.
 """
 from __future__ import annotations
