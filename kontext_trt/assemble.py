@@ -155,7 +155,7 @@ def load_engines(engines: Path, precision: str | None = None, sku: str = "auto",
     pool = EnginePool(chosen.api, device, low_vram, weight_budget is not None, found.runtime_cache)
     rebuild = found.manifest.get("command", "kontext-trt build")
     stages = {name: TrtStage(name, found.plans[name], pool, weight_budget if name in STREAMED_STAGES else None,
-                             cuda_graphs and name in GRAPHED_STAGES, rebuild)
+                             cuda_graphs and name in GRAPHED_STAGES, rebuild, onnx)
               for name in names if name in found.plans}
     if not low_vram:
         for name in sorted(stages, key=lambda name: name in STREAMED_STAGES):

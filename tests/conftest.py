@@ -11,6 +11,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")
+def tensorrt_gpu():
+    """(TrtApi, Gpu) that builds and runs engines on this host's GPU, or a skip saying what is missing
+    (engines.select.tensorrt_for_this_gpu: the GPU, its SKU, the TensorRT flavour that runs it, its compute
+    capability; the dev extras bring TensorRT-RTX only, so a datacenter GPU host skips with the install hint)."""
+    from kontext_trt.core.errors import KontextError
+    from kontext_trt.engines.select import tensorrt_for_this_gpu
+
+    try:
+        return tensorrt_for_this_gpu()
+    except KontextError as exc:
+        pytest.skip(f"no GPU with a usable TensorRT here: {exc}")
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """The tiny preset, seed 0, in the diffusers (HF snapshot) layout."""
     from kontext_trt.synth import write_synthetic_checkpoint

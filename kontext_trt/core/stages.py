@@ -123,6 +123,14 @@ class SetsWeights(Protocol):
 
 
 @runtime_checkable
+class SharesWeights(Protocol):
+    """A stage that runs another stage's weights (torch's transformer parts run the transformer's own modules): a
+    LoRA set on that stage (`weights_of`, None: its own) reaches it too."""
+
+    weights_of: str | None
+
+
+@runtime_checkable
 class RefitsWeights(Protocol):
     """A stage whose weights are swapped through another object (a TensorRT engine refit by name)."""
 

@@ -4,7 +4,7 @@ The exporter keeps some parameters under their own name (model.<name>) and folds
 (out, in) weight into a new initializer (val_123, (in, out)) for MatMul. The map is worked out once, at export, by
 content: each parameter's signature (the bits of 3 rows and 3 columns) against the initializers of its shape or its
 transposed shape; a parameter whose signature matches no or several initializers is left out. It is recorded in the
-export manifest (stages.transformer.weights); onnxruntime swaps initializers and TensorRT refits weights (the parser
+export manifest (stages.<transformer or part>.weights); onnxruntime swaps initializers and TensorRT refits weights (the parser
 names them after the initializers) through it.
 """
 from __future__ import annotations
@@ -46,13 +46,16 @@ def param_signatures(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...],
     return out
 
 
-def weight_map(signatures: dict[str, tuple[tuple[int, ...], str]], onnx_path: Path) -> dict[str, dict]:
-    """{diffusers parameter name: {"name": initializer, "transpose": whether it holds the (in, out) transpose}}."""
+def weight_map(signatures: dict[str, tuple[tuple[int, ...], str]], onnx_path: Path,
+               kept: dict[str, str] | None = None) -> dict[str, dict]:
+    """{diffusers parameter name: {"name": initializer, "transpose": whether it holds the (in, out) transpose}}.
+    `kept`: the initializer name the exporter keeps each parameter under when it keeps its own (default
+    model.<name>, the transformer's; a step-cache part's are its module's own names)."""
     model = onnx.load(str(onnx_path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer if t.data_type in FLOATS and len(t.dims) in (1, 2)}
     found, taken = {}, set()
     for name, (shape, _) in signatures.items():  # kept under its own name: no need to read it
-        init = inits.get(PREFIX + name)
+        init = inits.get((kept or {}).get(name, PREFIX + name))
         if init is not None and tuple(init.dims) == shape:
             found[name] = {"name": init.name, "transpose": False}
             taken.add(init.name)
@@ -91,7 +94,7 @@ class OnnxWeights:
 
     def __init__(self, onnx_path: Path, weights: dict[str, dict] | None) -> None:
         if not weights:
-            raise KontextError(f"{onnx_path}: its export manifest has no weight map (stages.transformer.weights), so "
+            raise KontextError(f"{onnx_path}: its export manifest has no weight map for it (its stage's `weights`), so "
                                f"its weights cannot be swapped; re-export it with this version of kontext-trt export")
         self.path, self.map = Path(onnx_path), weights
         model = onnx.load(str(onnx_path), load_external_data=False)
@@ -113,6 +116,19 @@ class OnnxWeights:
         entry = self.map[name]
         value = value.detach().to("cpu", FLOATS[self.inits[entry["name"]].data_type])
         return entry["name"], (value.T if entry["transpose"] else value).contiguous()
+
+    def read_initializer(self, init_name: str) -> torch.Tensor:
+        """Any float initializer of the file by its own name, in its ONNX layout and dtype (mapped or not: a refit
+        also needs the weights TensorRT combined with a mapped one)."""
+        if init_name not in self.inits:
+            model = onnx.load(str(self.path), load_external_data=False)
+            found = next((t for t in model.graph.initializer if t.name == init_name and t.data_type in FLOATS), None)
+            if found is None:
+                raise KontextError(f"{self.path}: has no float initializer {init_name}, which the engine asks for: "
+                                   "rebuild the engine from this export")
+            self.inits[init_name] = found
+        init = self.inits[init_name]
+        return init_bits(init, self.path.parent).view(FLOATS[init.data_type])
 
     def _shape(self, name: str) -> tuple[int, ...]:
         dims = tuple(self.inits[self.map[name]["name"]].dims)

@@ -26,8 +26,9 @@ class Target:
     device_sm: int | None = None
 
 
-# --refit: the stage LoRAs change (engines/refit.py); --weight-streaming: profiles.STREAMED_STAGES
-REFIT_STAGES = ("transformer",)
+# --refit: the stages LoRAs change, the transformer and its step-cache parts (engines/refit.py); --weight-streaming:
+# profiles.STREAMED_STAGES
+REFIT_STAGES = ("transformer", *TRANSFORMER_PARTS)
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,10 @@ def build_engine(onnx_path: Path, profile: profiles.Profile, target: Target,
     monitor = trt_api.progress_monitor(api)  # referenced here until the build returns
     config.progress_monitor = monitor
     trt_api.set_targets(api, config, target.sms, target.device_sm)
-    shapes = net.builder.create_optimization_profile()
+    opt_profile = net.builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.items():
-        shapes.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(shapes)
+        opt_profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(opt_profile)
     if flags.opt_level is not None:
         config.builder_optimization_level = flags.opt_level
     if flags.refit:

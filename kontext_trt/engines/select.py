@@ -47,6 +47,16 @@ def cuda_gpu() -> gpus.Gpu:
     return gpu
 
 
+def tensorrt_for_this_gpu() -> tuple[trt_api.TrtApi, gpus.Gpu]:
+    """(the TensorRT flavour that builds and runs engines on this host's GPU, the GPU), or one line saying what is
+    missing: a GPU torch can use, its SKU, that SKU's flavour installed and new enough (tensorrt for datacenter GPUs,
+    tensorrt-rtx for RTX ones), and that flavour able to target the GPU's compute capability."""
+    gpu = cuda_gpu()
+    api = trt_api.load_api(gpus.resolve_sku("auto", gpu).flavor)
+    trt_api.check_targets(api, (gpu.sm,), gpu.sm)
+    return api, gpu
+
+
 def gpu_sku(name: str, gpu: gpus.Gpu) -> Sku:
     """The SKU whose engines run on this GPU: NVML's ('auto'), or one named, which must be this GPU's architecture
     (an engine runs only on the compute capability it was built for)."""

@@ -103,7 +103,7 @@ def _logger(api: TrtApi) -> Any:
             if int(severity) <= int(trt.ILogger.Severity.ERROR):
                 self.messages.append(msg.strip())
 
-        def take(self) -> str:
+        def _take(self) -> str:
             text, self.messages = " | ".join(self.messages), []
             return text or "no error message from the library"
 
@@ -149,13 +149,13 @@ def build_rules(api: TrtApi, weight_streaming: bool = False) -> BuildRules:
 def parse_onnx(api: TrtApi, onnx_path: Path) -> Network:
     """Parse an ONNX file (external data next to it) into a strongly typed network: precision comes from the ONNX."""
     trt, log = api.trt, _logger(api)
-    log.take()
+    log._take()
     builder = trt.Builder(log)
     network = builder.create_network(build_rules(api).network_flags)
     parser = trt.OnnxParser(network, log)
     if not parser.parse_from_file(str(onnx_path)):
         errors = " | ".join(str(parser.get_error(i)).strip() for i in range(parser.num_errors))
-        raise KontextError(f"{api.flavor} cannot parse {onnx_path}: {errors or log.take()}", "onnx", "invalid_value")
+        raise KontextError(f"{api.flavor} cannot parse {onnx_path}: {errors or log._take()}", "onnx", "invalid_value")
     return Network(builder, network, parser)
 
 
@@ -259,7 +259,7 @@ def build_serialized(api: TrtApi, net: Network, config: Any, what: str) -> memor
     """Build the plan, or fail with one line carrying the library's errors."""
     plan = net.builder.build_serialized_network(net.network, config)
     if plan is None or plan.nbytes == 0:
-        raise KontextError(f"{api.folder} failed to build {what}: {_logger(api).take()}")
+        raise KontextError(f"{api.folder} failed to build {what}: {_logger(api)._take()}")
     return memoryview(plan)
 
 
@@ -279,7 +279,7 @@ def header_validity(api: TrtApi, plan: bytes | memoryview, gpu: bool) -> str:
         return "unchecked: TensorRT checks a plan only by deserializing it"
     runtime = _runtime(api)
     validity, diagnostics = runtime.get_engine_validity(plan[:runtime.engine_header_size])
-    _logger(api).take()  # without a GPU the call logs a CUDA error; the verdict below says it plainly
+    _logger(api)._take()  # without a GPU the call logs a CUDA error; the verdict below says it plainly
     flags = [n for n, f in api.trt.EngineInvalidityDiagnostics.__members__.items() if diagnostics & int(f)]
     if "MALFORMED_ENGINE" in flags:
         return "malformed"
@@ -299,7 +299,7 @@ def inspect_plan(api: TrtApi, plan: bytes | memoryview, gpu: bool) -> dict:
         return info
     engine = _runtime(api).deserialize_cuda_engine(plan)
     if engine is None:
-        info["validity"], info["device_memory_note"] = f"invalid: {_logger(api).take()}", "the plan does not load here"
+        info["validity"], info["device_memory_note"] = f"invalid: {_logger(api)._take()}", "the plan does not load here"
     else:
         info["validity"] = info["validity"] if api.is_rtx else "valid"
         info["device_memory_bytes"] = int(engine.device_memory_size_v2)
@@ -311,7 +311,7 @@ def load_engine(api: TrtApi, plan_path: Path) -> Any:
     with open(plan_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
         engine = _runtime(api).deserialize_cuda_engine(plan)
     if engine is None:
-        raise KontextError(f"{plan_path} does not load with {api.folder}: {_logger(api).take()}; rebuild it with "
+        raise KontextError(f"{plan_path} does not load with {api.folder}: {_logger(api)._take()}; rebuild it with "
                            f"kontext-trt build", "engines", "gpu_mismatch")
     return engine
 
@@ -330,8 +330,8 @@ def create_context(api: TrtApi, engine: Any, runtime_cache: Path | None = None, 
     """An execution context; user_managed: scratch memory comes from context.set_device_memory. TensorRT-RTX only:
     the JIT kernel cache (`cache`, an object shared between contexts, else loaded from runtime_cache), shape-specialized
     kernels compiled at first use (eager_kernels) and the library's own CUDA graphs (native_graphs)."""
-    strategy = api.trt.ExecutionContextAllocationStrategy
-    strategy = strategy.USER_MANAGED if user_managed else strategy.STATIC
+    strategy = (api.trt.ExecutionContextAllocationStrategy.USER_MANAGED if user_managed
+                else api.trt.ExecutionContextAllocationStrategy.STATIC)
     if not api.is_rtx:
         return ExecContext(engine.create_execution_context(strategy))
     config = engine.create_runtime_config()
@@ -351,7 +351,7 @@ def create_context(api: TrtApi, engine: Any, runtime_cache: Path | None = None, 
 
 def take_errors(api: TrtApi) -> str:
     """The errors the library logged since the last call (for one-line messages)."""
-    return _logger(api).take()
+    return _logger(api)._take()
 
 
 def save_runtime_cache(made: ExecContext, runtime_cache: Path) -> None:

@@ -7,9 +7,10 @@ dtypes, and runs execute_async_v3 on the one stream all stages share, joined to 
 waits: nothing in a call waits on the host, so the denoising loop never synchronises. Every execution context takes
 its scratch from ONE device allocation (runtime.trt_pool), grown to the largest engine's need; a TensorRT-RTX engine
 built for weight streaming allocates its own. Memory modes: all engines resident (default); low_vram, one engine
-resident at a time; and weight streaming of the transformer within a byte budget. Under CUDA graphs a context that is
-not stream capturable after its first run hands capture to TensorRT-RTX (its own graphs): such contexts own fixed
-I/O buffers, bound once, and calls copy in and out. Loading, freeing, growing the scratch and dropping a context
+resident at a time; and weight streaming of the transformer within a byte budget. Under CUDA graphs a TensorRT-RTX
+context that is not stream capturable after its first run hands capture to TensorRT-RTX (its own graphs): such
+contexts own fixed I/O buffers, bound once, and calls copy in and out; an engine that streams weights is never
+captured (graph_refusal). Loading, freeing, growing the scratch and dropping a context
 synchronise; calls don't.
 """
 from __future__ import annotations
@@ -65,8 +66,10 @@ class TrtStage:
     """
 
     def __init__(self, name: str, plan: Path, pool: EnginePool, weight_budget: int | str | None = None,
-                 cuda_graphs: bool = False, rebuild: str = "kontext-trt build") -> None:
+                 cuda_graphs: bool = False, rebuild: str = "kontext-trt build", onnx_dir: Path | None = None) -> None:
         self.name, self.plan, self.pool, self.rebuild = name, Path(plan), pool, rebuild
+        self.onnx_dir = onnx_dir  # --onnx: the export the engine was built from (LoRA swaps read its weights)
+        self.weights_target: RefitWeights | None = None  # engines.trt_refit: its LoRA set, set again on each load
         self.weight_budget, self.cuda_graphs = weight_budget, cuda_graphs
         self.input_names, self.output_names = STAGE_IO[name]
         self.engine: Any = None
@@ -143,8 +146,9 @@ class TrtStage:
     def after_first_run(self, shaped: ShapeContext) -> None:
         """Under CUDA graphs on TensorRT-RTX, ask whether a plain context is stream capturable once it has run (its
         answer may change with the first enqueue); if not, RTX captures the graphs itself from now on: every context
-        is dropped and made again with fixed buffers."""
-        if not (self.cuda_graphs and self.pool.api.is_rtx) or self.native_graphs:
+        is dropped and made again with fixed buffers. An engine that streams weights gets no graphs at all (see
+        graph_refusal)."""
+        if not (self.cuda_graphs and self.pool.api.is_rtx) or self.native_graphs or self.streams_weights():
             return
         if not shaped.exec_ctx.is_stream_capturable(self.stream_handle()):
             self.native_graphs = True
@@ -182,9 +186,11 @@ class TrtStage:
                 self.pool.grow_scratch(self.scratch_need)
             self.engine, self.specs = engine, specs
         grown = self.pool.scratch_bytes - scratch
-        self.weights_bytes = max(0, free - device_memory(self.pool.device)[0] - grown)
+        self.weights_bytes = self.resident_weights(engine, max(0, free - device_memory(self.pool.device)[0] - grown))
         self.loads += 1
         self.events += 1
+        if self.weights_target is not None:  # a fresh engine holds the exported weights: its LoRA set goes back on
+            self.weights_target.engine_reloaded()
 
     def new_context(self, shapes: tuple, native_graphs: bool) -> trt_api.ExecContext:
         """An execution context for these input shapes on the shared scratch (unless the engine allocates its own),
@@ -237,6 +243,17 @@ class TrtStage:
                 break
         self.budget_bytes = budget
 
+    def resident_weights(self, engine: Any, measured: int) -> int:
+        """Device bytes of this engine: as measured across its load, but for a streaming engine its weights less the
+        part that streams (EngineStat.TOTAL_WEIGHTS_SIZE, TensorRT 10.14 and TensorRT-RTX): the reading spans budgets
+        that held every weight on the device (the default budget disables streaming, and 'auto' starts from all of
+        them; NvInferRuntime.h: setWeightStreamingBudgetV2 allocates the weights' memory), which the library's memory
+        pool may keep after the budget drops."""
+        if not self.streams_weights():
+            return measured
+        total = int(engine.get_engine_stat(self.pool.api.trt.EngineStat.TOTAL_WEIGHTS_SIZE))
+        return max(0, total - (self.streamable_bytes - self.budget_bytes))
+
     def scratch_growth(self, engine: Any) -> int:
         """Device bytes the engine's scratch takes beyond what the pool holds already (all of it when the engine
         allocates its own)."""
@@ -279,18 +296,35 @@ class TrtStage:
         """The raw CUDA stream the engine runs on."""
         return self.pool.stream.cuda_stream
 
-    def weight_target(self) -> "RefitWeights":
+    def weight_target(self) -> RefitWeights:
         """What swaps this engine's weights (stages.RefitsWeights): its refit by name, made once (engines.trt_refit)."""
         from kontext_trt.engines.trt_refit import weight_target
 
         return weight_target(self)
 
+    def streams_weights(self) -> bool:
+        """Whether the engine streams weights now: a budget below its streamable weights (a budget that covers them
+        all disables streaming: NvInferRuntime.h, ICudaEngine::setWeightStreamingBudgetV2)."""
+        return self.weight_budget is not None and 0 <= self.budget_bytes < self.streamable_bytes
+
     def graph_refusal(self) -> str | None:
-        """Why runtime.cudagraphs must not capture this stage now, or None if it may (asked after a warm-up run)."""
+        """Why runtime.cudagraphs must not capture this stage now, or None if it may (asked after a warm-up run).
+
+        A streaming engine is never captured: TensorRT's enqueueV3 turns synchronous and its graph is not capturable
+        (NvInferRuntime.h, IExecutionContext::enqueueV3, 10.0 to 11.1), and TensorRT-RTX's own ONNX Runtime provider
+        disables CUDA graphs under weight streaming (NVIDIA/TensorRT-RTX-EP-ABI v0.3.0). Only TensorRT-RTX can say
+        whether a context is capturable (IExecutionContext.is_stream_capturable, TensorRT-RTX 1.2; datacenter
+        TensorRT has no such call): there it is asked; on TensorRT the capture is tried, and a failed capture runs
+        eagerly with its reason (runtime.cudagraphs)."""
+        if self.streams_weights():
+            return (f"the {self.name} engine streams weights (budget {self.budget_bytes} of {self.streamable_bytes} "
+                    "streamable bytes): its runs are synchronous and cannot be captured")
         if self.native_graphs:
             return "TensorRT-RTX captures this engine's graphs itself (its contexts are not stream capturable)"
-        latest = next(reversed(self.exec_ctxs.values())).exec_ctx
-        if not latest.is_stream_capturable(self.stream_handle()):
+        if not self.pool.api.is_rtx:
+            return None
+        exec_ctx = next(reversed(self.exec_ctxs.values())).exec_ctx
+        if not exec_ctx.is_stream_capturable(self.stream_handle()):
             return "the execution context is not stream capturable"
         return None
 

@@ -56,8 +56,8 @@ def export_checkpoint(model: str | Path, out: str | Path, stages: tuple[str, ...
     check_request(stages, dtype, opset)
     if loras and set(stages) & set(TRANSFORMER_PARTS):
         raise KontextError("--lora is fused into the single transformer only: export the step-cache parts "
-                           f"({','.join(TRANSFORMER_PARTS)}) without --lora, or run --cache with LoRAs on the torch "
-                           "backend")
+                           f"({','.join(TRANSFORMER_PARTS)}) without --lora and pass the LoRA at run time (edit "
+                           "--lora), which reaches the parts too")
     out = prepare_folder(Path(out))
     ckpt = ck.open_checkpoint(model)
     fingerprint = ck.checkpoint_fingerprint(ckpt)
@@ -89,13 +89,13 @@ def export_stage(ckpt, stage: str, dtype: str, opset: int, out: Path, external_t
     try:
         module = load_stage(ckpt, stage, DTYPES[dtype])
         baked = fuse_into(module.model, loras) if stage == "transformer" else []
-        signatures = param_signatures(module.model) if stage == "transformer" else {}
+        signatures, kept = stage_signatures(stage, module)
         onnx_file.trace(module, stage, ckpt.transformer_config, DTYPES[dtype], opset, tmp)
         del module
         gc.collect()
         entry = finish_stage(tmp, out, stage, dtype, opset, external_threshold)
         if signatures:
-            entry["weights"] = weight_map(signatures, out / entry["file"])
+            entry["weights"] = weight_map(signatures, out / entry["file"], kept)
         if baked:
             entry["loras"] = [lora.describe() for lora in baked]
         return entry
@@ -103,6 +103,20 @@ def export_stage(ckpt, stage: str, dtype: str, opset: int, out: Path, external_t
         raise KontextError(f"{stage}: writing the ONNX failed ({error}); nothing was left in {out}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stage_signatures(stage: str, module: nn.Module) -> tuple[dict, dict[str, str] | None]:
+    """The weight signatures of the transformer or one of its parts, by FluxTransformer2DModel parameter name, and the
+    initializer name the exporter keeps each under when it keeps its own (None: model.<name>, the transformer's);
+    ({}, None) for the other stages. LoRAs and refits find the weights through the map made of them."""
+    if stage == "transformer":
+        return param_signatures(module.model), None
+    if stage not in TRANSFORMER_PARTS:
+        return {}, None
+    from kontext_trt.runtime.transformer_parts import diffusers_names
+
+    names = diffusers_names(stage, module)
+    return {names[n]: sig for n, sig in param_signatures(module).items()}, {names[n]: n for n in names}
 
 
 def finish_stage(tmp: Path, out: Path, stage: str, dtype: str, opset: int, external_threshold: int,

@@ -13,6 +13,7 @@ same tensors every step. Outputs are cloned out of the graph's buffers, so calle
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -24,6 +25,7 @@ from kontext_trt.core.stages import SupportsGraphCapture
 
 Key = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 Call = Callable[[], dict[str, torch.Tensor]]
+log = logging.getLogger(__name__)
 
 # The stage called once per step; the encoders and the VAE run once per edit, where replay saves little.
 GRAPHED_STAGES = ("transformer", "transformer_head", "transformer_body", "transformer_tail")  # parts: --cache
@@ -149,10 +151,17 @@ class GraphedStage:
             self.counts["invalidations"] += 1
         self.epoch = self._stage_epoch()
         if refusal is not None:
+            if refusal not in self.refusals.values():
+                log.warning("CUDA graphs: %s runs eagerly for this input shape: %s", _name(self.stage), refusal)
             self.refusals[key] = refusal
             return None
         self.counts["captures"] += 1
         return Graph(static, outputs, handle, {name: (t, _version(t)) for name, t in inputs.items()})
+
+
+def _name(stage: Any) -> str:
+    """A stage's name for the log (its `name` attribute, else its type)."""
+    return str(getattr(stage, "name", type(stage).__name__))
 
 
 def graphed(stages: dict, names: tuple[str, ...] = GRAPHED_STAGES, max_graphs: int = 8) -> dict:

@@ -13,7 +13,7 @@ from kontext_trt.core import image as im
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.flux_constants import LATENT_CHANNELS, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 from kontext_trt.core.specs import CacheSpec
-from kontext_trt.core.stages import RefitsWeights, Stage
+from kontext_trt.core.stages import Stage
 from kontext_trt.core.text import CLIP_LEN, T5_LEN, tokenize
 from kontext_trt.core.timing import StageTimes, bar
 from kontext_trt.runtime.latents import draw_noise, latent_ids, pack_latents, text_ids, unpack_latents
@@ -85,6 +85,7 @@ class Kontext:
     info: PipelineInfo
     graphs: dict[str, Stage] = field(default_factory=dict)
     times: StageTimes = field(default_factory=StageTimes)
+    lora_refusal: str | None = None  # why the step-cache parts cannot take the LoRAs set (step caching refuses)
 
     def run(self, stage: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Call one stage (its CUDA-graphed stand-in if it has one), timing it."""
@@ -106,13 +107,13 @@ class Kontext:
         return replace(self, graphs=graphs, times=StageTimes(), info=replace(self.info, cuda_graphs=bool(graphs)))
 
     def set_loras(self, loras: list[tuple[str | Path, float]]) -> None:
-        """Swap the transformer's LoRAs, [(file or folder, scale), ...]; [] restores the base weights exactly."""
-        from kontext_trt.runtime.lora import apply_loras
+        """Swap the transformer's LoRAs, [(file or folder, scale), ...]; [] restores the base weights exactly. They
+        reach the single transformer and its step-cache parts alike (TensorRT engines by refit: engines.trt_refit)."""
+        from kontext_trt.runtime.lora import apply_loras, transformer_targets
 
-        stage = self.stages["transformer"]
-        if isinstance(stage, RefitsWeights):  # a TensorRT engine: its weights are refit (engines.trt_refit)
-            stage = stage.weight_target()
-        applied = apply_loras(stage, loras)  # in place: graphs replaying the stage stay valid
+        targets, left_out = transformer_targets(self.stages)
+        applied = apply_loras(targets, loras)  # in place: graphs replaying the stages stay valid
+        self.lora_refusal = left_out if applied else None
         self.info = replace(self.info, loras=tuple(lora.describe() for lora in applied))
 
 

@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 
@@ -180,36 +180,94 @@ def check_fit(loras: Sequence[Lora], shapes: dict[str, tuple[int, ...]]) -> None
                                    "lora", "model_mismatch")
 
 
-def fused_weights(loras: Sequence[Lora], base: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, fused weight) for every weight the LoRAs touch, one at a time: base(name) plus the scaled products,
-    added in float32 on the base weight's device and cast to its dtype once."""
-    targets: dict[str, list[tuple[float, LoraLayer, str]]] = collections.defaultdict(list)
-    for lora in loras:
-        for module, layer in lora.layers.items():
-            targets[f"{module}.weight"].append((lora.scale * layer.scaling, layer, "weight"))
-            if layer.bias is not None:
-                targets[f"{module}.bias"].append((lora.scale * layer.scaling, layer, "bias"))
-    for name, parts in targets.items():
-        weight = base(name)
-        fused = weight.float()
-        for factor, layer, kind in parts:
-            if kind == "weight":
-                delta = layer.up.to(weight.device, torch.float32) @ layer.down.to(weight.device, torch.float32)
-            else:
-                delta = layer.bias.to(weight.device, torch.float32)
-            fused = fused + factor * delta
-        yield name, fused.to(weight.dtype)
+class FusedWeights:
+    """(name, fused weight) for every weight the LoRAs touch (those in `only`, if given), computed one at a time from
+    base(name) plus the scaled products, added in float32 on the base weight's device and cast to its dtype once.
+    Iterating again computes them again from the base; `names` lists them before any is computed (a TensorRT refit
+    plans its batches with it, and replays the set after an engine reload)."""
+
+    def __init__(self, loras: Sequence[Lora], base: Callable[[str], torch.Tensor],
+                 only: Collection[str] | None = None) -> None:
+        self.base = base
+        self.targets: dict[str, list[tuple[float, LoraLayer, str]]] = collections.defaultdict(list)
+        for lora in loras:
+            for module, layer in lora.layers.items():
+                self.targets[f"{module}.weight"].append((lora.scale * layer.scaling, layer, "weight"))
+                if layer.bias is not None:
+                    self.targets[f"{module}.bias"].append((lora.scale * layer.scaling, layer, "bias"))
+        if only is not None:
+            self.targets = {name: parts for name, parts in self.targets.items() if name in only}
+
+    @property
+    def names(self) -> list[str]:
+        """The weights this set changes, in the order they are computed."""
+        return list(self.targets)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, parts in self.targets.items():
+            weight = self.base(name)
+            fused = weight.float()
+            for factor, layer, kind in parts:
+                if kind == "weight":
+                    delta = layer.up.to(weight.device, torch.float32) @ layer.down.to(weight.device, torch.float32)
+                else:
+                    delta = layer.bias.to(weight.device, torch.float32)
+                fused = fused + factor * delta
+            yield name, fused.to(weight.dtype)
 
 
-def apply_loras(stage: object, specs: Sequence[LoraSpec]) -> list[Lora]:
-    """Set a stage's weights to its base plus these LoRAs (none: back to the base); returns the LoRAs read."""
-    if not isinstance(stage, SetsWeights):
-        raise KontextError(f"this backend's transformer ({type(stage).__name__}) cannot swap weights; LoRAs run on "
-                           f"the torch and onnxruntime backends and on engines built with `kontext-trt build --refit`",
-                           "lora", "unsupported_backend")
+def fused_weights(loras: Sequence[Lora], base: Callable[[str], torch.Tensor],
+                  only: Collection[str] | None = None) -> FusedWeights:
+    """The fused weights of these LoRAs over `base` (see FusedWeights)."""
+    return FusedWeights(loras, base, only)
+
+
+def transformer_targets(stages: dict) -> tuple[list[SetsWeights], str | None]:
+    """What a LoRA set on a pipeline must reach: the single transformer and every step-cache part present (a
+    TensorRT engine through its refit), but not a part that runs another stage's modules (torch's parts run the
+    transformer's: stages.SharesWeights). Returns (targets, why the parts are left out): beside a single transformer,
+    parts that cannot swap weights (an export older than their weight maps) are left out with the reason, which
+    step caching then gives; without one, any stage that cannot swap refuses in one line."""
+    from kontext_trt.core.stages import TRANSFORMER_PARTS, RefitsWeights, SharesWeights
+
+    targets, left_out = [], None
+    for name in ("transformer", *TRANSFORMER_PARTS):
+        stage = stages.get(name)
+        if stage is None or isinstance(stage, SharesWeights) and stage.weights_of in stages:
+            continue
+        try:
+            target = stage.weight_target() if isinstance(stage, RefitsWeights) else stage
+            if not isinstance(target, SetsWeights):
+                raise KontextError(f"this backend's {name} ({type(stage).__name__}) cannot swap weights; LoRAs run on "
+                                   "the torch and onnxruntime backends and on engines built with `kontext-trt build "
+                                   "--refit`", "lora", "unsupported_backend")
+            target.weight_shapes()  # refuses, in one line, a stage without a weight map
+        except KontextError as exc:
+            if name == "transformer" or "transformer" not in stages:
+                raise
+            left_out = left_out or f"{name}: {exc}"
+            continue
+        targets.append(target)
+    if not targets:
+        raise KontextError("this pipeline has no transformer to apply LoRAs to", "lora", "unsupported_backend")
+    return targets, left_out
+
+
+def apply_loras(targets: object | Sequence[object], specs: Sequence[LoraSpec]) -> list[Lora]:
+    """Set each target's weights (one stage, or the transformer and its parts) to its base plus these LoRAs (none:
+    back to the base): every LoRA layer must fit one of them, and each gets the layers it holds, fused from its own
+    base; returns the LoRAs read."""
+    targets = list(targets) if isinstance(targets, (list, tuple)) else [targets]
+    for stage in targets:
+        if not isinstance(stage, SetsWeights):
+            raise KontextError(f"this backend's transformer ({type(stage).__name__}) cannot swap weights; LoRAs run "
+                               f"on the torch and onnxruntime backends and on engines built with `kontext-trt build "
+                               f"--refit`", "lora", "unsupported_backend")
     loras = read_loras(specs)
-    check_fit(loras, stage.weight_shapes())
-    stage.set_weights(fused_weights(loras, stage.base_weight))
+    shapes = [stage.weight_shapes() for stage in targets]
+    check_fit(loras, {name: shape for own in shapes for name, shape in own.items()})
+    for stage, own in zip(targets, shapes):
+        stage.set_weights(fused_weights(loras, stage.base_weight, own))
     return loras
 
 

@@ -146,6 +146,10 @@ def step_cache(k: Kontext, spec: CacheSpec, steps: int) -> StepCache | None:
         raise KontextError(f"--cache {spec} runs the split transformer and this pipeline has no {missing[0]}: export "
                            f"it with `kontext-trt export --stages {','.join(TRANSFORMER_PARTS)}` (and build it for "
                            "--engines), or use --cache off")
+    if k.lora_refusal is not None:
+        raise KontextError(f"--cache {spec} runs the transformer's step-cache parts, which cannot take this pipeline's "
+                           f"LoRAs ({k.lora_refusal}); re-export the parts with `kontext-trt export --stages "
+                           f"{','.join(TRANSFORMER_PARTS)}`, or use --cache off")
     return StepCache(spec, steps)
 
 

@@ -78,8 +78,10 @@ class TransformerModule(nn.Module):
 class TorchStage:
     """Adapter: named tensors in, named tensors out, over one of the modules above."""
 
-    def __init__(self, name: str, module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    def __init__(self, name: str, module: nn.Module, device: torch.device | str, dtype: torch.dtype,
+                 weights_of: str | None = None) -> None:
         self.name, self.module, self.device, self.dtype = name, module.eval(), torch.device(device), dtype
+        self.weights_of = weights_of  # stages.SharesWeights: the stage whose modules this one runs
         self.input_names, self.output_names = STAGE_IO[name]
         self.base: dict[str, torch.Tensor] = {}  # host copies of the weights set_weights replaced, as loaded
 
@@ -138,5 +140,6 @@ def torch_stages(ckpt, dtype: torch.dtype = torch.bfloat16, device: str = "cpu")
     from kontext_trt.runtime.transformer_parts import transformer_parts
 
     modules = {name: module.to(device) for name, module in stage_modules(ckpt, dtype).items()}
-    modules.update(transformer_parts(modules["transformer"].model))
-    return {name: TorchStage(name, module, device, dtype) for name, module in modules.items()}
+    parts = transformer_parts(modules["transformer"].model)
+    stages = {name: TorchStage(name, module, device, dtype) for name, module in modules.items()}
+    return {**stages, **{name: TorchStage(name, part, device, dtype, "transformer") for name, part in parts.items()}}

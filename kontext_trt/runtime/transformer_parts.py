@@ -77,3 +77,22 @@ def transformer_parts(model: nn.Module) -> dict[str, nn.Module]:
     """The three parts over one FluxTransformer2DModel, by stage name."""
     return {"transformer_head": TransformerHead(model), "transformer_body": TransformerBody(model),
             "transformer_tail": TransformerTail(model)}
+
+
+def diffusers_names(part: str, module: nn.Module) -> dict[str, str]:
+    """{a part's parameter name: the FluxTransformer2DModel parameter it is}: the head's block is transformer_blocks.0,
+    the body's double_blocks.i is transformer_blocks.(i + 1) and its single_blocks the single_transformer_blocks;
+    every other name is the model's own (the weight maps of the exported parts are keyed by these)."""
+    rules = {"transformer_head": lambda n: "transformer_blocks.0." + n[len("block."):] if n.startswith("block.") else n,
+             "transformer_body": _body_name, "transformer_tail": lambda n: n}
+    return {name: rules[part](name) for name, _ in module.named_parameters()}
+
+
+def _body_name(name: str) -> str:
+    """A body parameter's model name."""
+    if name.startswith("double_blocks."):
+        index, rest = name[len("double_blocks."):].split(".", 1)
+        return f"transformer_blocks.{int(index) + 1}.{rest}"
+    if name.startswith("single_blocks."):
+        return "single_transformer_blocks." + name[len("single_blocks."):]
+    return name

@@ -1,7 +1,6 @@
 """The transformer's three step-cache parts built with TensorRT-RTX on this CPU host (same profiles as the single
 transformer, weight streaming on the body), and run on a GPU with CUDA graphs (skipped without one)."""
 import pytest
-import torch
 
 from kontext_trt.assemble import build_pipeline, load_engines
 from kontext_trt.cli.main import main
@@ -58,8 +57,7 @@ def test_split_refuses_low_vram(built_parts):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (TensorRT engines of the parts)")
-def test_cached_edit_on_engines_with_cuda_graphs(tiny_ckpt, tiny_onnx_split, tmp_path, monkeypatch):
+def test_cached_edit_on_engines_with_cuda_graphs(tensorrt_gpu, tiny_ckpt, tiny_onnx_split, tmp_path, monkeypatch):
     """On a GPU: the parts' engines for this GPU run the cached loop with each part CUDA-graphed; T = 0 matches the
     single transformer engine's edit and a huge T computes only the protected steps."""
     from kontext_trt.runtime.cudagraphs import graphed

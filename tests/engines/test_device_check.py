@@ -96,8 +96,46 @@ def test_detected_gpu_is_torchs_device():
     """On a GPU host: the GPU NVML describes is the one torch runs on (found by its UUID)."""
     import torch
 
+    pytest.importorskip("pynvml", reason="NVML's Python binding (nvidia-ml-py, the trt/rtx/bench extras) is absent")
+
     gpu, why = device.detect_gpu()
     assert gpu is not None, why
     props = torch.cuda.get_device_properties(gpu.cuda_index)
     assert gpu.cuda_index == torch.cuda.current_device() and gpu.sm == 10 * props.major + props.minor
     assert gpu.name == props.name and abs(gpu.memory_gib - props.total_memory / 2**30) < 1
+
+
+@pytest.mark.parametrize("name,sm,modules,message", [
+    ("NVIDIA H100 80GB HBM3", 90, {"tensorrt": None}, "tensorrt is not usable here"),
+    ("NVIDIA GeForce RTX 3080", 86, {}, "'NVIDIA GeForce RTX 3080' (sm86, 24 GiB) is not in the SKU table"),
+    ("NVIDIA GeForce RTX 5090", 120, {"tensorrt_rtx": "no sm120"}, "cannot target sm120"),
+])
+def test_gpu_tests_skip_with_the_reason(monkeypatch, name, sm, modules, message):
+    """What the CUDA tests' tensorrt_gpu fixture skips with: a datacenter GPU with only the dev extras' TensorRT-RTX,
+    a GPU outside the SKU table, a TensorRT-RTX that cannot target the GPU; each one line."""
+    import importlib
+    import types
+
+    import torch
+
+    from kontext_trt.engines import select, trt_api
+
+    monkeypatch.setattr(device, "detect_gpu", lambda cuda_index=None: (device.Gpu(name, sm, 24.0, 0), ""))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.import_module
+
+    def import_module(module, *args):
+        if modules.get(module) is None and module in modules:
+            raise ImportError(f"No module named '{module}'")
+        if modules.get(module) == "no sm120":  # the installed TensorRT-RTX, without SM120 among its targets
+            rtx = real(module)
+            return types.SimpleNamespace(__version__=rtx.__version__, ComputeCapability=types.SimpleNamespace(
+                __members__={n: v for n, v in rtx.ComputeCapability.__members__.items() if n != "SM120"},
+                **{n: v for n, v in rtx.ComputeCapability.__members__.items() if n != "SM120"}))
+        return real(module, *args)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    monkeypatch.setattr(trt_api, "load_api", trt_api.load_api.__wrapped__)  # not the cached real module
+    with pytest.raises(KontextError) as info:
+        select.tensorrt_for_this_gpu()
+    assert message in str(info.value) and "\n" not in str(info.value)

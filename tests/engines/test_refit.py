@@ -51,3 +51,39 @@ def test_refusals(tiny_onnx, tmp_path, change, message):
     with pytest.raises(KontextError, match=message) as info:
         refit.refittable_names(folder / "transformer" / "model.onnx")
     assert "\n" not in str(info.value)
+
+
+def test_every_part_weight_is_a_parser_weight_name(tiny_onnx_split):
+    """The step-cache parts' weight maps name the weights TensorRT-RTX's parser makes of each part."""
+    from kontext_trt.core.stages import TRANSFORMER_PARTS
+
+    api = trt_api.load_api("tensorrt-rtx")
+    manifest = json.loads((tiny_onnx_split / "manifest.json").read_text())
+    for part in TRANSFORMER_PARTS:
+        path = tiny_onnx_split / manifest["stages"][part]["file"]
+        net = trt_api.parse_onnx(api, path)
+        names = refit.refittable_names(path)
+        assert names and refit.mark_refittable(api, net.network, net.builder.create_builder_config(), path) == len(
+            names)
+
+
+def test_refit_builds_mark_the_parts_refittable(tiny_onnx_split, fake_tensorrt, monkeypatch, tmp_path):
+    """build --refit on datacenter TensorRT (a stand-in module here): the transformer and each part are built
+    refittable with exactly their mapped weights; the encoders are not."""
+    from kontext_trt.core.stages import TRANSFORMER_PARTS
+    from kontext_trt.engines import build, cache
+    from kontext_trt.engines.profiles import Shapes
+    from kontext_trt.engines.skus import SKUS
+
+    trt = fake_tensorrt("10.14.1.48")
+    monkeypatch.setattr(trt_api, "load_api", lambda flavor: trt_api.TrtApi("tensorrt", trt))
+    stages = ("clip", "transformer", *TRANSFORMER_PARTS)
+    folder, built = build.build_set(build.BuildRequest(
+        onnx_dir=tiny_onnx_split, out=tmp_path, sku=SKUS["h100-sxm"], target=build.Target("tensorrt", (90,), 90),
+        shapes=Shapes(((64, 64),), (1, 1)), stages=stages, flags=build.BuildFlags(refit=True)))
+    manifest = cache.read_engine_manifest(folder)
+    assert built == list(stages)
+    assert {s: manifest["stages"][s]["flags"]["refit"] for s in stages} == {s: s != "clip" for s in stages}
+    export = json.loads((tiny_onnx_split / "manifest.json").read_text())["stages"]
+    marked = {name for kind, name in trt._calls if kind == "refittable"}
+    assert marked == {w["name"] for s in ("transformer", *TRANSFORMER_PARTS) for w in export[s]["weights"].values()}

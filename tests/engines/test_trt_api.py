@@ -30,7 +30,7 @@ def test_trt10_and_trt11_build_rules(fake_tensorrt):
     rtx = trt_api.load_api("tensorrt-rtx")
     assert not trt10.strongly_typed_only and trt11.strongly_typed_only and not rtx.strongly_typed_only
     assert trt_api.build_rules(trt10).network_flags == 1 << 5  # STRONGLY_TYPED asked for
-    assert trt_api.build_rules(trt11).network_flags == 0  # always strongly typed; the flag is gone
+    assert trt_api.build_rules(trt11).network_flags == 0  # always strongly typed: the flag is deprecated
     assert trt_api.build_rules(rtx).network_flags == 1 << int(rtx.trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     for api in (trt10, trt11):
         rules = trt_api.build_rules(api)
@@ -42,17 +42,17 @@ def test_trt10_and_trt11_build_rules(fake_tensorrt):
 @pytest.mark.parametrize("version", ["10.14.1.48", "11.1.0.5"])
 def test_build_path_runs_on_trt10_and_trt11(fake_tensorrt, monkeypatch, tmp_path, version):
     """build_engine end to end on a stand-in module: the network flags each version wants, no precision flags,
-    TF32 cleared, the profile set; TensorRT 11's module has no STRONGLY_TYPED or FP16/BF16 attribute to touch."""
+    TF32 cleared, the profile set; TensorRT 11's fake has no STRONGLY_TYPED (deprecated) or FP16/BF16 to touch."""
     trt = fake_tensorrt(version)
     api = trt_api.TrtApi("tensorrt", trt)
     monkeypatch.setattr(trt_api, "load_api", lambda flavor: api)
     flags = build.BuildFlags(weight_streaming=True)  # refit: tests/engines/test_refit.py (it needs an export's map)
     plan = build.build_engine(tmp_path / "clip.onnx", PROFILE, build.Target("tensorrt", (90,), 90), flags)
     assert bytes(plan) == b"plan"
-    assert trt.calls[0] == ("create_network", 0 if version.startswith("11") else 1 << 5)
-    assert ("clear_flag", "TF32") in trt.calls and ("set_flag", "WEIGHT_STREAMING") in trt.calls
-    assert not {name for kind, name in trt.calls if kind == "set_flag"} & {"FP16", "BF16", "INT8", "FP8"}
-    assert ("profile", PROFILE) in trt.calls
+    assert trt._calls[0] == ("create_network", 0 if version.startswith("11") else 1 << 5)
+    assert ("clear_flag", "TF32") in trt._calls and ("set_flag", "WEIGHT_STREAMING") in trt._calls
+    assert not {name for kind, name in trt._calls if kind == "set_flag"} & {"FP16", "BF16", "INT8", "FP8"}
+    assert ("profile", PROFILE) in trt._calls
 
 
 def attention_onnx(path: Path, dtype: int, head: int) -> Path:

@@ -98,3 +98,60 @@ def test_empty_or_incomplete_folders(tmp_path):
         calib_data.calibration_pairs(tmp_path, 4)
     with pytest.raises(KontextError, match="does not exist"):
         calib_data.calibration_pairs(tmp_path / "missing", 4)
+
+
+MODELOPT_LIST_FORM = (0, 44)  # ModelOpt CHANGELOG 0.44: quant_cfg is an ordered list of QuantizerCfgEntry dicts
+
+
+def test_modelopt_floor_is_the_first_release_taking_the_list_form():
+    """pyproject's floor is the release whose QuantizeConfig takes the list form modelopt_config passes (0.43 typed
+    quant_cfg as a dict)."""
+    import re
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    (req,) = [r for r in extras["quant"] if r.startswith("nvidia-modelopt")]
+    floor = tuple(int(x) for x in re.search(r">=\s*([\d.]+)", req)[1].split("."))
+    assert floor[:2] == MODELOPT_LIST_FORM
+    assert tuple(int(x) for x in version("nvidia-modelopt").split(".")[:2]) >= floor[:2]
+
+
+def test_installed_modelopt_takes_the_recipe_config(transformer):
+    """The config the calibration passes validates as is (no dict-form conversion or its DeprecationWarning), and
+    mtq.quantize on a small model calibrates exactly the quantizers the recipe names."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    from modelopt.torch.quantization.config import QuantizeConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        parsed = QuantizeConfig.model_validate(rc.modelopt_config(rc.make_recipe(transformer, "nvfp4", "fp8")))
+    assert isinstance(parsed.quant_cfg, list) and parsed.algorithm == "max"
+
+    class Small(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(32, 32), nn.Linear(32, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    recipe = rc.Recipe("nvfp4", "bf16", {"a": "nvfp4", "b": "fp8", "c": None}, [])
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    model = Small()
+    with torch.no_grad():
+        b_input = model.a(x).abs().max().item()  # calibration sees b's input unquantized
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        model = mtq.quantize(model, rc.modelopt_config(recipe), lambda m: m(x))
+    assert model.a.input_quantizer.is_enabled and model.a.input_quantizer.block_sizes[-1] == 16
+    assert model.b.input_quantizer.is_enabled and model.b.input_quantizer.num_bits == (4, 3)
+    assert float(model.b.input_quantizer.amax) == pytest.approx(b_input, rel=1e-6)
+    assert not model.c.input_quantizer.is_enabled and not model.a.weight_quantizer.is_enabled

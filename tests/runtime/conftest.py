@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kontext_trt.engines.fake_trt import FakeContext, FakeEngine, FakeRtxContext, FakeStream
+
 # diffusers module names the test LoRAs adapt, each with its kohya (BFL-named) key; q/k/v go into one fused qkv.
 DOUBLE = {"attn.to_out.0": "img_attn_proj", "attn.to_add_out": "txt_attn_proj", "ff.net.0.proj": "img_mlp_0",
           "ff.net.2": "img_mlp_2", "ff_context.net.0.proj": "txt_mlp_0", "ff_context.net.2": "txt_mlp_2"}
@@ -119,7 +121,7 @@ def lora_request():
     return request()
 
 
-# --- TensorRT stage fakes ---------------------------------------------------------------------------------------
+# --- TensorRT stage fakes (kontext_trt/engines/fake_trt.py) ----------------------------------------------------
 # A CPU host builds TensorRT-RTX plans but cannot deserialize them (the runtime needs a CUDA driver), so the engine
 # in the TensorRT stage tests is a stand-in exposing ICudaEngine's I/O surface from what this host does know of the
 # built engine: its TensorRT-RTX network (tensor names, dtypes, dynamic axes) and the profile the manifest records.
@@ -148,82 +150,21 @@ def trt_manifest(trt_engines) -> dict:
     return cache.read_engine_manifest(trt_engines / "rtx4090-sm89" / trt_api.load_api("tensorrt-rtx").folder / "fp32")
 
 
-class FakeEngine:
-    """ICudaEngine's I/O surface from the stage's TensorRT-RTX network and the engine manifest's profile. Its scratch
-    need is `scratch` plus `streaming_scratch(budget)` once a weight-streaming budget is set."""
+def rtx_engine(onnx_path, entry: dict, scratch: int = 4096, streamable: int = 0) -> FakeEngine:
+    """A FakeEngine with the I/O of the stage's TensorRT-RTX network and the engine manifest's profile."""
+    from kontext_trt.engines import trt_api
 
-    def __init__(self, onnx_path, entry: dict, scratch: int = 4096, streamable: int = 0) -> None:
-        from kontext_trt.engines import trt_api
-
-        self.api = trt_api.load_api("tensorrt-rtx")
-        net = trt_api.parse_onnx(self.api, onnx_path).network
-        tensors = [*map(net.get_input, range(net.num_inputs)), *map(net.get_output, range(net.num_outputs))]
-        self.io = {t.name: (t.is_network_input, t.dtype, tuple(t.shape)) for t in tensors}
-        self.profile, self.scratch, self.streamable_weights_size = entry["profile"], scratch, streamable
-        self.weight_streaming_budget_v2, self.num_io_tensors, self.capturable = -1, len(self.io), True
-        self.streaming_scratch = lambda budget: 0
-
-    @property
-    def device_memory_size_v2(self) -> int:
-        budget = self.weight_streaming_budget_v2
-        return self.scratch + (self.streaming_scratch(budget) if budget >= 0 else 0)
-
-    def get_tensor_name(self, index):
-        return list(self.io)[index]
-
-    def get_tensor_mode(self, name):
-        return self.api.trt.TensorIOMode.INPUT if self.io[name][0] else self.api.trt.TensorIOMode.OUTPUT
-
-    def get_tensor_dtype(self, name):
-        return self.io[name][1]
-
-    def get_tensor_shape(self, name):
-        return self.io[name][2]
-
-    def get_tensor_profile_shape(self, name, index):
-        return [self.profile[name][key] for key in ("min", "opt", "max")]
+    api = trt_api.load_api("tensorrt-rtx")
+    net = trt_api.parse_onnx(api, onnx_path).network
+    tensors = [*map(net.get_input, range(net.num_inputs)), *map(net.get_output, range(net.num_outputs))]
+    io = {t.name: (t.is_network_input, t.dtype, tuple(t.shape)) for t in tensors}
+    return FakeEngine(api.trt, io, entry["profile"], scratch, streamable)
 
 
-class FakeContext:
-    """An execution context that records what the stage sets, infers the two stages' output shapes and counts its
-    runs. capturable: True, False, or "after_run" (not stream capturable until its first enqueue)."""
-
-    def __init__(self, engine, capturable: bool | str = True, native_graphs: bool = False) -> None:
-        self.engine, self.capturable, self.native_graphs = engine, capturable, native_graphs
-        self.shapes, self.addresses, self.memory, self.runs, self.bindings = {}, {}, None, 0, 0
-
-    def set_device_memory(self, ptr, size):
-        self.memory = (ptr, size)
-
-    def set_input_shape(self, name, shape):
-        self.shapes[name] = tuple(shape)
-        return True
-
-    def set_tensor_address(self, name, ptr):
-        self.addresses[name] = ptr
-        self.bindings += 1
-
-    def get_tensor_shape(self, name):
-        if name == "latent":
-            return self.shapes["hidden_states"]
-        b, _, h, w = self.shapes["latent"]
-        return (b, 3, 8 * h, 8 * w)
-
-    def is_stream_capturable(self, stream):
-        return self.runs > 0 if self.capturable == "after_run" else self.capturable
-
-    def execute_async_v3(self, stream):
-        self.runs += 1
-        return True
-
-
-class FakeStream:
-    """torch.cuda.Stream's ordering surface, for stage calls on a CPU host."""
-
-    cuda_stream = 7
-
-    def wait_stream(self, other):
-        pass
+@pytest.fixture
+def make_rtx_engine():
+    """Makes FakeEngines of a stage's ONNX: make_rtx_engine(onnx_path, {"profile": ...}, scratch, streamable)."""
+    return rtx_engine
 
 
 @pytest.fixture
@@ -232,14 +173,15 @@ def fake_engines(tiny_onnx, trt_manifest, monkeypatch):
     calls run on FakeStreams. .contexts: the create_context options of each context made, .made: the contexts."""
     from kontext_trt.engines import trt_api
 
-    made = {"transformer": FakeEngine(tiny_onnx / "transformer/model.onnx", trt_manifest["stages"]["transformer"]),
-            "vae_decoder": FakeEngine(tiny_onnx / "vae_decoder/model.onnx", trt_manifest["stages"]["vae_decoder"],
+    made = {"transformer": rtx_engine(tiny_onnx / "transformer/model.onnx", trt_manifest["stages"]["transformer"]),
+            "vae_decoder": rtx_engine(tiny_onnx / "vae_decoder/model.onnx", trt_manifest["stages"]["vae_decoder"],
                                       1024)}
     calls, contexts = [], []
 
     def create_context(api, engine, runtime_cache=None, **options):
         calls.append(options)
-        contexts.append(FakeContext(engine, engine.capturable, options.get("native_graphs", False)))
+        fake = FakeRtxContext if api.is_rtx else FakeContext  # datacenter TensorRT has no is_stream_capturable
+        contexts.append(fake(engine, options.get("native_graphs", False)))
         return trt_api.ExecContext(contexts[-1])
 
     monkeypatch.setattr(trt_api, "load_engine", lambda api, path: made[path.stem])

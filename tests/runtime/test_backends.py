@@ -9,7 +9,6 @@ import torch
 
 from kontext_trt.assemble import build_pipeline
 from kontext_trt.core import image as im
-from kontext_trt.core.errors import KontextError
 from kontext_trt.core.specs import LoadSpec
 from kontext_trt.runtime.flow import EditRequest, edit
 from kontext_trt.runtime.session import EditSession
@@ -28,18 +27,11 @@ def make_request(prompts, size=(None, None), image=None) -> EditRequest:
                        auto_resize=False)
 
 
-def tensorrt_kontext(onnx, root):
+def tensorrt_kontext(request, onnx, root):
     """The tiny engines built for this GPU (strict fp32: no TF32) and loaded, or a skip saying what is missing."""
     from kontext_trt.cli.main import main
-    from kontext_trt.engines import device, trt_api
 
-    gpu, why = device.detect_gpu()
-    if gpu is None or not torch.cuda.is_available():
-        pytest.skip(f"tensorrt needs an NVIDIA GPU: {why or 'torch sees no CUDA device'}")
-    try:
-        trt_api.load_api(device.resolve_sku("auto", gpu, why).flavor)
-    except KontextError as exc:
-        pytest.skip(f"tensorrt: {exc}")
+    request.getfixturevalue("tensorrt_gpu")  # skips without a GPU and the TensorRT flavour that runs it
     with pytest.MonkeyPatch.context() as env:
         env.setenv("NVIDIA_TF32_OVERRIDE", "0")  # TF32 (on by default) would cost the 1e-4 parity
         assert main(["build", "--onnx", str(onnx), "--out", str(root), "--sizes", "64x64,80x64,96x64",
@@ -81,7 +73,7 @@ def backend(request, tiny_ckpt, reference, tmp_path_factory):
             pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
             yield build_pipeline(LoadSpec(None, backend="onnxruntime", onnx=request.getfixturevalue("tiny_onnx")))
         else:
-            yield tensorrt_kontext(request.getfixturevalue("tiny_onnx"), tmp_path_factory.mktemp("engines"))
+            yield tensorrt_kontext(request, request.getfixturevalue("tiny_onnx"), tmp_path_factory.mktemp("engines"))
 
 
 @pytest.mark.parametrize("prompts,size", REQUESTS)

@@ -12,11 +12,8 @@ from kontext_trt.runtime.flow import edit
 def refit_kontext(request, tmp_path_factory):
     """The tiny engines built for this GPU with --refit (GPU checked first, before any fixture is made)."""
     from kontext_trt.cli.main import main
-    from kontext_trt.engines import device
 
-    gpu, why = device.detect_gpu()
-    if gpu is None or not torch.cuda.is_available():
-        pytest.skip(f"refit runs a TensorRT engine and needs an NVIDIA GPU: {why or 'torch sees no CUDA device'}")
+    request.getfixturevalue("tensorrt_gpu")  # skips, saying why, without a GPU and the TensorRT that runs it
     tiny_onnx = request.getfixturevalue("tiny_onnx")
     root = tmp_path_factory.mktemp("engines")
     with pytest.MonkeyPatch.context() as env:

@@ -97,7 +97,7 @@ def test_auto_budget_lowered_when_the_streaming_scratch_grows(fake_engines, trt_
     free = ts.AUTO_HEADROOM + 4096 + 9_000
     monkeypatch.setattr(ts, "device_memory", lambda device: (free, 8 * 2**30))
     engine = fake_engines.engines["transformer"]
-    engine.streamable_weights_size, engine.streaming_scratch = 10_000, lambda budget: 2_000 if budget < 10_000 else 0
+    engine.streamable_weights_size, engine._streaming_scratch = 10_000, lambda budget: 2_000 if budget < 10_000 else 0
     s = trt_stages(trt_pool.EnginePool(API, torch.device("cpu")), transformer={"weight_budget": "auto"})
     s["transformer"].pool.admit(s["transformer"])
     budget, need = s["transformer"].budget_bytes, s["transformer"].scratch_need
@@ -114,10 +114,10 @@ def test_rtx_streaming_engine_allocates_its_own_scratch(fake_engines, trt_stages
     pool.admit(s["vae_decoder"])
     pool.admit(s["transformer"])
     shaped, _ = s["transformer"].prepare(transformer_inputs())
-    assert fake_engines.contexts[-1]["user_managed"] is False and shaped.exec_ctx.memory is None
+    assert fake_engines.contexts[-1]["user_managed"] is False and shaped.exec_ctx._memory is None
     assert pool.scratch_bytes == 1024 and s["transformer"].memory_stats()["own_scratch"] == 1
     pool.grow_scratch(2048)  # the shared scratch moves: the streaming engine's context is not touched
-    assert shaped.exec_ctx.memory is None and s["transformer"].exec_ctxs
+    assert shaped.exec_ctx._memory is None and s["transformer"].exec_ctxs
 
 
 def test_built_for_streaming_but_nothing_streams(fake_engines, trt_stages):

@@ -57,12 +57,12 @@ def test_one_shared_scratch_sized_to_the_largest_engine(fake_engines, trt_manife
     shaped, outputs = s["transformer"].prepare(inputs)
     ctx = shaped.exec_ctx
     assert pool.scratch_bytes == 4096 and pool.moves == 2
-    memory = {c.exec_ctx.memory for st in s.values() for c in st.exec_ctxs.values()}
+    memory = {c.exec_ctx._memory for st in s.values() for c in st.exec_ctxs.values()}
     assert memory == {(pool.scratch.data_ptr(), 4096)}
     assert all(opts["user_managed"] and opts["eager_kernels"] for opts in fake_engines.contexts)
-    assert ctx.shapes["hidden_states"] == (2, 40, 64) and outputs["latent"].shape == (2, 40, 64)
-    assert ctx.addresses["latent"] == outputs["latent"].data_ptr()
-    assert ctx.addresses["img_ids"] == inputs["img_ids"].data_ptr()  # float32 already: bound in place
+    assert ctx._shapes["hidden_states"] == (2, 40, 64) and outputs["latent"].shape == (2, 40, 64)
+    assert ctx._addresses["latent"] == outputs["latent"].data_ptr()
+    assert ctx._addresses["img_ids"] == inputs["img_ids"].data_ptr()  # float32 already: bound in place
     stats = s["transformer"].memory_stats()
     assert stats["shared_scratch_bytes"] == 4096 and stats["scratch_need_bytes"] == 4096 and stats["resident"] == 1
     assert stats["engine_bytes"] == trt_manifest["stages"]["transformer"]["engine_bytes"]
@@ -100,7 +100,7 @@ def test_low_vram_keeps_one_engine_and_invalidates_graphs(fake_engines, trt_stag
 
 def graphed_transformer(fake_engines, trt_stages, capturable):
     """A transformer stage under CUDA graphs on TensorRT-RTX whose contexts answer is_stream_capturable so."""
-    fake_engines.engines["transformer"].capturable = capturable
+    fake_engines.engines["transformer"]._capturable = capturable
     pool = trt_pool.EnginePool(API, torch.device("cpu"))
     return trt_stages(pool, transformer={"cuda_graphs": True})["transformer"]
 
@@ -122,18 +122,18 @@ def test_rtx_context_not_capturable_uses_native_graphs_with_fixed_buffers(fake_e
     inputs = transformer_inputs()
     s(**inputs)
     (shaped,) = s.exec_ctxs.values()
-    exec_ctx, bindings = shaped.exec_ctx, shaped.exec_ctx.bindings
-    assert fake_engines.contexts[-1]["native_graphs"] and exec_ctx.runs == 1
-    addresses = dict(exec_ctx.addresses)
+    exec_ctx, bindings = shaped.exec_ctx, shaped.exec_ctx._bindings
+    assert fake_engines.contexts[-1]["native_graphs"] and exec_ctx._runs == 1
+    addresses = dict(exec_ctx._addresses)
     assert addresses == {name: b.data_ptr() for name, b in shaped.buffers.items()}  # every binding: its own buffer
     for step in range(3):  # every denoising step: copied into the same buffers, nothing re-bound
         inputs = transformer_inputs()
         out = s(**inputs)
-        assert exec_ctx.addresses == addresses and exec_ctx.bindings == bindings and exec_ctx.runs == step + 2
+        assert exec_ctx._addresses == addresses and exec_ctx._bindings == bindings and exec_ctx._runs == step + 2
         assert torch.equal(shaped.buffers["hidden_states"], inputs["hidden_states"].float())
         assert out["latent"].data_ptr() != shaped.buffers["latent"].data_ptr()  # a copy: the next call overwrites
     s(**transformer_inputs(32))  # another shape: another context with buffers of its own
-    assert len(s.exec_ctxs) == 2 and fake_engines.made[-1].addresses["hidden_states"] != addresses["hidden_states"]
+    assert len(s.exec_ctxs) == 2 and fake_engines.made[-1]._addresses["hidden_states"] != addresses["hidden_states"]
 
 
 def test_scratch_move_repoints_plain_contexts_and_drops_native_ones(fake_engines, trt_stages, transformer_inputs):
@@ -150,4 +150,4 @@ def test_scratch_move_repoints_plain_contexts_and_drops_native_ones(fake_engines
     pool.grow_scratch(pool.scratch_bytes + 512)
     assert not s.exec_ctxs and s.graph_epoch != epoch  # RTX's graph held the old scratch: captured afresh later
     (plain,) = decoder.exec_ctxs.values()
-    assert plain.exec_ctx.memory == (pool.scratch.data_ptr(), pool.scratch_bytes)
+    assert plain.exec_ctx._memory == (pool.scratch.data_ptr(), pool.scratch_bytes)
