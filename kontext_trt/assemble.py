@@ -20,6 +20,7 @@ from kontext_trt.core.errors import KontextError
 from kontext_trt.core.export_manifest import ExportManifest
 from kontext_trt.core.specs import LoadSpec
 from kontext_trt.core.stages import SPLIT_STAGE_NAMES, STAGE_NAMES, Stage
+from kontext_trt.engines.cache import EngineManifest
 from kontext_trt.engines.select import Geometry, select_engines
 from kontext_trt.runtime.cudagraphs import GRAPHED_STAGES, graphed
 from kontext_trt.runtime.flow import EditRequest, Kontext, KontextConfig, PipelineInfo, output_size
@@ -153,14 +154,14 @@ def load_engines(engines: Path, precision: str | None = None, sku: str = "auto",
     tokenizers, config = engine_tokenizers_and_config(found.manifest, onnx, model)
     device = torch.device("cuda", chosen.gpu.cuda_index)  # the device whose SKU was detected
     pool = EnginePool(chosen.api, device, low_vram, weight_budget is not None, found.runtime_cache)
-    rebuild = found.manifest.get("command", "kontext-trt build")
+    rebuild = found.manifest.command
     stages = {name: TrtStage(name, found.plans[name], pool, weight_budget if name in STREAMED_STAGES else None,
                              cuda_graphs and name in GRAPHED_STAGES, rebuild, onnx)
               for name in names if name in found.plans}
     if not low_vram:
         for name in sorted(stages, key=lambda name: name in STREAMED_STAGES):
             pool.admit(stages[name])
-    checkpoint = (found.manifest.get("checkpoint_fingerprint") or "")[:16] or None
+    checkpoint = (found.manifest.checkpoint_fingerprint or "")[:16] or None
     info = PipelineInfo(chosen.api.flavor, chosen.precision, chosen.precision, checkpoint, str(found.folder), pool.mode)
     return assemble(stages, tokenizers, config, device, info, cuda_graphs)
 
@@ -172,16 +173,16 @@ def export_tokenizers(folder: Path, manifest: ExportManifest) -> Tokenizers:
     return load_tokenizer_folders(manifest.tokenizer_folder(folder, "clip"), manifest.tokenizer_folder(folder, "t5"))
 
 
-def engine_tokenizers_and_config(manifest: dict, onnx: Path | None,
+def engine_tokenizers_and_config(manifest: EngineManifest, onnx: Path | None,
                                  model: Path | None) -> tuple[Tokenizers, KontextConfig]:
     """(tokenizers, KontextConfig) of an engine set: from the export folder it was built from (or `onnx`), else from
     the checkpoint `model`."""
     from kontext_trt.core.export_manifest import read_export_manifest
 
-    folder = onnx or manifest.get("onnx", {}).get("dir")
+    folder = onnx or manifest.onnx.get("dir")
     export = read_export_manifest(Path(folder)) if folder and Path(folder).is_dir() else None
     if export is not None:
-        config = KontextConfig.from_dict(manifest.get("onnx", {}).get("kontext") or export.kontext)
+        config = KontextConfig.from_dict(manifest.onnx.get("kontext") or export.kontext)
         return export_tokenizers(Path(folder), export), config
     if model is None:
         raise KontextError(f"the export folder the engines were built from ({folder}) holds no manifest.json, and "

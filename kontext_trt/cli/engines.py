@@ -78,7 +78,7 @@ def run_build(args: argparse.Namespace) -> int:
     folder, built = build.build_set(req)
     manifest = cache.read_engine_manifest(folder)
     print(f"{'stage':<18}{'precision':<11}{'status':<12}{'seconds':>9}{'MiB':>10}")
-    for stage, entry in manifest["stages"].items():
+    for stage, entry in manifest.stages.items():
         status = "built" if stage in built else "up to date"
         print(f"{stage:<18}{entry['precision']:<11}{status:<12}{entry['build_seconds']:>9.2f}"
               f"{entry['engine_bytes'] / 2**20:>10.2f}")
@@ -109,9 +109,9 @@ def run_check(args: argparse.Namespace) -> int:
                            f"build it with kontext-trt build --onnx {args.onnx} --out {args.engines} --precision "
                            f"{precision}", "precision", "not_found")
     for stage, plan in engines.plans.items():
-        problem = cache.plan_problem(plan, engines.manifest["stages"][stage])
+        problem = cache.plan_problem(plan, engines.manifest.stages[stage])
         if problem:
-            raise KontextError(f"{problem}: rebuild with {engines.manifest.get('command', 'kontext-trt build')}",
+            raise KontextError(f"{problem}: rebuild with {engines.manifest.command}",
                                "engines", "invalid_value")
     rows = check.check_engines(engines, read_onnx_dir(args.onnx), api, args.atol, args.rtol)
     print(check.format_rows(rows))

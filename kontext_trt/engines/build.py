@@ -131,28 +131,25 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
         flags = BuildFlags(flags.opt_level, flags.refit, flags.weight_streaming,
                            flags.timing_cache or folder.parent / cache.TIMING_CACHE)
     build = _build_args(req, precision, stages)
-    old = cache.read_engine_manifest(folder) or {}
-    manifest = {
-        "sku": req.sku.name, "tag": req.sku.tag, "flavor": api.flavor, "version": api.version,
-        "precision": precision, "targets": build["targets"],
-        "checkpoint_fingerprint": onnx.fingerprint,
-        "onnx": {"dir": build["onnx"], "manifest_sha256": onnx.manifest_sha256,
-                 "kontext": onnx.manifest and onnx.manifest.kontext,
-                 **({"graphs": onnx.describe()} if onnx.manifest is None else {})},
-        "tokens": profiles.token_ranges(req.shapes),
-        "caches": {"runtime": cache.RUNTIME_CACHE if api.is_rtx else None,
-                   "timing": None if api.is_rtx else str(flags.timing_cache)},
-        "build": build, "command": cache.build_command(build),
-        "stages": dict(old.get("stages", {})),
-    }
-    manifest = json.loads(json.dumps(manifest))
+    old = cache.read_engine_manifest(folder)
+    manifest = cache.EngineManifest(
+        sku=req.sku.name, tag=req.sku.tag, flavor=api.flavor, version=api.version, precision=precision,
+        targets=build["targets"], build=build, command=cache.build_command(build),
+        checkpoint_fingerprint=onnx.fingerprint,
+        onnx=json.loads(json.dumps({"dir": build["onnx"], "manifest_sha256": onnx.manifest_sha256,
+                                    "kontext": onnx.manifest and onnx.manifest.kontext,
+                                    **({"graphs": onnx.describe()} if onnx.manifest is None else {})})),
+        tokens=json.loads(json.dumps(profiles.token_ranges(req.shapes))),  # as JSON keeps them (lists, str keys)
+        caches={"runtime": cache.RUNTIME_CACHE if api.is_rtx else None,
+                "timing": None if api.is_rtx else str(flags.timing_cache)},
+        stages=dict(old.stages) if old else {})
     axes, built = profiles.axis_ranges(req.shapes), []
     for stage, pick in picks.items():
         profile = profiles.stage_profile(stage, pick.shapes, axes)
         stage_flags = flags if stage in profiles.STREAMED_STAGES else replace(flags, weight_streaming=False)
         stage_flags = stage_flags if stage in REFIT_STAGES else replace(stage_flags, refit=False)
         key = stage_key(pick, profile, req.target, stage_flags, api.version)
-        entry, plan_path = manifest["stages"].get(stage, {}), folder / f"{stage}.plan"
+        entry, plan_path = manifest.stages.get(stage, {}), folder / f"{stage}.plan"
         if entry.get("key") == key and cache.plan_problem(plan_path, entry) is None:
             note(f"{stage}: up to date ({plan_path}, sha256 checked)")
             continue
@@ -171,22 +168,22 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
             inspected = trt_api.inspect_plan(api, plan, req.gpu)
             _check_header(inspected["header"], api.version, build["targets"], stage)
             files.write_atomic(plan_path, plan)
-        manifest["stages"][stage] = _stage_entry(pick, plan_path, key, profile, axes, stage_flags, seconds, plan,
+        manifest.stages[stage] = _stage_entry(pick, plan_path, key, profile, axes, stage_flags, seconds, plan,
                                                  inspected)
         built.append(stage)
-        _record(folder, manifest, {s: manifest["stages"][s] for s in built})
-    _record(folder, manifest, {s: manifest["stages"][s] for s in built})
+        _record(folder, manifest, {s: manifest.stages[s] for s in built})
+    _record(folder, manifest, {s: manifest.stages[s] for s in built})
     return folder, built
 
 
-def _record(folder: Path, manifest: dict, built: dict[str, dict]) -> None:
+def _record(folder: Path, manifest: cache.EngineManifest, built: dict[str, dict]) -> None:
     """Write this build's manifest under the folder lock, keeping stages a concurrent build recorded meanwhile (its
     stages, not this build's, win for stages this build did not make); unchanged manifests are not rewritten."""
     with files.folder_lock(folder):
-        disk = cache.read_engine_manifest(folder) or {}
-        stages = {**manifest["stages"], **disk.get("stages", {}), **built}
-        build = {**manifest["build"], "stages": list(dict.fromkeys([*manifest["build"]["stages"], *stages]))}
-        merged = {**manifest, "build": build, "command": cache.build_command(build), "stages": stages}
+        disk = cache.read_engine_manifest(folder)
+        stages = {**manifest.stages, **(disk.stages if disk else {}), **built}
+        build = {**manifest.build, "stages": list(dict.fromkeys([*manifest.build["stages"], *stages]))}
+        merged = replace(manifest, build=build, command=cache.build_command(build), stages=stages)
         if merged != disk:
             cache.write_manifest(folder, merged)
 

@@ -6,7 +6,7 @@ was asked, what is here, and the `kontext-trt build` command that makes what was
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from kontext_trt.core import files
@@ -21,12 +21,38 @@ RUNTIME_CACHE = "runtime.cache"  # TensorRT-RTX JIT kernels, per engine folder, 
 TIMING_CACHE = "timing.cache"  # TensorRT tactic timings, per <sku>/<flavor>-<version>, filled at build time
 
 
+@dataclass
+class EngineManifest:
+    """An engine folder's manifest.json as a value: what was built (SKU, TensorRT flavour and version, precision,
+    targets), from what (`onnx`: the export folder, its manifest's sha256 and loop config; `checkpoint_fingerprint`),
+    how (`build`: the build's arguments, `command`: the line that rebuilds it, `tokens`, `caches`) and, per stage, its
+    plan entry (file, key, sha256, profile, axes, flags, sizes and what the build host checked)."""
+
+    sku: str
+    tag: str
+    flavor: str
+    version: str
+    precision: str
+    targets: list[str]
+    build: dict
+    command: str
+    checkpoint_fingerprint: str | None = None
+    onnx: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=dict)
+    caches: dict = field(default_factory=dict)
+    stages: dict[str, dict] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """The JSON object written to manifest.json."""
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class Engines:
     """A matching engine set: its folder, manifest, plan file per stage and (TensorRT-RTX) runtime-cache path."""
 
     folder: Path
-    manifest: dict
+    manifest: EngineManifest
     plans: dict[str, Path]
     runtime_cache: Path | None
 
@@ -41,22 +67,31 @@ def open_set(folder: Path) -> Engines | None:
     manifest = read_engine_manifest(folder)
     if manifest is None:
         return None
-    plans = {stage: Path(folder) / entry["file"] for stage, entry in manifest.get("stages", {}).items()}
-    runtime = (manifest.get("caches") or {}).get("runtime")
+    plans = {stage: Path(folder) / entry["file"] for stage, entry in manifest.stages.items()}
+    runtime = manifest.caches.get("runtime")
     return Engines(Path(folder), manifest, plans, Path(folder) / runtime if runtime else None)
 
 
-def read_engine_manifest(folder: Path) -> dict | None:
-    """The manifest of an engine folder, or None if there is none (or it is unreadable: the build then rebuilds)."""
+def read_engine_manifest(folder: Path) -> EngineManifest | None:
+    """The one reader of an engine folder's manifest.json: None if there is none, or if it is unreadable or
+    malformed (the build then rebuilds the set)."""
     try:
-        return files.read_json(Path(folder) / MANIFEST)
+        data = files.read_json(Path(folder) / MANIFEST)
     except KontextError:
         return None
+    if data is None:
+        return None
+    names = {f.name for f in fields(EngineManifest)}
+    try:
+        manifest = EngineManifest(**{key: value for key, value in data.items() if key in names})
+    except TypeError:  # a required field is missing
+        return None
+    return manifest if isinstance(manifest.stages, dict) and isinstance(manifest.build, dict) else None
 
 
-def write_manifest(folder: Path, manifest: dict) -> None:
+def write_manifest(folder: Path, manifest: EngineManifest) -> None:
     """Write manifest.json atomically."""
-    files.write_json(Path(folder) / MANIFEST, manifest, sort_keys=True)
+    files.write_json(Path(folder) / MANIFEST, manifest.to_json(), sort_keys=True)
 
 
 def plan_problem(plan: Path, entry: dict) -> str | None:
@@ -85,7 +120,7 @@ def build_command(build: dict) -> str:
     return shlex.join(words)
 
 
-def _sets(root: Path) -> list[tuple[Path, dict]]:
+def _sets(root: Path) -> list[tuple[Path, EngineManifest]]:
     """Every engine set under root: (folder, manifest)."""
     found = ((p.parent, read_engine_manifest(p.parent)) for p in sorted(Path(root).glob(f"*/*/*/{MANIFEST}")))
     return [(folder, manifest) for folder, manifest in found if manifest]
@@ -103,23 +138,23 @@ def _summary(root: Path) -> str:
     """What engine sets are under root, on one line."""
     sets = []
     for folder, manifest in _sets(root):
-        build = manifest.get("build", {})
+        build = manifest.build
         sets.append(f"{folder.relative_to(root)} (sizes {build.get('static') or build.get('sizes', '?')}, batch "
-                    f"{build.get('batch', '?')}, stages {','.join(manifest.get('stages', {})) or 'none'})")
+                    f"{build.get('batch', '?')}, stages {','.join(manifest.stages) or 'none'})")
     if not sets:
         return "nothing"
     return "; ".join(sets[:4]) + (f"; and {len(sets) - 4} more" if len(sets) > 4 else "")
 
 
 def _rebuild(root: Path, sku: Sku, flavor_version: str, precision: str, sizes: list[tuple[int, int]], batch: int,
-             stages: list[str], near: dict | None) -> str:
+             stages: list[str], near: EngineManifest | None) -> str:
     """The build command that makes the asked-for set, keeping what a near miss (same folder) already covers."""
     if near is None:
-        onnx = next((m["build"]["onnx"] for _, m in _sets(root) if "onnx" in m.get("build", {})), "ONNX_DIR")
+        onnx = next((m.build["onnx"] for _, m in _sets(root) if "onnx" in m.build), "ONNX_DIR")
         return build_command({"onnx": onnx, "out": str(root), "backend": flavor_version.rsplit("-", 1)[0],
                               "sku": sku.name, "targets": [f"sm{sku.sm}"], "precision": precision, "sizes": "all",
                               "batch": str(batch)})
-    old = near["build"]
+    old = near.build
     lo, hi = profiles.parse_batch(old["batch"])
     lo, hi = min(lo, batch), max(hi, batch)
     keep = profiles.parse_sizes(old.get("static") or old["sizes"])
@@ -163,21 +198,21 @@ def find_engines(engines_dir: Path, sku: Sku | str, flavor_version: str, precisi
     needed = [s for s in stages if s != "vae_encoder" or context]
     sizes = [(width, height), *([context] if context else [])]
 
-    def fail(reason: str, near: dict | None = None, param: str = "engines", code: str = "not_found") -> KontextError:
+    def fail(reason: str, near: EngineManifest | None = None, param: str = "engines", code: str = "not_found") -> KontextError:
         return KontextError(f"no engines for {want}: {reason}; built here: {_summary(root)}; rebuild: "
                             f"{_rebuild(root, sku, flavor_version, precision, sizes, batch, needed, near)}", param,
                             code)
 
     if manifest is None:
         raise fail(f"{folder} has no {MANIFEST}", None, *_absent(root, folder))
-    missing = [s for s in needed if s not in manifest.get("stages", {})]
+    missing = [s for s in needed if s not in manifest.stages]
     if missing:
         raise fail(f"stage {', '.join(missing)} not built in {folder}", manifest)
     outside, batch_only = [], True
     for stage, axes in profiles.request_axes(width, height, context, batch).items():
         if stage not in needed:
             continue
-        entry = manifest["stages"][stage]
+        entry = manifest.stages[stage]
         for axis, value in axes.items():
             lo, _, hi = entry["axes"].get(axis, (value, value, value))
             if not lo <= value <= hi:
@@ -187,7 +222,7 @@ def find_engines(engines_dir: Path, sku: Sku | str, flavor_version: str, precisi
         raise fail(", ".join(outside), manifest, "n" if batch_only else "size", "out_of_range")
     with progress(f"hashing the {len(needed)} plans in {folder} (sha256, checked once against the manifest)"):
         for stage in needed:
-            problem = plan_problem(found.plans[stage], manifest["stages"][stage])
+            problem = plan_problem(found.plans[stage], manifest.stages[stage])
             if problem:
                 raise fail(problem, manifest, "engines", "invalid_value")
     # every stage the set has, not only this request's: a text-to-image first request must not leave a later edit

@@ -86,7 +86,7 @@ def check_engines(engines: Engines, onnx: OnnxDir, api: trt_api.TrtApi, atol: fl
     """Compare every engine of a set with ONNX Runtime at its profile's opt shape; one row per output (or error)."""
     rows = []
     for stage, plan in engines.plans.items():
-        entry = engines.manifest["stages"][stage]
+        entry = engines.manifest.stages[stage]
         source = next((s.path for s in onnx.stages.get(stage, {}).values() if s.sha256 == entry["onnx_sha256"]), None)
         if source is None:
             rows.append({"stage": stage, "output": "-", "error": f"no ONNX in {onnx.root} matches the one the engine "

@@ -84,10 +84,10 @@ def pick_api(root: Path, sku: Sku) -> trt_api.TrtApi:
 def default_geometry(folder: Path) -> Geometry:
     """The geometry an engine set covers if it covers anything: its opt size, batch at its low end, an edit when it
     has a VAE encoder."""
-    manifest = cache.read_engine_manifest(folder) or {}
-    build = manifest.get("build", {})
+    manifest = cache.read_engine_manifest(folder)
+    build = manifest.build if manifest else {}
     width, height = profiles.opt_size(profiles.parse_sizes(build.get("static") or build.get("sizes") or "1024x1024"))
-    edit = "vae_encoder" in manifest.get("stages", {"vae_encoder": None})
+    edit = manifest is None or "vae_encoder" in manifest.stages
     return Geometry(width, height, profiles.parse_batch(build.get("batch", "1"))[0], (width, height) if edit else None)
 
 

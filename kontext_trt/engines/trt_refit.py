@@ -44,7 +44,8 @@ class RefitWeights:
     """A refittable engine's weights by diffusers name: set_weights refits the engine in place."""
 
     def __init__(self, stage: TrtStage) -> None:
-        entry = (cache.read_engine_manifest(stage.plan.parent) or {}).get("stages", {}).get(stage.name, {})
+        manifest = cache.read_engine_manifest(stage.plan.parent)
+        entry = manifest.stages.get(stage.name, {}) if manifest else {}
         if not entry.get("flags", {}).get("refit"):
             raise KontextError(f"{stage.plan} was built without --refit, so its weights cannot be swapped: rebuild "
                                f"with `kontext-trt build ... --refit` (or pass --lora to export)")

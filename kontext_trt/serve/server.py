@@ -80,7 +80,8 @@ def engine_max_batch(k: Kontext) -> int | None:
         return None
     from kontext_trt.engines import cache, profiles
 
-    build = (cache.read_engine_manifest(Path(k.info.source)) or {}).get("build", {})
+    manifest = cache.read_engine_manifest(Path(k.info.source))
+    build = manifest.build if manifest else {}
     return profiles.parse_batch(build.get("batch", "1"))[1]
 
 

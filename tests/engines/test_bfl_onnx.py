@@ -59,8 +59,8 @@ def test_build_from_bfl_layout_and_cast_inputs_per_binding(bfl_onnx, tmp_path):
         precision="bf16", shapes=Shapes(((64, 64),), (1, 2))))
     assert folder == tmp_path / "rtx4090-sm89" / RTX.folder / "bf16" and sorted(done) == sorted(BFL)
     manifest = cache.read_engine_manifest(folder)
-    assert manifest["onnx"]["graphs"]["layout"] == "bfl" and manifest["checkpoint_fingerprint"] is None
-    stages = manifest["stages"]
+    assert manifest.onnx["graphs"]["layout"] == "bfl" and manifest.checkpoint_fingerprint is None
+    stages = manifest.stages
     assert stages["clip"]["inputs"]["input_ids"]["dtype"] == "int32"
     assert stages["transformer"]["inputs"]["timestep"]["dtype"] == "bfloat16"
     assert stages["vae_decoder"]["onnx_file"].endswith("vae.opt/model.onnx")

@@ -28,19 +28,19 @@ def test_all_stages_built_with_valid_headers(built):
 
 def test_manifest_fields(built, engine_onnx):
     manifest = cache.read_engine_manifest(built / "rtx4090-sm89" / RTX / "fp32")
-    assert (manifest["sku"], manifest["tag"], manifest["flavor"], manifest["precision"]) == \
+    assert (manifest.sku, manifest.tag, manifest.flavor, manifest.precision) == \
         ("rtx4090", "rtx4090-sm89", "tensorrt-rtx", "fp32")
-    assert manifest["targets"] == ["sm89"] and manifest["caches"] == {"runtime": "runtime.cache", "timing": None}
-    assert manifest["checkpoint_fingerprint"] == read_onnx_dir(engine_onnx).fingerprint
-    assert manifest["onnx"]["manifest_sha256"] and manifest["command"].startswith("kontext-trt build --onnx")
-    assert manifest["tokens"]["total"] == [4042, 8192, 8300]
-    t = manifest["stages"]["transformer"]
+    assert manifest.targets == ["sm89"] and manifest.caches == {"runtime": "runtime.cache", "timing": None}
+    assert manifest.checkpoint_fingerprint == read_onnx_dir(engine_onnx).fingerprint
+    assert manifest.onnx["manifest_sha256"] and manifest.command.startswith("kontext-trt build --onnx")
+    assert manifest.tokens["total"] == [4042, 8192, 8300]
+    t = manifest.stages["transformer"]
     assert t["profile"]["hidden_states"]["max"][:2] == [1, 8300] and t["axes"]["L"] == [4042, 8192, 8300]
-    for entry in manifest["stages"].values():
+    for entry in manifest.stages.values():
         assert entry["engine_bytes"] > 0 and entry["build_seconds"] > 0 and entry["built_at"]
         assert entry["flags"]["strongly_typed"] and entry["precision"] == "fp32"
         assert entry["device_memory_bytes"] is None and "needs a GPU" in entry["device_memory_note"]
-        assert entry["header"] == {"version": manifest["version"], "targets": ["sm89"]}
+        assert entry["header"] == {"version": manifest.version, "targets": ["sm89"]}
 
 
 def request(onnx_dir, out, **kw):
@@ -81,9 +81,9 @@ def test_changed_flags_rebuild(engine_onnx, tmp_path):
     flags = build.BuildFlags(opt_level=2, weight_streaming=True)
     _, done = build.build_set(request(engine_onnx, tmp_path, flags=flags))
     manifest = cache.read_engine_manifest(folder)
-    assert done == ["clip"] and manifest["stages"]["clip"]["flags"]["opt_level"] == 2
-    assert not manifest["stages"]["clip"]["flags"]["weight_streaming"]  # only the transformer streams its weights
-    assert manifest["command"].endswith("--batch 1 --opt-level 2 --weight-streaming --stages clip")
+    assert done == ["clip"] and manifest.stages["clip"]["flags"]["opt_level"] == 2
+    assert not manifest.stages["clip"]["flags"]["weight_streaming"]  # only the transformer streams its weights
+    assert manifest.command.endswith("--batch 1 --opt-level 2 --weight-streaming --stages clip")
 
 
 def test_bf16_build_for_blackwell_rtx(bf16_onnx, tmp_path):
@@ -94,12 +94,12 @@ def test_bf16_build_for_blackwell_rtx(bf16_onnx, tmp_path):
     folder, done = build.build_set(req)
     assert folder == tmp_path / "rtx5090-sm120" / RTX / "bf16" and done == ["transformer", "vae_decoder"]
     manifest = cache.read_engine_manifest(folder)
-    t = manifest["stages"]["transformer"]
+    t = manifest.stages["transformer"]
     assert t["precision"] == "bf16" and t["inputs"]["hidden_states"]["dtype"] == "bfloat16"
     assert t["profile"]["hidden_states"]["min"] == t["profile"]["hidden_states"]["max"] == [1, 8192, 64]
     assert t["header"]["targets"] == ["sm86", "sm89", "sm120"]  # one portable plan for three GPUs
-    assert "--static 1024x1024" in manifest["command"]
-    assert t["flags"]["weight_streaming"] and not manifest["stages"]["vae_decoder"]["flags"]["weight_streaming"]
+    assert "--static 1024x1024" in manifest.command
+    assert t["flags"]["weight_streaming"] and not manifest.stages["vae_decoder"]["flags"]["weight_streaming"]
 
 
 @pytest.mark.parametrize("precision,sm,ok", [

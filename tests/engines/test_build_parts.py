@@ -26,9 +26,9 @@ def test_parts_build_with_the_transformer_profiles(built_parts):
     folder = built_parts / "rtx4090-sm89" / RTX / "fp32"
     manifest = cache.read_engine_manifest(folder)
     api = trt_api.load_api("tensorrt-rtx")
-    single = manifest["stages"]["transformer"]
+    single = manifest.stages["transformer"]
     for part in TRANSFORMER_PARTS:
-        entry = manifest["stages"][part]
+        entry = manifest.stages[part]
         plan = (folder / entry["file"]).read_bytes()
         assert len(plan) == entry["engine_bytes"] > 0 and trt_api.rtx_header(plan) == (api.version, (89,))
         assert entry["axes"] == single["axes"] == {"B": [1, 1, 1], "L": [4042, 8192, 8300]}
@@ -38,7 +38,7 @@ def test_parts_build_with_the_transformer_profiles(built_parts):
             if axes[:2] == ("B", "L"):
                 assert shape["max"][:2] == single["profile"]["hidden_states"]["max"][:2] == [1, 8300]
         assert entry["flags"]["weight_streaming"] == (part == "transformer_body")
-    assert "transformer_head" in manifest["command"]  # the rebuild line keeps the parts
+    assert "transformer_head" in manifest.command  # the rebuild line keeps the parts
 
 
 def test_engine_lookup_swaps_the_transformer_for_its_parts(built_parts):

@@ -21,7 +21,7 @@ def lookup_error(built, **kw) -> str:
 def test_match(built):
     found = find_engines(built, SKUS["rtx4090"], RTX, "fp32", 1024, 1024, context=(800, 1328))
     assert sorted(found.plans) == ["clip", "t5", "transformer", "vae_decoder", "vae_encoder"]
-    assert found.runtime_cache == found.folder / "runtime.cache" and found.manifest["sku"] == "rtx4090"
+    assert found.runtime_cache == found.folder / "runtime.cache" and found.manifest.sku == "rtx4090"
     t2i = find_engines(built, "rtx4090", RTX, "fp32", 688, 1504)  # text-to-image first: fewest tokens
     assert sorted(t2i.plans) == sorted(found.plans)  # the encoder too, for the edit that may come next
 
@@ -68,6 +68,6 @@ def test_encoder_batch_is_one_whatever_the_batch(engine_onnx, tmp_path):
         shapes=Shapes(((64, 64),), (2, 2)), stages=("vae_encoder", "transformer")))
     found = find_engines(tmp_path, "rtx4090", RTX, "fp32", 64, 64, batch=2, context=(64, 64),
                          stages=("vae_encoder", "transformer"))
-    encoder = found.manifest["stages"]["vae_encoder"]
+    encoder = found.manifest.stages["vae_encoder"]
     assert encoder["profile"]["images"]["min"][0] == encoder["profile"]["images"]["max"][0] == 1
-    assert "B" not in encoder["axes"] and found.manifest["stages"]["transformer"]["axes"]["B"] == [2, 2, 2]
+    assert "B" not in encoder["axes"] and found.manifest.stages["transformer"]["axes"]["B"] == [2, 2, 2]

@@ -83,7 +83,7 @@ def test_refit_builds_mark_the_parts_refittable(tiny_onnx_split, fake_tensorrt, 
         shapes=Shapes(((64, 64),), (1, 1)), stages=stages, flags=build.BuildFlags(refit=True)))
     manifest = cache.read_engine_manifest(folder)
     assert built == list(stages)
-    assert {s: manifest["stages"][s]["flags"]["refit"] for s in stages} == {s: s != "clip" for s in stages}
+    assert {s: manifest.stages[s]["flags"]["refit"] for s in stages} == {s: s != "clip" for s in stages}
     export = json.loads((tiny_onnx_split / "manifest.json").read_text())["stages"]
     marked = {name for kind, name in trt._calls if kind == "refittable"}
     assert marked == {w["name"] for s in ("transformer", *TRANSFORMER_PARTS) for w in export[s]["weights"].values()}

@@ -25,7 +25,7 @@ def test_same_size_random_plan_is_refused_at_load_and_rebuilt(engine_onnx, tmp_p
     folder, done = build.build_set(clip_build(engine_onnx, tmp_path))
     plan = folder / "clip.plan"
     good = plan.read_bytes()
-    entry = cache.read_engine_manifest(folder)["stages"]["clip"]
+    entry = cache.read_engine_manifest(folder).stages["clip"]
     assert done == ["clip"] and entry["sha256"] == sha256_file(plan) and entry["engine_bytes"] == len(good)
     random_bytes = os.urandom(len(good))
     plan.write_bytes(random_bytes)  # the size the manifest records, other bytes
@@ -33,7 +33,7 @@ def test_same_size_random_plan_is_refused_at_load_and_rebuilt(engine_onnx, tmp_p
         find_engines(tmp_path, "rtx4090", RTX, "fp32", 1024, 1024, stages=("clip",))
     assert "rebuild: kontext-trt build" in str(caught.value) and "\n" not in str(caught.value)
     _, done = build.build_set(clip_build(engine_onnx, tmp_path))
-    rebuilt = cache.read_engine_manifest(folder)["stages"]["clip"]
+    rebuilt = cache.read_engine_manifest(folder).stages["clip"]
     assert done == ["clip"] and plan.read_bytes() != random_bytes  # rebuilt, not reused
     assert rebuilt["sha256"] == sha256_file(plan) and rebuilt["engine_bytes"] == plan.stat().st_size
     assert find_engines(tmp_path, "rtx4090", RTX, "fp32", 1024, 1024, stages=("clip",)).plans["clip"] == plan
@@ -58,7 +58,7 @@ def test_concurrent_builds_into_one_folder_keep_every_stage(engine_onnx, tmp_pat
     for root, stages in (("a", {"clip", "t5", "vae_decoder"}), ("b", {"clip"})):
         folder = tmp_path / root / "rtx4090-sm89" / RTX / "fp32"
         manifest = cache.read_engine_manifest(folder)
-        assert set(manifest["stages"]) == stages and set(manifest["build"]["stages"]) == stages
-        for stage, entry in manifest["stages"].items():
+        assert set(manifest.stages) == stages and set(manifest.build["stages"]) == stages
+        for stage, entry in manifest.stages.items():
             assert cache.plan_problem(folder / entry["file"], entry) is None
         assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp")) == []

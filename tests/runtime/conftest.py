@@ -173,8 +173,8 @@ def fake_engines(tiny_onnx, trt_manifest, monkeypatch):
     calls run on FakeStreams. .contexts: the create_context options of each context made, .made: the contexts."""
     from kontext_trt.engines import trt_api
 
-    made = {"transformer": rtx_engine(tiny_onnx / "transformer/model.onnx", trt_manifest["stages"]["transformer"]),
-            "vae_decoder": rtx_engine(tiny_onnx / "vae_decoder/model.onnx", trt_manifest["stages"]["vae_decoder"],
+    made = {"transformer": rtx_engine(tiny_onnx / "transformer/model.onnx", trt_manifest.stages["transformer"]),
+            "vae_decoder": rtx_engine(tiny_onnx / "vae_decoder/model.onnx", trt_manifest.stages["vae_decoder"],
                                       1024)}
     calls, contexts = [], []
 
@@ -199,7 +199,7 @@ def trt_stages(trt_engines, trt_manifest):
 
     def make(pool, **kw):
         pool.stream = pool.stream or FakeStream()
-        return {name: ts.TrtStage(name, folder / f"{name}.plan", pool, rebuild=trt_manifest["command"],
+        return {name: ts.TrtStage(name, folder / f"{name}.plan", pool, rebuild=trt_manifest.command,
                                   **kw.get(name, {})) for name in ("transformer", "vae_decoder")}
     return make
 

@@ -45,19 +45,19 @@ def test_part_names_are_the_models(tiny_ckpt):
 def test_exported_parts_carry_weight_maps(tiny_onnx_split):
     """Each part's map names its weights as the model does and reads back the transformer's values."""
     manifest = read_export_manifest(tiny_onnx_split)
-    single = manifest["stages"]["transformer"]
+    single = manifest.stages["transformer"]
     whole = OnnxWeights(tiny_onnx_split / single["file"], single["weights"])
     union = set()
     for part in TRANSFORMER_PARTS:
-        entry = manifest["stages"][part]
+        entry = manifest.stages[part]
         assert entry["weights"] and not union & set(entry["weights"])
         union |= set(entry["weights"])
         weights = OnnxWeights(tiny_onnx_split / entry["file"], entry["weights"])
         for name in entry["weights"]:
             assert torch.equal(weights.read(name), whole.read(name)), (part, name)
     assert union == set(single["weights"])
-    assert "transformer_blocks.0.attn.to_q.weight" in manifest["stages"]["transformer_head"]["weights"]
-    assert "single_transformer_blocks.1.proj_out.weight" in manifest["stages"]["transformer_body"]["weights"]
+    assert "transformer_blocks.0.attn.to_q.weight" in manifest.stages["transformer_head"]["weights"]
+    assert "single_transformer_blocks.1.proj_out.weight" in manifest.stages["transformer_body"]["weights"]
 
 
 def test_torch_lora_with_a_zero_threshold_cache_is_the_uncached_lora_edit(tiny_ckpt, tiny_loras):

@@ -164,7 +164,7 @@ def test_ort_parts_compose_to_the_single_graph(ort_k, tiny_onnx_split):
     # the parts hold the transformer's weights once between them (the head: embedders + block 0 only)
     weights = {part: manifest.stages[part]["weight_bytes"] for part in (*TRANSFORMER_PARTS, "transformer")}
     assert abs(sum(weights[p] for p in TRANSFORMER_PARTS) - weights["transformer"]) < 0.02 * weights["transformer"]
-    config = ck.open_checkpoint(manifest["checkpoint"]["path"]).transformer_config
+    config = ck.open_checkpoint(manifest.checkpoint["path"]).transformer_config
     inputs = transformer_inputs(config)
     single = ort_k.stages["transformer"](**inputs)["latent"]
     assert (composed(ort_k, inputs) - single).abs().max().item() < 1e-5

@@ -1,6 +1,7 @@
 """Loading a TensorRT pipeline without a GPU: request geometry, the set's default geometry, tokenizers and config from
 the export, and the CLI's one-line errors for engines that do not fit this GPU, library, size or precision."""
 import shutil
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -35,7 +36,7 @@ def test_default_geometry_is_the_sets_opt_edit(trt_engines):
 def test_tokenizers_and_config_come_from_the_export(trt_manifest, tiny_ckpt, tmp_path):
     (clip, t5), config = pl.engine_tokenizers_and_config(trt_manifest, None, None)
     assert clip.model_max_length and config.latent_channels == 16
-    gone = {**trt_manifest, "onnx": {**trt_manifest["onnx"], "dir": str(tmp_path / "moved")}}
+    gone = replace(trt_manifest, onnx={**trt_manifest.onnx, "dir": str(tmp_path / "moved")})
     with pytest.raises(KontextError, match="pass --onnx EXPORT_DIR or --model CHECKPOINT"):
         pl.engine_tokenizers_and_config(gone, None, None)
     assert pl.engine_tokenizers_and_config(gone, None, tiny_ckpt)[1] == config

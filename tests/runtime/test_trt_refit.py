@@ -3,6 +3,7 @@ batches with the weights TensorRT refits together, ordered on torch's current st
 set again after an engine reload, read from the --onnx export when given; the split transformer's parts each refit."""
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -39,16 +40,16 @@ def refittable(engine, entry: dict) -> None:
             engine._combined[init], engine._combined[bias] = (bias,), (init,)
 
 
-def engine_folder(tmp_path, manifest: dict, stages: dict[str, dict]) -> "Path":  # noqa: F821
+def engine_folder(tmp_path, manifest: cache.EngineManifest, stages: dict[str, dict]) -> "Path":  # noqa: F821
     """An engine folder whose manifest says these stages were built with --refit from these export entries."""
     folder = tmp_path / "engines"
     folder.mkdir(exist_ok=True)
     entries = {}
     for name, (onnx_path, sha) in stages.items():
-        entries[name] = {**manifest["stages"].get(name, manifest["stages"]["transformer"]), "onnx_file": str(onnx_path),
+        entries[name] = {**manifest.stages.get(name, manifest.stages["transformer"]), "onnx_file": str(onnx_path),
                          "onnx_sha256": sha, "flags": {"refit": True}}
         (folder / f"{name}.plan").write_bytes(b"plan")
-    cache.write_manifest(folder, {**manifest, "stages": entries})
+    cache.write_manifest(folder, replace(manifest, stages=entries))
     return folder
 
 
@@ -146,7 +147,7 @@ def test_refit_reads_the_export_given_with_onnx(setup, tiny_onnx, tmp_path):
     moved = tmp_path / "moved-export"
     shutil.copytree(tiny_onnx, moved)
     manifest = cache.read_engine_manifest(stage.plan.parent)
-    manifest["stages"]["transformer"]["onnx_file"] = str(tmp_path / "gone" / "transformer" / "model.onnx")
+    manifest.stages["transformer"]["onnx_file"] = str(tmp_path / "gone" / "transformer" / "model.onnx")
     cache.write_manifest(stage.plan.parent, manifest)
     with pytest.raises(KontextError, match="is not there, and LoRA swaps read its weight map.*--onnx DIR"):
         stage.weight_target()
@@ -167,7 +168,7 @@ def test_split_engines_refit_every_part(tiny_onnx_split, trt_manifest, fake_engi
     """Engines of the transformer's parts (step caching), built with --refit: a LoRA set on the pipeline reaches
     each part by its own weight map; no KeyError for the missing single transformer."""
     api = trt_api.TrtApi("tensorrt", fake_trt.fake_tensorrt("10.14.1.48"))
-    export = read_export_manifest(tiny_onnx_split)["stages"]
+    export = read_export_manifest(tiny_onnx_split).stages
     engines, stages = {}, {}
     for part in TRANSFORMER_PARTS:
         onnx_path = tiny_onnx_split / export[part]["file"]
@@ -200,12 +201,12 @@ def test_split_engines_refit_every_part(tiny_onnx_split, trt_manifest, fake_engi
 
 def test_split_engines_built_without_refit_refuse_in_one_line(tiny_onnx_split, trt_manifest, fake_engines, tiny_loras,
                                                         tmp_path):
-    export = read_export_manifest(tiny_onnx_split)["stages"]
+    export = read_export_manifest(tiny_onnx_split).stages
     folder = engine_folder(tmp_path, trt_manifest, {p: (tiny_onnx_split / export[p]["file"], export[p]["sha256"])
                                                      for p in TRANSFORMER_PARTS})
     manifest = cache.read_engine_manifest(folder)
     for part in TRANSFORMER_PARTS:  # built without --refit
-        manifest["stages"][part]["flags"]["refit"] = False
+        manifest.stages[part]["flags"]["refit"] = False
     cache.write_manifest(folder, manifest)
     pool = trt_pool.EnginePool(trt_api.TrtApi("tensorrt", fake_trt.fake_tensorrt("10.14.1.48")), torch.device("cpu"))
     stages = {part: ts.TrtStage(part, folder / f"{part}.plan", pool) for part in TRANSFORMER_PARTS}

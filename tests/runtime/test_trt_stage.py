@@ -32,12 +32,12 @@ def test_engine_io_and_contract(fake_engines):
 def test_plan_inputs_casts_in_place_and_checks_the_profile(fake_engines, trt_manifest, transformer_inputs):
     specs = trt_io.engine_io(fake_engines.engines["transformer"])
     inputs = transformer_inputs()
-    feeds = trt_io.plan_inputs("transformer", specs, inputs, torch.device("cpu"), trt_manifest["command"])
+    feeds = trt_io.plan_inputs("transformer", specs, inputs, torch.device("cpu"), trt_manifest.command)
     assert feeds["hidden_states"].dtype == torch.float32  # cast to the engine's dtype
     assert feeds["timestep"] is inputs["timestep"]  # already right: bound as is, no copy
     with pytest.raises(KontextError) as info:
         trt_io.plan_inputs("transformer", specs, transformer_inputs(tokens=64), torch.device("cpu"),
-                           trt_manifest["command"])
+                           trt_manifest.command)
     message = str(info.value)
     assert "hidden_states [2, 64, 64] is outside the engine profile on axis 1 (64 not in 16..48)" in message
     assert "kontext-trt build --onnx" in message and "\n" not in message
@@ -65,7 +65,7 @@ def test_one_shared_scratch_sized_to_the_largest_engine(fake_engines, trt_manife
     assert ctx._addresses["img_ids"] == inputs["img_ids"].data_ptr()  # float32 already: bound in place
     stats = s["transformer"].memory_stats()
     assert stats["shared_scratch_bytes"] == 4096 and stats["scratch_need_bytes"] == 4096 and stats["resident"] == 1
-    assert stats["engine_bytes"] == trt_manifest["stages"]["transformer"]["engine_bytes"]
+    assert stats["engine_bytes"] == trt_manifest.stages["transformer"]["engine_bytes"]
     assert stats["exec_contexts"] == 1
 
 
