@@ -68,7 +68,7 @@ def setup(tiny_onnx, trt_manifest, fake_engines, tmp_path, monkeypatch):
 
     trt.Refitter = LoggingRefitter
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Log("current", events))
-    export = read_export_manifest(tiny_onnx)["stages"]["transformer"]
+    export = read_export_manifest(tiny_onnx).stages["transformer"]
     engine = fake_engines.engines["transformer"]
     refittable(engine, export)
     folder = engine_folder(tmp_path, trt_manifest, {"transformer": (tiny_onnx / export["file"], export["sha256"])})
