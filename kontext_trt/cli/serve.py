@@ -50,9 +50,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def add_access_arguments(p: argparse.ArgumentParser) -> None:
     """--api-key, --allowed-hosts, --cors-origin."""
     g = p.add_argument_group("access (who may call the server)")
-    g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None, help="require `Authorization: Bearer "
-                   f"KEY` on every route but /healthz and the page at / (default: ${API_KEY_ENV}; prefer the "
-                   "variable: a flag shows in ps). Without it anyone who reaches the port can run edits")
+    g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
+                   help=f"require `Authorization: Bearer KEY` on every route but /healthz and the page at / (default: "
+                   f"${API_KEY_ENV}; prefer the variable: a flag shows in ps). Without it anyone who reaches the "
+                   "port can run edits")
     g.add_argument("--allowed-hosts", type=parse_hosts, metavar="HOSTS", help="comma-separated Host header names "
                    "answered (NAME on any port, NAME:PORT, *.DOMAIN, or * for any); others get 400 (DNS rebinding). "
                    "Default: localhost,127.0.0.1,[::1] when --host is a loopback address; NO restriction when bound "
@@ -65,13 +66,16 @@ def add_access_arguments(p: argparse.ArgumentParser) -> None:
 def add_limit_arguments(p: argparse.ArgumentParser) -> None:
     """--max-steps, --max-pixels, --max-upload-mib, --max-prompt-bytes: what one request may ask."""
     g = p.add_argument_group("limits (what one request may ask; over them: 400, or 413 for uploads)")
-    g.add_argument("--max-steps", type=positive, default=100, help="most denoising steps a request may ask")
-    g.add_argument("--max-pixels", type=positive, default=4096 * 4096, help="most pixels of an input image, "
-                   "read from its header before decoding (default 4096x4096)")
-    g.add_argument("--max-upload-mib", type=positive, default=32, help="most MiB of an uploaded image, counted "
-                   "while it arrives")
-    g.add_argument("--max-prompt-bytes", type=positive, default=4096, help="most UTF-8 bytes of a prompt or "
-                   "negative prompt (longer ones are refused; the encoders read 77 CLIP and 512 T5 tokens)")
+    g.add_argument("--max-steps", type=positive, default=100, metavar="N",
+                   help="most denoising steps a request may ask (default 100; a request that sends none runs "
+                   "min(28, N))")
+    g.add_argument("--max-pixels", type=positive, default=4096 * 4096, metavar="N",
+                   help="most pixels of an input image, read from its header before decoding (default 4096x4096)")
+    g.add_argument("--max-upload-mib", type=positive, default=32, metavar="MIB",
+                   help="most MiB of an uploaded image, counted while it arrives (default 32)")
+    g.add_argument("--max-prompt-bytes", type=positive, default=4096, metavar="N",
+                   help="most UTF-8 bytes of a prompt or negative prompt (default 4096; longer ones are refused; the "
+                   "encoders read 77 CLIP and 512 T5 tokens)")
 
 
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:

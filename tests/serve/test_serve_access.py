@@ -104,3 +104,11 @@ def test_error_bodies_name_no_server_path():
                      "POST /v1/images/edits")
     message = error.body(hidden=("ckpt/tiny",))["error"]["message"]
     assert message == "cannot open model.safetensors (tiny/vae); POST /v1/images/edits"
+
+
+def test_requests_without_steps_run_at_most_max_steps():
+    from kontext_trt.serve.openai_api import Limits, parse_request
+
+    assert parse_request({"prompt": "x"}, None).steps == 28
+    assert parse_request({"prompt": "x"}, None, Limits(max_steps=8)).steps == 8
+    assert parse_request({"prompt": "x", "steps": 3}, None, Limits(max_steps=8)).steps == 3
