@@ -20,7 +20,7 @@ class Form:
     """A parsed form: text fields in order, and files as (field name, bytes)."""
 
     fields: list[tuple[str, str]] = field(default_factory=list)
-    files: list[tuple[str, bytes]] = field(default_factory=list)
+    files: list[tuple[str, bytes | bytearray]] = field(default_factory=list)
 
 
 def decoded(data: bytes, what: str, param: str | None) -> str:
@@ -90,7 +90,7 @@ class Reader:
 
     def on_part_end(self) -> None:
         if self.is_file:
-            self.form.files.append((self.name, bytes(self.data)))
+            self.form.files.append((self.name, self.data))  # no copy: up to the upload cap
         else:
             self.form.fields.append((self.name, decoded(bytes(self.data), self.name, self.name)))
         self.data = bytearray()
