@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from kontext_trt.cli.edit import load_spec
 from kontext_trt.cli.safety import output_spec
@@ -13,6 +15,7 @@ from kontext_trt.serve.server import DEFAULT_MAX_BATCH, ServeConfig
 
 log = logging.getLogger(__name__)
 LOG_LEVELS = ("debug", "info", "warning", "error")
+API_KEY_ENV = "KONTEXT_TRT_API_KEY"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -37,9 +40,42 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "-q error); given, it wins over -v/-q")
     p.add_argument("--lora-dir", type=Path, help="folder of named LoRAs (NAME.safetensors or NAME/) a request picks "
                    "with its `lora` field (NAME[:SCALE],...); batches group by LoRA set and swap between batches")
+    add_access_arguments(p)
+    add_limit_arguments(p)
     add_ray_arguments(p)
     add_output_arguments(p)
     p.set_defaults(func=run_serve)
+
+
+def add_access_arguments(p: argparse.ArgumentParser) -> None:
+    """--api-key, --allowed-hosts, --cors-origin."""
+    g = p.add_argument_group("access (who may call the server)")
+    g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
+                   help=f"require `Authorization: Bearer KEY` on every route but /healthz and the page at / (default: "
+                   f"${API_KEY_ENV}; prefer the variable: a flag shows in ps). Without it anyone who reaches the "
+                   "port can run edits")
+    g.add_argument("--allowed-hosts", type=parse_hosts, metavar="HOSTS", help="comma-separated Host header names "
+                   "answered (NAME on any port, NAME:PORT, *.DOMAIN, or * for any); others get 400 (DNS rebinding). "
+                   "Default: localhost,127.0.0.1,[::1] when --host is a loopback address; NO restriction when bound "
+                   "elsewhere (name your public hosts here, and set --api-key)")
+    g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="let pages of ORIGIN "
+                   "(scheme://host[:port], repeatable, * for any) call the API from a browser; default: CORS off, "
+                   "and POSTs from other origins' pages get 403")
+
+
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """--max-steps, --max-pixels, --max-upload-mib, --max-prompt-bytes: what one request may ask."""
+    g = p.add_argument_group("limits (what one request may ask; over them: 400, or 413 for uploads)")
+    g.add_argument("--max-steps", type=positive, default=100, metavar="N",
+                   help="most denoising steps a request may ask (default 100; a request that sends none runs "
+                   "min(28, N))")
+    g.add_argument("--max-pixels", type=positive, default=4096 * 4096, metavar="N",
+                   help="most pixels of an input image, read from its header before decoding (default 4096x4096)")
+    g.add_argument("--max-upload-mib", type=positive, default=32, metavar="MIB",
+                   help="most MiB of an uploaded image, counted while it arrives (default 32)")
+    g.add_argument("--max-prompt-bytes", type=positive, default=4096, metavar="N",
+                   help="most UTF-8 bytes of a prompt or negative prompt (default 4096; longer ones are refused; the "
+                   "encoders read 77 CLIP and 512 T5 tokens)")
 
 
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,6 +113,25 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return low, high
 
 
+def parse_hosts(text: str) -> tuple[str, ...]:
+    """argparse type: --allowed-hosts NAME[:PORT],... -> names ("*" alone: any)."""
+    hosts = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
+    if not hosts or any("/" in host or " " in host for host in hosts):
+        raise argparse.ArgumentTypeError(f"--allowed-hosts takes host names like example.com,10.0.0.5:8000 or *, "
+                                         f"got {text!r}")
+    return hosts
+
+
+def check_origin(origin: str) -> str:
+    """A --cors-origin value: scheme://host[:port] with no path, or *."""
+    parts = urlsplit(origin)
+    if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/")
+                          or parts.query or parts.fragment):
+        raise KontextError(f"--cors-origin {origin!r} is not an origin: write it like https://app.example.com or "
+                           "http://localhost:3000 (no path)", param="cors_origin", code="invalid_value")
+    return origin.rstrip("/")
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse what cannot be served, with one line, before anything loads."""
     if args.model is None and args.onnx is None and args.engines is None:
@@ -97,6 +152,9 @@ def check_arguments(args: argparse.Namespace) -> None:
                            code="not_found")
     if args.replicas is not None and args.autoscale:
         raise KontextError("give --replicas N or --autoscale MIN:MAX, not both", param="replicas")
+    if args.api_key is not None and (not args.api_key.strip() or any(c.isspace() for c in args.api_key)):
+        raise KontextError(f"--api-key (or ${API_KEY_ENV}) is empty or holds spaces: use a long random token, e.g. "
+                           "from `openssl rand -hex 32`", param="api_key", code="invalid_value")
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -106,7 +164,11 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                        max_queue=args.max_queue, batch_window_ms=args.batch_window_ms, timeout=args.timeout,
                        drain_timeout=args.drain_timeout, log_level=serve_log_level(args), lora_dir=args.lora_dir,
                        replicas=args.replicas or 1, autoscale=args.autoscale, gpus_per_replica=args.gpus_per_replica,
-                       cpus_per_replica=args.cpus_per_replica, address=args.address)
+                       cpus_per_replica=args.cpus_per_replica, address=args.address, api_key=args.api_key,
+                       allowed_hosts=args.allowed_hosts,
+                       cors_origins=tuple(dict.fromkeys(check_origin(o) for o in args.cors_origin)),
+                       max_steps=args.max_steps, max_pixels=args.max_pixels, max_upload_mib=args.max_upload_mib,
+                       max_prompt_bytes=args.max_prompt_bytes)
 
 
 def serve_log_level(args: argparse.Namespace) -> str:
@@ -123,6 +185,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = serve_config(args)
     set_log_level(getattr(logging, config.log_level.upper()), "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.api_key is None and not set(config.host_names()) - {"*"}:
+        log.warning("serving on %s with no --api-key and no --allowed-hosts: anyone who reaches this port can run "
+                    "edits", config.host)
     if args.ray:
         from kontext_trt.serve.ray_app import run_ray
 
@@ -140,4 +205,6 @@ def app_builder(config: dict):
     from kontext_trt.serve.ray_app import deployment
 
     args = build_parser().parse_args(["serve", "--ray", *shlex.split(config.get("flags", ""))])
+    if args.allowed_hosts is None:  # Ray's http_options bind the proxy here, not --host: no Host restriction
+        args.allowed_hosts = ("*",)
     return deployment(serve_config(args))

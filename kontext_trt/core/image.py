@@ -139,8 +139,28 @@ def png_info(metadata: dict) -> PngImagePlugin.PngInfo:
 
 def png_bytes(image: Image.Image, metadata: dict) -> bytes:
     """A PNG in memory with the same text chunks save_image writes."""
+    return encode_image(image, metadata, "PNG")
+
+
+def save_options(fmt: str, metadata: dict, quality: int = 95) -> dict:
+    """Pillow's save options carrying the generation parameters: PNG text chunks (png_info); JPEG and WebP: the JSON
+    as EXIF ImageDescription (and, for JPEG, a COM comment) at `quality`."""
+    if fmt == "PNG":
+        return {"pnginfo": png_info(metadata)}
+    text = json.dumps(metadata, sort_keys=True)
+    exif = Image.Exif()
+    exif[EXIF_IMAGE_DESCRIPTION] = text
+    options: dict = {"exif": exif, "quality": quality}
+    if fmt == "JPEG":
+        options["comment"] = text
+    return options
+
+
+def encode_image(image: Image.Image, metadata: dict, fmt: str = "PNG", quality: int = 95) -> bytes:
+    """An image file in memory (PNG, JPEG or WebP) with the metadata save_image writes; `quality` (0..100) for JPEG
+    and WebP."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=png_info(metadata))
+    image.save(buffer, format=fmt, **save_options(fmt, metadata, quality))
     return buffer.getvalue()
 
 
@@ -152,21 +172,9 @@ def save_image(image: Image.Image, path: str | Path, metadata: dict,
     path = check_output_file(path)
     remove_stale_temps(path.parent, path.name)
     fmt = IMAGE_SUFFIXES[path.suffix.lower()]
-    options: dict = {}
-    if fmt == "PNG":
-        options["pnginfo"] = png_info(metadata)
-    else:
-        text = json.dumps(metadata, sort_keys=True)
-        exif = Image.Exif()
-        exif[EXIF_IMAGE_DESCRIPTION] = text
-        options.update(exif=exif, quality=95)
-        if fmt == "JPEG":
-            options["comment"] = text
     if finish is None:
-        return write_atomic(path, lambda tmp: image.save(tmp, format=fmt, **options))
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return write_atomic(path, finish(buffer.getvalue(), path))
+        return write_atomic(path, lambda tmp: image.save(tmp, format=fmt, **save_options(fmt, metadata)))
+    return write_atomic(path, finish(encode_image(image, metadata, fmt), path))
 
 
 def sample_image(width: int = 896, height: int = 640, seed: int = 0) -> Image.Image:

@@ -1,8 +1,10 @@
 """The FastAPI app: OpenAI's image endpoints over a Runner (the local micro-batcher, or a Ray Serve replica's
-@serve.batch), /healthz, /metrics and a page to try an edit."""
+@serve.batch), /v1/models, /healthz, /metrics and a page to try an edit; access.Guard in front (Host, Origin, API
+key, body caps) and CORS only for --cors-origin."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -14,22 +16,27 @@ from typing import AsyncIterator, Callable, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.datastructures import UploadFile
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.specs import CacheSpec
 from kontext_trt.runtime.flow import EditRequest, EditResult
 from kontext_trt.safety.checker import ContentFlagged
 from kontext_trt.serve import openai_api
+from kontext_trt.serve.access import LOOPBACK_HOSTS, Access, Guard
 from kontext_trt.serve.batcher import QueueFull
+from kontext_trt.serve.forms import MAX_FIELD_BYTES, MAX_PARTS, read_form
 from kontext_trt.serve.metrics import Metrics
-from kontext_trt.serve.openai_api import ApiError, bad_request
+from kontext_trt.serve.openai_api import ApiError, Limits, bad_request
 from kontext_trt.serve.service import Served
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
-MAX_UPLOAD_BYTES = 32 * 2**20
+EDITS = "/v1/images/edits"
+DEFAULT_MODEL_ID = "flux.1-kontext"
 
 
 class Runner(Protocol):
@@ -49,6 +56,18 @@ class Settings:
 
     timeout_s: float = 300.0
     cache: CacheSpec = field(default_factory=CacheSpec)  # the step cache of requests that send none (serve --cache)
+    limits: Limits = field(default_factory=Limits)
+    api_key: str | None = field(default=None, repr=False)  # None: no key asked
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header names answered (empty or "*": any)
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API (CORS); none: CORS off
+    model_id: str = DEFAULT_MODEL_ID  # the id /v1/models lists
+    hidden_paths: tuple[str, ...] = ()  # the server's folders: error messages name them by their last part only
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    def access(self) -> Access:
+        """The Guard's settings: an upload may bring its image plus MAX_PARTS fields."""
+        return Access(self.api_key, self.allowed_hosts, self.cors_origins,
+                      {EDITS: self.limits.max_upload_bytes + MAX_PARTS * MAX_FIELD_BYTES})
 
 
 def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = None,
@@ -58,24 +77,34 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
     app = FastAPI(title="kontext-trt", description="FLUX.1 Kontext image edits, OpenAI Images API shapes",
                   lifespan=asynccontextmanager(lifespan) if lifespan else None)
     app.state.runner, app.state.metrics, app.state.settings = runner, metrics, settings
+    limits = settings.limits
+
+    def error(exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(settings.hidden_paths), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return error(exc)
 
     @app.exception_handler(KontextError)
     async def kontext_error(request: Request, exc: KontextError) -> JSONResponse:
-        return JSONResponse(bad_request(exc.message, exc.param, exc.code).body(), status_code=400)
+        return error(bad_request(exc.message, exc.param, exc.code))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(ApiError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error(ApiError(exc.status_code, str(exc.detail), kind, code))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return error(ApiError(500, f"the server failed ({exc.__class__.__name__}): see its log", "server_error",
+                              "server_error"))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(bad_request(f"malformed request: {exc.errors()[0].get('msg')}", code="invalid_body").body(),
-                            status_code=400)
+        return error(bad_request(f"malformed request: {exc.errors()[0].get('msg')}", code="invalid_body"))
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -84,51 +113,63 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
             metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         return response
 
-    @app.post("/v1/images/edits")
+    @app.post(EDITS)
     async def edits(request: Request) -> JSONResponse:
         start = time.perf_counter()
         try:
-            form = await request.form(max_part_size=MAX_UPLOAD_BYTES)
-        except Exception as exc:  # noqa: BLE001 - a malformed body is the client's fault
-            raise bad_request(f"the body is not readable multipart/form-data ({exc}): send the fields as a form "
-                              "with the image as a file", code="invalid_body") from None
-        files = [value for key in ("image", "image[]") for value in form.getlist(key)]
-        if len(files) != 1 or not isinstance(files[0], UploadFile):
-            raise bad_request("send exactly one image file in the `image` field (Kontext edits one image)", "image",
-                              "invalid_value" if files else "missing_argument")
-        if "mask" in form:
+            form = await read_form(request.headers.get("content-type"), request.stream(), limits.max_upload_bytes)
+        except ClientDisconnect:
+            raise bad_request("the client disconnected before sending the whole form", code="invalid_body") from None
+        files = [data for key, data in form.files if key in ("image", "image[]")]
+        names = {key for key, _ in form.fields} | {key for key, _ in form.files}
+        if "mask" in names:
             raise bad_request("mask is not supported: Kontext edits from the instruction alone", "mask",
                               "unsupported_parameter")
-        if files[0].size is not None and files[0].size > MAX_UPLOAD_BYTES:
-            raise ApiError(413, f"image is over {MAX_UPLOAD_BYTES >> 20} MiB: send a smaller file",
-                           code="file_too_large", param="image")
-        image = openai_api.read_image(await files[0].read())
-        fields = {key: value for key, value in form.multi_items() if key not in ("image", "image[]")}
-        return await answer(openai_api.parse_request(fields, image, runner_max_n(), defaults()), start)
+        if {key for key, _ in form.fields} & {"image", "image[]"}:
+            raise bad_request("image must be a file: send it as a file part (curl -F image=@in.png)", "image",
+                              "invalid_type")
+        if len(files) != 1 or len(form.files) != 1:
+            raise bad_request("send exactly one image file in the `image` field (Kontext edits one image)", "image",
+                              "invalid_value" if form.files else "missing_argument")
+        fields = dict(form.fields)
+        output = openai_api.parse_output(fields)
+        openai_api.parse_request(fields, None, limits, defaults())  # refuse bad fields before decoding the image
+        image = await run_in_threadpool(openai_api.read_image, files[0], limits.max_pixels)
+        return await answer(openai_api.parse_request(fields, image, limits, defaults()), output, start)
 
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> JSONResponse:
         start = time.perf_counter()
         try:
-            body = await request.json()
-        except ValueError:
+            body = json.loads(await request.body())
+        except (ValueError, RecursionError):
             raise bad_request("the body is not JSON: send {\"prompt\": \"...\"}", code="invalid_body") from None
+        except ClientDisconnect:
+            raise bad_request("the client disconnected before sending the whole body", code="invalid_body") from None
         if not isinstance(body, dict):
             raise bad_request("the body must be a JSON object like {\"prompt\": \"...\"}", code="invalid_body")
-        return await answer(openai_api.parse_request(body, None, runner_max_n(), defaults()), start)
+        output = openai_api.parse_output(body)
+        return await answer(openai_api.parse_request(body, None, limits, defaults()), output, start)
 
     def defaults() -> dict[str, str]:
         return {"cache": settings.cache}
 
-    def runner_max_n() -> int:
-        return min(openai_api.MAX_N, runner.max_batch)
+    async def submit_all(reqs: list[EditRequest]) -> list[Served]:
+        """Each image of a request as its own request (seed + i), so n splits across batches; should one fail,
+        the others are withdrawn."""
+        tasks = [asyncio.ensure_future(runner.submit(req)) for req in reqs]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
 
-    async def answer(req: EditRequest, start: float) -> JSONResponse:
+    async def answer(req: EditRequest, output: openai_api.Output, start: float) -> JSONResponse:
         if not runner.ready:
             raise ApiError(503, "the model is still loading: retry shortly", "server_error", "model_loading",
                            headers={"Retry-After": "5"})
         try:
-            served = await asyncio.wait_for(runner.submit(req), settings.timeout_s)
+            served = await asyncio.wait_for(submit_all(openai_api.per_image(req)), settings.timeout_s)
         except QueueFull as exc:
             raise ApiError(429, str(exc), "rate_limit_error", "queue_full",
                            headers={"Retry-After": str(exc.retry_after)}) from None
@@ -141,13 +182,30 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
         except KontextError as exc:  # a request the model cannot run (engine geometry, LoRA): its field and code
             raise bad_request(exc.message, exc.param, exc.code) from None
         except Exception as exc:  # noqa: BLE001 - one failed request, never a dead server
-            log.exception("request failed")
-            raise ApiError(500, f"the edit failed: {exc.__class__.__name__}: {exc}", "server_error") from None
+            log.exception("request failed")  # the traceback stays in the log; the body names no path (hide_paths)
+            raise ApiError(500, f"the edit failed: {exc.__class__.__name__}: {str(exc)[:300]}",
+                           "server_error", "server_error") from None
         total = time.perf_counter() - start
         metrics.stage_latency.labels("request").observe(total)
-        body = openai_api.response_body(served.result, runner.signer(served.result))
-        timing = f"{served.server_timing()}, total;dur={1e3 * total:.1f}"
-        return JSONResponse(body, headers={"Server-Timing": timing, "X-Batch-Size": str(served.batch_images)})
+        results = [s.result for s in served]
+        body = openai_api.response_body(results, [runner.signer(result) for result in results], output)
+        timing = f"{served[0].server_timing()}, total;dur={1e3 * total:.1f}"
+        return JSONResponse(body, headers={"Server-Timing": timing,
+                                           "X-Batch-Size": str(max(s.batch_images for s in served))})
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        if model_id != settings.model_id:
+            raise ApiError(404, f"the model {openai_api.shown(model_id)} does not exist here: this server serves "
+                           f"{settings.model_id!r}", code="model_not_found", param="model")
+        return JSONResponse(model_card())
+
+    def model_card() -> dict:
+        return {"id": settings.model_id, "object": "model", "created": settings.started, "owned_by": "kontext-trt"}
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -163,4 +221,9 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text())
 
+    app.add_middleware(Guard, access=settings.access())
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600,
+                           expose_headers=["Server-Timing", "X-Batch-Size", "Retry-After"])
     return app

@@ -12,7 +12,7 @@ from typing import Callable
 from ray import serve
 
 from kontext_trt.runtime.flow import EditRequest, EditResult, batch_key
-from kontext_trt.serve.app import Settings, create_app
+from kontext_trt.serve.app import create_app
 from kontext_trt.serve.metrics import Metrics
 from kontext_trt.serve.server import ServeConfig
 from kontext_trt.serve.service import Served
@@ -41,7 +41,7 @@ class KontextDeployment:
         return self.service.ready
 
     def __serve_build_asgi_app__(self):
-        return create_app(self, self.metrics, Settings(self.config.timeout, self.config.load.cache))
+        return create_app(self, self.metrics, self.config.settings())
 
     def signer(self, result: EditResult) -> Callable[[bytes, str], bytes] | None:
         """Runner.signer: the service's C2PA signing."""

@@ -14,6 +14,7 @@ from kontext_trt.core.specs import LoadSpec, SafetySpec
 
 if TYPE_CHECKING:  # the CLI reads this module to build its parser: torch and the pipeline load on first use
     from kontext_trt.runtime.flow import EditRequest, Kontext
+    from kontext_trt.serve.app import Settings
     from kontext_trt.serve.service import EditService
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,8 @@ DEFAULT_MAX_BATCH = 4
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Everything `kontext-trt serve` decided before starting: what to load, what leaves, how requests queue, and
-    (--ray) how replicas scale."""
+    """Everything `kontext-trt serve` decided before starting: what to load, what leaves, how requests queue, who
+    may call and how much one request may ask, and (--ray) how replicas scale."""
 
     load: LoadSpec
     safety: SafetySpec = field(default_factory=SafetySpec)
@@ -41,6 +42,41 @@ class ServeConfig:
     gpus_per_replica: float = 1.0
     cpus_per_replica: float = 1.0
     address: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # None: no key asked
+    allowed_hosts: tuple[str, ...] | None = None  # None: loopback names when host is loopback, else any Host
+    cors_origins: tuple[str, ...] = ()
+    max_steps: int = 100
+    max_pixels: int = 4096 * 4096
+    max_upload_mib: int = 32
+    max_prompt_bytes: int = 4096
+
+    def host_names(self) -> tuple[str, ...]:
+        """The Host header names answered: --allowed-hosts, else localhost, 127.0.0.1, ::1 (and --host) on a
+        loopback address, else () (any Host: the server was bound to be reached by other names)."""
+        from kontext_trt.serve.access import LOOPBACK_HOSTS, is_loopback
+
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        if is_loopback(self.host):
+            return tuple(dict.fromkeys((*LOOPBACK_HOSTS, self.host.strip("[]").lower())))
+        return ()
+
+    def model_id(self) -> str:
+        """The id /v1/models lists: the name of the folder served (checkpoint, export or engine cache)."""
+        from kontext_trt.serve.app import DEFAULT_MODEL_ID
+
+        source = self.load.engines or self.load.onnx or self.load.model
+        return (source.resolve().name if source is not None else "") or DEFAULT_MODEL_ID
+
+    def settings(self) -> Settings:
+        """The app's settings: timeout, default step cache, limits, access, model id, paths kept out of errors."""
+        from kontext_trt.serve.app import Settings
+        from kontext_trt.serve.openai_api import Limits
+
+        folders = [p for p in (self.load.model, self.load.onnx, self.load.engines, self.lora_dir) if p is not None]
+        limits = Limits(self.max_steps, self.max_pixels, self.max_upload_mib * 2**20, self.max_prompt_bytes)
+        return Settings(self.timeout, self.load.cache, limits, self.api_key, self.host_names(), self.cors_origins,
+                        self.model_id(), tuple(dict.fromkeys(str(p) for f in folders for p in (f, f.resolve()))))
 
     def service(self) -> EditService:
         """The model behind the server (loaded and warmed by EditService.load, on the model thread)."""
@@ -89,7 +125,7 @@ def run_local(config: ServeConfig) -> int:
     """One process: uvicorn, the micro-batcher, the model on one thread. SIGTERM drains, then exits 0."""
     import uvicorn
 
-    from kontext_trt.serve.app import Settings, create_app
+    from kontext_trt.serve.app import create_app
     from kontext_trt.serve.batcher import MicroBatcher
     from kontext_trt.serve.metrics import Metrics
 
@@ -114,7 +150,7 @@ def run_local(config: ServeConfig) -> int:
         batcher.max_batch = config.batch_size(service.k)
         log.info("ready: serving on http://%s:%d (max batch %d)", config.host, server_port(server), batcher.max_batch)
 
-    app = create_app(batcher, metrics, Settings(config.timeout, config.load.cache), lifespan)
+    app = create_app(batcher, metrics, config.settings(), lifespan)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                            timeout_graceful_shutdown=config.drain_timeout, access_log=False))
     # uvicorn re-raises the signal it drained on; a handler that ignores SIGTERM makes that a clean exit 0.

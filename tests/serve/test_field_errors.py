@@ -36,7 +36,8 @@ FIELD_ERRORS = {
     ({"colour": "red"}, "colour", "unknown_parameter", "unrecognized field 'colour'"),
     ({"prompt": " "}, "prompt", "missing_argument", "prompt is missing"),
     ({"response_format": "url"}, "response_format", "unsupported_value", "response_format url is not offered"),
-    ({"output_format": "jpeg"}, "output_format", "unsupported_format", "this server returns png only"),
+    ({"output_format": "gif"}, "output_format", "unsupported_format", "output_format 'gif' is not offered: send png, "
+     "jpeg or webp"),
     ({"cache": "lru:0.1"}, "cache", "invalid_value", "cache 'lru:0.1' is invalid: send off, fbcache:T"),
     ({"cache": "fbcache:-1"}, "cache", "out_of_range", "cache 'fbcache:-1' is invalid"),
 ])

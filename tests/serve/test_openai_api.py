@@ -53,8 +53,9 @@ def test_n_images_and_generations(served):
     images = decode(response)
     assert [img.size for img in images] == [(80, 64)] * 2
     meta = json.loads(images[1].text["kontext-trt"])
-    assert meta["edited"] is False and meta["seed"] == 9 and meta["prompt"] == "a red house"
-    assert np.abs(pixels(images[0]) - pixels(images[1])).max() > 0  # two draws of one seed's noise, as the CLI does
+    assert meta["edited"] is False and meta["seed"] == 10 and meta["prompt"] == "a red house"  # image i: seed + i
+    assert json.loads(images[0].text["kontext-trt"])["seed"] == 9
+    assert np.abs(pixels(images[0]) - pixels(images[1])).max() > 0  # two seeds' noise
 
 
 def metric(text: str, name: str) -> float:
@@ -99,7 +100,7 @@ def test_concurrent_requests_batch_and_keep_their_seeds(served, sample_png):
     ({"prompt": "x", "seed": str(2**64)}, True, "seed 18446744073709551616 is outside 0.."),
     ({"prompt": "x", "true_cfg": "3"}, True, "true_cfg 3.0 needs a negative_prompt"),
     ({"prompt": "x", "steps": "0"}, True, "steps must be at least 1"),
-    ({"prompt": "x", "n": "11"}, True, "n '11' must be an integer from 1 to 4"),
+    ({"prompt": "x", "n": "11"}, True, "n '11' must be an integer from 1 to 10"),
     ({"prompt": "x", "colour": "red"}, True, "unrecognized field 'colour'"),
     ({"prompt": "x"}, False, "exactly one image"),
     ({"prompt": "x"}, b"not an image", "not a readable PNG"),
