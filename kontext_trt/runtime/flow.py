@@ -1,6 +1,7 @@
 """The Kontext flow-matching loop, once, over any backend's five stages (named tensors in and out)."""
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -10,7 +11,7 @@ from PIL import Image
 
 from kontext_trt.core import checks
 from kontext_trt.core import image as im
-from kontext_trt.core.errors import KontextError
+from kontext_trt.core.errors import Cancelled, KontextError
 from kontext_trt.core.flux_constants import LATENT_CHANNELS, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 from kontext_trt.core.specs import CacheSpec
 from kontext_trt.core.stages import RefitsWeights, Stage
@@ -150,6 +151,7 @@ class EditRequest:
     true_cfg: float = 1.0
     cache: CacheSpec = field(default_factory=CacheSpec)  # step caching (core/specs.py, runtime/step_cache.py)
     lora: str | None = None  # serve only: NAME[:SCALE],... of the server's --lora-dir, applied by serve/service.py
+    cancel: threading.Event | None = None  # set from any thread to stop the edit between steps (see `stopper`)
 
 
 @dataclass
@@ -185,9 +187,11 @@ def encode_context(k: Kontext, image: Image.Image, auto_resize: bool = True) -> 
 
 def denoise(k: Kontext, x: torch.Tensor, ids: torch.Tensor, prompt: Prompt, sigmas: torch.Tensor,
             guidance: torch.Tensor, context: Context | None = None, negative: Prompt | None = None,
-            true_cfg: float = 1.0, cache: StepCache | None = None) -> torch.Tensor:
+            true_cfg: float = 1.0, cache: StepCache | None = None,
+            stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Euler steps over sigmas in float32: x += (s_next - s) * v, v the transformer's first N tokens; with a step
     cache the split transformer runs and the cache's policy decides which steps reuse the body's residual.
+    `stop` (host only, no device sync) is asked before each step: True raises Cancelled.
 
     guidance is (B,) float32, one value per batch item; context tokens are (1 or B, M, 64)."""
     batch, n = x.shape[:2]
@@ -204,6 +208,8 @@ def denoise(k: Kontext, x: torch.Tensor, ids: torch.Tensor, prompt: Prompt, sigm
 
     steps = bar(zip(sigmas[:-1], sigmas[1:]), "denoising", total=len(sigmas) - 1, unit="step")
     for step, (s, s_next) in enumerate(steps):
+        if stop is not None and stop():
+            raise Cancelled(f"the edit was cancelled after {step} of {len(sigmas) - 1} steps")
         hidden = x if ctx is None else torch.cat([x, ctx], dim=1)
         t = s.expand(batch).to(k.device)
         v = velocity(prompt, hidden, t, step, 0)
@@ -254,6 +260,16 @@ def output_size(req: EditRequest, context_size: tuple[int, int] | None) -> tuple
     return context_size or (1024, 1024)
 
 
+def stopper(reqs: list[EditRequest]) -> Callable[[], bool] | None:
+    """The batch's cancellation check: True once every request's `cancel` event is set (None when a request has
+    none). A batch with only some requests cancelled runs on for the others; the server drops the cancelled ones'
+    results."""
+    events = [req.cancel for req in reqs]
+    if any(event is None for event in events):
+        return None
+    return lambda: all(event.is_set() for event in events)
+
+
 def edit(k: Kontext, req: EditRequest, prompt: Prompt | None = None, context: Context | None = None) -> EditResult:
     """Run one request end to end; prompt and context may come from a cache (see session.py)."""
     return edit_batch(k, [req], [prompt], [context])[0]
@@ -297,7 +313,10 @@ def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None]
     guidance = torch.tensor([r.guidance if k.config.guidance_embeds else 0.0 for r, n in zip(reqs, sizes)
                              for _ in range(n)], dtype=torch.float32)
     cache = step_cache(k, cache_spec, steps)
-    x = denoise(k, x, ids, prompt, sigmas, guidance, context, negative, true_cfg or 1.0, cache)
+    stop = stopper(reqs)
+    x = denoise(k, x, ids, prompt, sigmas, guidance, context, negative, true_cfg or 1.0, cache, stop)
+    if stop is not None and stop():
+        raise Cancelled(f"the edit was cancelled after its {steps} steps, before decoding")
     images = im.tensor_to_images(decode(k, x, width, height))
     report = uncached_report(steps) if cache is None else cache.report()
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
