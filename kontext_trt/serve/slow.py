@@ -67,7 +67,7 @@ async def send_408(send: Callable[[Message], Awaitable[None]], timeout_s: float)
     """408 in OpenAI's error shape; the connection closes after it (the rest of the body is never read)."""
     body = json.dumps({"error": {"message": f"the request body took over {timeout_s:g}s to arrive (--read-timeout): "
                                             "send it faster, or in one piece", "type": "invalid_request_error",
-                                 "param": None, "code": "request_timeout"}}).encode()
+                                 "param": None, "code": "request_timeout"}}, separators=(",", ":")).encode()
     await send({"type": "http.response.start", "status": 408,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
