@@ -156,13 +156,22 @@ class EditRequest:
 
 @dataclass
 class EditResult:
-    """Output images, the final packed latents (B, N, 64) float32, and the size."""
+    """Output images, the final packed latents (B, N, 64) float32, and the size; from edit_batch(to_images=False),
+    the decoded pixels (B, 3, H, W) in [-1, 1] instead of images, until `with_images`."""
 
     images: list[Image.Image]
     latents: torch.Tensor
     width: int
     height: int
     metadata: dict
+    pixels: torch.Tensor | None = None
+
+
+def with_images(result: EditResult) -> EditResult:
+    """A result with its decoded pixels made images (the server does this off its model thread)."""
+    if result.pixels is None:
+        return result
+    return replace(result, images=im.tensor_to_images(result.pixels), pixels=None)
 
 
 def encode_prompts(k: Kontext, prompts: list[str]) -> Prompt:
@@ -285,9 +294,10 @@ def batch_key(req: EditRequest) -> tuple:
 
 
 def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None] | None = None,
-               contexts: list[Context | None] | None = None) -> list[EditResult]:
+               contexts: list[Context | None] | None = None, to_images: bool = True) -> list[EditResult]:
     """Run requests sharing a batch_key through the loop at once, one result per request. Each request keeps its own
-    seed (its noise drawn from its own generator, exactly as when it runs alone) and its own guidance."""
+    seed (its noise drawn from its own generator, exactly as when it runs alone) and its own guidance. to_images=False
+    leaves the decoded pixels for `with_images` to convert later, on another thread."""
     for req in reqs:
         check_request(req)
     contexts = [c if c is not None or r.image is None else encode_context(k, r.image, r.auto_resize)
@@ -317,11 +327,15 @@ def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None]
     x = denoise(k, x, ids, prompt, sigmas, guidance, context, negative, true_cfg or 1.0, cache, stop)
     if stop is not None and stop():
         raise Cancelled(f"the edit was cancelled after its {steps} steps, before decoding")
-    images = im.tensor_to_images(decode(k, x, width, height))
+    pixels = decode(k, x, width, height)
     report = uncached_report(steps) if cache is None else cache.report()
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [EditResult(images[s:s + n], x[s:s + n], width, height, metadata(k, r, width, height, report))
-            for r, s, n in zip(reqs, starts, sizes)]
+    results = [EditResult([], x[s:s + n], width, height, metadata(k, r, width, height, report), pixels[s:s + n])
+               for r, s, n in zip(reqs, starts, sizes)]
+    if not to_images:
+        return results
+    images = im.tensor_to_images(pixels)
+    return [replace(result, images=images[s:s + n], pixels=None) for result, s, n in zip(results, starts, sizes)]
 
 
 def concat_prompts(prompts: list[Prompt]) -> Prompt:

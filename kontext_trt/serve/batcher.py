@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +18,23 @@ from kontext_trt.serve.metrics import Metrics
 from kontext_trt.serve.service import BatchRun, EditService, Served, serve_request
 
 log = logging.getLogger(__name__)
-POOL_THREADS = 4  # input checks, output checks, watermarks and PNG encodes of requests in flight
+# Input checks, output checks, watermarks and PNG encodes of requests in flight: a few threads, no more than cores.
+POOL_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4))
+POOL_NICE = 10  # the pool's threads yield the CPU to the model thread (whose host work feeds the GPU)
+
+
+def worker_pool(threads: int = POOL_THREADS) -> ThreadPoolExecutor:
+    """The worker pool: `threads` threads at a lower CPU priority than the model thread (nice +10, where the OS
+    sets it per thread), so post-processing never delays the next batch's launch."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kontext-pool", initializer=lower_priority)
+
+
+def lower_priority() -> None:
+    """Lower the calling thread's CPU priority by POOL_NICE (Linux: per thread; elsewhere, nothing)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + POOL_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 class QueueFull(Exception):
@@ -51,7 +69,7 @@ class MicroBatcher:
         self.queue: deque[Job] = deque()
         self.arrived = asyncio.Event()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-model")
-        self.pool = ThreadPoolExecutor(max_workers=pool_threads, thread_name_prefix="kontext-pool")
+        self.pool = worker_pool(pool_threads)
         self.worker: asyncio.Task | None = None
         self.batch_seconds = 1.0  # a running estimate, for Retry-After
 

@@ -18,7 +18,7 @@ from ray.serve.config import BackpressureConfig
 from kontext_trt.core.errors import Cancelled
 from kontext_trt.runtime.flow import EditRequest, EditResult, batch_key
 from kontext_trt.serve.app import Settings, create_app
-from kontext_trt.serve.batcher import POOL_THREADS, QueueFull
+from kontext_trt.serve.batcher import QueueFull, worker_pool
 from kontext_trt.serve.metrics import Metrics
 from kontext_trt.serve.server import ServeConfig
 from kontext_trt.serve.service import Served, serve_request
@@ -37,7 +37,7 @@ class KontextDeployment:
     def __init__(self, config: ServeConfig) -> None:
         self.config, self.metrics = config, Metrics()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-model")
-        self.pool = ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="kontext-pool")
+        self.pool = worker_pool()
         self.in_flight, self.batch_seconds = 0, 1.0
         self.service = config.service()
         self.model_thread.submit(self.service.load).result()

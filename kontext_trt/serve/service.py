@@ -129,8 +129,9 @@ class EditService:
         return verdict
 
     def finish(self, req: EditRequest, result: EditResult, verdict: Verdict | None, times: StageTimes) -> EditResult:
-        """guard.finish (any thread): every output checked, watermarked, verdicts in the metadata; ContentFlagged
-        if an output is flagged."""
+        """guard.finish (any thread): the decoded pixels made images, every output checked, watermarked, verdicts in
+        the metadata; ContentFlagged if an output is flagged."""
+        result = flow.with_images(result)
         with self.checking:
             verdicts = guard.check(self.policy, result.images, times)
         return guard.finish_checked(self.policy, req, result, times, verdict, verdicts)
@@ -179,10 +180,11 @@ class EditService:
         return guard.signer(self.policy, result, StageTimes())
 
     def run_batch(self, reqs: list[EditRequest]) -> list[EditResult]:
-        """flow.edit_batch through the session's caches (prompt encodings and input latents): model work only."""
+        """flow.edit_batch through the session's caches (prompt encodings and input latents): model work only, its
+        pixels left for `finish` to make images of."""
         prompts = [self.session.prompt(req.prompts) for req in reqs]
         contexts = [None if req.image is None else self.session.context(req.image, req.auto_resize) for req in reqs]
-        return flow.edit_batch(self.k, reqs, prompts, contexts)
+        return flow.edit_batch(self.k, reqs, prompts, contexts, to_images=False)
 
 
 async def serve_request(service: EditService, pool: Executor, req: EditRequest,
