@@ -116,11 +116,12 @@ def key_groups(reqs: list[EditRequest], max_images: int) -> list[list[int]]:
 def deployment_options(config: ServeConfig, gpus_here: bool) -> dict:
     """Replicas (fixed or autoscaled), resources per replica and how many requests each holds."""
     gpus = config.gpus_per_replica if gpus_here else 0
+    # Requests reach a replica, which answers 429 JSON itself past max batch + --max-queue in flight; Ray's own
+    # limits sit well above that (Ray counts a request as queued while it is being routed, even to an idle replica)
+    # and its rejection (429 text with Retry-After) is only the backstop.
+    ongoing = 2 * (config.max_batch or 4) + config.max_queue + 8
     options = {"ray_actor_options": {"num_gpus": gpus, "num_cpus": config.cpus_per_replica},
-               # Requests reach the replica, which answers 429 JSON itself past max_batch + --max-queue in flight;
-               # Ray's own limit (429 text, Retry-After) is the backstop behind that.
-               "max_ongoing_requests": 2 * (config.max_batch or 4) + config.max_queue + 8,
-               "max_queued_requests": config.max_queue,
+               "max_ongoing_requests": ongoing, "max_queued_requests": 4 * ongoing,
                "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=5),
                "graceful_shutdown_timeout_s": config.drain_timeout, "graceful_shutdown_wait_loop_s": 0.5,
                "health_check_period_s": 10}
