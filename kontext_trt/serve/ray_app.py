@@ -150,7 +150,7 @@ def run_ray(config: ServeConfig) -> int:
     options = deployment_options(config, gpus_here)
     log.info("deploying %s on Ray Serve: %s", APP_NAME, options)
     serve.start(http_options={"host": config.host, "port": config.port,
-                              "keep_alive_timeout_s": config.keep_alive_timeout})
+                              "keep_alive_timeout_s": max(1, round(config.keep_alive_timeout))})  # whole seconds
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())

@@ -58,7 +58,11 @@ class ReadDeadline:
                 state["answered"] = True
             await send(message)
 
-        await self.app(scope, timed_receive, checked_send)
+        try:
+            await self.app(scope, timed_receive, checked_send)
+        except Exception:  # the app failed on the disconnect it was handed (a JSON body cut short): that is the 408
+            if not state["timed_out"]:
+                raise
         if state["timed_out"] and not state["answered"]:
             await send_408(send, self.timeout_s)
 

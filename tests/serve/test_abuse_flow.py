@@ -96,12 +96,20 @@ def trickle(conn: socket.socket, data: bytes, limit_s: float) -> tuple[bytes, fl
     return answer, time.monotonic() - start
 
 
-def test_a_body_trickled_past_the_read_timeout_gets_408(server, sample_png):
-    body = b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n' + b"x" * 4000  # a valid form, slowly
+SLOW_BODIES = {  # a valid start of each route's body, then more than a client can trickle within the read timeout
+    "/v1/images/edits": (b"multipart/form-data; boundary=b",
+                         b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n' + b"x" * 4000),
+    "/v1/images/generations": (b"application/json", b'{"prompt": "' + b"x" * 4000 + b'"}'),
+}
+
+
+@pytest.mark.parametrize("route", SLOW_BODIES)
+def test_a_body_trickled_past_the_read_timeout_gets_408(server, sample_png, route):
+    content_type, body = SLOW_BODIES[route]
     conn = raw_connection(server.url)
     try:
-        conn.sendall(b"POST /v1/images/edits HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
-                     b"boundary=b\r\nContent-Length: %d\r\n\r\n" % len(body))
+        conn.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+                     % (route.encode(), content_type, len(body)))
         answer, seconds = trickle(conn, body, READ_TIMEOUT_S + 10)
     finally:
         conn.close()
