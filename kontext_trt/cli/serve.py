@@ -35,6 +35,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take before it gets 504")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight "
                    "requests before exiting")
+    p.add_argument("--read-timeout", type=float, default=60.0, help="seconds a client may take to send a request's "
+                   "headers, and then its body: slower ones are cut off (408)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection "
+                   "stays open")
     add_cache_argument(p, "the step cache of requests without a `cache` field")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="the server's log level (default: info, -v debug, "
                    "-q error); given, it wins over -v/-q")
@@ -141,6 +145,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.timeout <= 0 or args.drain_timeout < 0 or args.batch_window_ms < 0:
         raise KontextError("--timeout must be positive and --batch-window-ms and --drain-timeout not negative",
                            param="timeout", code="out_of_range")
+    for flag in ("read_timeout", "keep_alive_timeout"):
+        if not 0 < getattr(args, flag) < float("inf"):
+            raise KontextError(f"--{flag.replace('_', '-')} must be a positive number of seconds, got "
+                               f"{getattr(args, flag)}", param=flag, code="out_of_range")
     if not 0 <= args.port <= 65535:
         raise KontextError(f"--port {args.port} is not a TCP port: use 0..65535 (0: any free port)", param="port",
                            code="out_of_range")
@@ -162,7 +170,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     check_arguments(args)
     return ServeConfig(load_spec(args), output_spec(args), host=args.host, port=args.port, max_batch=args.max_batch,
                        max_queue=args.max_queue, batch_window_ms=args.batch_window_ms, timeout=args.timeout,
-                       drain_timeout=args.drain_timeout, log_level=serve_log_level(args), lora_dir=args.lora_dir,
+                       drain_timeout=args.drain_timeout, read_timeout=args.read_timeout,
+                       keep_alive_timeout=args.keep_alive_timeout, log_level=serve_log_level(args),
+                       lora_dir=args.lora_dir,
                        replicas=args.replicas or 1, autoscale=args.autoscale, gpus_per_replica=args.gpus_per_replica,
                        cpus_per_replica=args.cpus_per_replica, address=args.address, api_key=args.api_key,
                        allowed_hosts=args.allowed_hosts,

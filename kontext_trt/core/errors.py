@@ -38,6 +38,15 @@ class WriteError(KontextError):
         super().__init__(message, param, code)
 
 
+class Cancelled(KontextError):
+    """An edit stopped between denoising steps because every request of its batch was cancelled (the server's
+    timeout, or the client hung up); nothing was returned."""
+
+    def __init__(self, message: str = "the edit was cancelled", param: str | None = None,
+                 code: str = "cancelled") -> None:
+        super().__init__(message, param, code)
+
+
 def arg_type(parse: Callable[[str], T]) -> Callable[[str], T]:
     """An argparse type from a parser that raises KontextError: argparse prints its message as the usage error."""
 

@@ -1,6 +1,7 @@
 """The Kontext flow-matching loop, once, over any backend's five stages (named tensors in and out)."""
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -10,7 +11,7 @@ from PIL import Image
 
 from kontext_trt.core import checks
 from kontext_trt.core import image as im
-from kontext_trt.core.errors import KontextError
+from kontext_trt.core.errors import Cancelled, KontextError
 from kontext_trt.core.flux_constants import LATENT_CHANNELS, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 from kontext_trt.core.specs import CacheSpec
 from kontext_trt.core.stages import Stage
@@ -151,17 +152,27 @@ class EditRequest:
     true_cfg: float = 1.0
     cache: CacheSpec = field(default_factory=CacheSpec)  # step caching (core/specs.py, runtime/step_cache.py)
     lora: str | None = None  # serve only: NAME[:SCALE],... of the server's --lora-dir, applied by serve/service.py
+    cancel: threading.Event | None = None  # set from any thread to stop the edit between steps (see `stopper`)
 
 
 @dataclass
 class EditResult:
-    """Output images, the final packed latents (B, N, 64) float32, and the size."""
+    """Output images, the final packed latents (B, N, 64) float32, and the size; from edit_batch(to_images=False),
+    the decoded pixels (B, 3, H, W) in [-1, 1] instead of images, until `with_images`."""
 
     images: list[Image.Image]
     latents: torch.Tensor
     width: int
     height: int
     metadata: dict
+    pixels: torch.Tensor | None = None
+
+
+def with_images(result: EditResult) -> EditResult:
+    """A result with its decoded pixels made images (the server does this off its model thread)."""
+    if result.pixels is None:
+        return result
+    return replace(result, images=im.tensor_to_images(result.pixels), pixels=None)
 
 
 def encode_prompts(k: Kontext, prompts: list[str]) -> Prompt:
@@ -186,9 +197,11 @@ def encode_context(k: Kontext, image: Image.Image, auto_resize: bool = True) -> 
 
 def denoise(k: Kontext, x: torch.Tensor, ids: torch.Tensor, prompt: Prompt, sigmas: torch.Tensor,
             guidance: torch.Tensor, context: Context | None = None, negative: Prompt | None = None,
-            true_cfg: float = 1.0, cache: StepCache | None = None) -> torch.Tensor:
+            true_cfg: float = 1.0, cache: StepCache | None = None,
+            stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Euler steps over sigmas in float32: x += (s_next - s) * v, v the transformer's first N tokens; with a step
     cache the split transformer runs and the cache's policy decides which steps reuse the body's residual.
+    `stop` (host only, no device sync) is asked before each step: True raises Cancelled.
 
     guidance is (B,) float32, one value per batch item; context tokens are (1 or B, M, 64)."""
     batch, n = x.shape[:2]
@@ -205,6 +218,8 @@ def denoise(k: Kontext, x: torch.Tensor, ids: torch.Tensor, prompt: Prompt, sigm
 
     steps = bar(zip(sigmas[:-1], sigmas[1:]), "denoising", total=len(sigmas) - 1, unit="step")
     for step, (s, s_next) in enumerate(steps):
+        if stop is not None and stop():
+            raise Cancelled(f"the edit was cancelled after {step} of {len(sigmas) - 1} steps")
         hidden = x if ctx is None else torch.cat([x, ctx], dim=1)
         t = s.expand(batch).to(k.device)
         v = velocity(prompt, hidden, t, step, 0)
@@ -255,6 +270,16 @@ def output_size(req: EditRequest, context_size: tuple[int, int] | None) -> tuple
     return context_size or (1024, 1024)
 
 
+def stopper(reqs: list[EditRequest]) -> Callable[[], bool] | None:
+    """The batch's cancellation check: True once every request's `cancel` event is set (None when a request has
+    none). A batch with only some requests cancelled runs on for the others; the server drops the cancelled ones'
+    results."""
+    events = [req.cancel for req in reqs]
+    if any(event is None for event in events):
+        return None
+    return lambda: all(event.is_set() for event in events)
+
+
 def edit(k: Kontext, req: EditRequest, prompt: Prompt | None = None, context: Context | None = None) -> EditResult:
     """Run one request end to end; prompt and context may come from a cache (see session.py)."""
     return edit_batch(k, [req], [prompt], [context])[0]
@@ -270,9 +295,10 @@ def batch_key(req: EditRequest) -> tuple:
 
 
 def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None] | None = None,
-               contexts: list[Context | None] | None = None) -> list[EditResult]:
+               contexts: list[Context | None] | None = None, to_images: bool = True) -> list[EditResult]:
     """Run requests sharing a batch_key through the loop at once, one result per request. Each request keeps its own
-    seed (its noise drawn from its own generator, exactly as when it runs alone) and its own guidance."""
+    seed (its noise drawn from its own generator, exactly as when it runs alone) and its own guidance. to_images=False
+    leaves the decoded pixels for `with_images` to convert later, on another thread."""
     for req in reqs:
         check_request(req)
     contexts = [c if c is not None or r.image is None else encode_context(k, r.image, r.auto_resize)
@@ -298,12 +324,19 @@ def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None]
     guidance = torch.tensor([r.guidance if k.config.guidance_embeds else 0.0 for r, n in zip(reqs, sizes)
                              for _ in range(n)], dtype=torch.float32)
     cache = step_cache(k, cache_spec, steps)
-    x = denoise(k, x, ids, prompt, sigmas, guidance, context, negative, true_cfg or 1.0, cache)
-    images = im.tensor_to_images(decode(k, x, width, height))
+    stop = stopper(reqs)
+    x = denoise(k, x, ids, prompt, sigmas, guidance, context, negative, true_cfg or 1.0, cache, stop)
+    if stop is not None and stop():
+        raise Cancelled(f"the edit was cancelled after its {steps} steps, before decoding")
+    pixels = decode(k, x, width, height)
     report = uncached_report(steps) if cache is None else cache.report()
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [EditResult(images[s:s + n], x[s:s + n], width, height, metadata(k, r, width, height, report))
-            for r, s, n in zip(reqs, starts, sizes)]
+    results = [EditResult([], x[s:s + n], width, height, metadata(k, r, width, height, report), pixels[s:s + n])
+               for r, s, n in zip(reqs, starts, sizes)]
+    if not to_images:
+        return results
+    images = im.tensor_to_images(pixels)
+    return [replace(result, images=images[s:s + n], pixels=None) for result, s, n in zip(results, starts, sizes)]
 
 
 def concat_prompts(prompts: list[Prompt]) -> Prompt:

@@ -82,10 +82,15 @@ def mark(policy: OutputPolicy, images: list[Image.Image], times: StageTimes) -> 
 
 def finish(policy: OutputPolicy, req: EditRequest, result: EditResult, times: StageTimes,
            input_verdict: Verdict | None = None) -> EditResult:
-    """Check every output, watermark them, and record verdicts, mark and input hash in the metadata; if any output
-    is flagged, raise ContentFlagged carrying the verdicts and the outputs that passed (watermarked, None where
-    flagged)."""
-    verdicts = check(policy, result.images, times)
+    """Check every output, then `finish_checked`."""
+    return finish_checked(policy, req, result, times, input_verdict, check(policy, result.images, times))
+
+
+def finish_checked(policy: OutputPolicy, req: EditRequest, result: EditResult, times: StageTimes,
+                   input_verdict: Verdict | None, verdicts: list[Verdict] | None) -> EditResult:
+    """Outputs checked (`verdicts`, None when the checker is off): watermark them, and record verdicts, mark and
+    input hash in the metadata; if any output is flagged, raise ContentFlagged carrying the verdicts and the outputs
+    that passed (watermarked, None where flagged)."""
     flagged = [bool(verdicts and verdicts[i].flagged) for i in range(len(result.images))]
     if all(flagged):  # nothing to deliver: nothing to mark
         raise ContentFlagged("output", verdicts, [None] * len(flagged))

@@ -8,10 +8,11 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +45,7 @@ class Runner(Protocol):
 
     ready: bool  # loaded and warmed
     max_batch: int
+    pool: Executor  # the worker threads that check, watermark and encode (never the model thread)
 
     async def submit(self, req: EditRequest) -> Served: ...
 
@@ -68,6 +70,39 @@ class Settings:
         """The Guard's settings: an upload may bring its image plus MAX_PARTS fields."""
         return Access(self.api_key, self.allowed_hosts, self.cors_origins,
                       {EDITS: self.limits.max_upload_bytes + MAX_PARTS * MAX_FIELD_BYTES})
+
+
+class ClientGone(Exception):
+    """The client hung up before its answer was ready."""
+
+
+async def until_answered(work: Awaitable[Any], request: Request, timeout_s: float) -> Any:
+    """Await `work` for up to timeout_s (TimeoutError), watching the connection: a client that hangs up cancels it
+    (ClientGone), and so does the timeout; a runner stops a cancelled request's batch between steps."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server cancelled this handler (Ray does when the client goes)
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)  # the request's cancel event is set once this returns
+    raise ClientGone() if watch in done else TimeoutError()
+
+
+async def disconnected(request: Request) -> None:
+    """Return once the client has closed its connection (the body was read: the next ASGI message is the
+    disconnect); never, where the server cannot tell."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.05)
+    except Exception:  # noqa: BLE001 - a server that cannot report disconnects: wait for the answer or the timeout
+        await asyncio.Event().wait()
 
 
 def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = None,
@@ -135,7 +170,8 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
         output = openai_api.parse_output(fields)
         openai_api.parse_request(fields, None, limits, defaults())  # refuse bad fields before decoding the image
         image = await run_in_threadpool(openai_api.read_image, files[0], limits.max_pixels)
-        return await answer(openai_api.parse_request(fields, image, limits, defaults()), output, start)
+        return await answer(openai_api.parse_request(fields, image, limits, defaults()), output, start,
+                            request)
 
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> JSONResponse:
@@ -149,7 +185,7 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
         if not isinstance(body, dict):
             raise bad_request("the body must be a JSON object like {\"prompt\": \"...\"}", code="invalid_body")
         output = openai_api.parse_output(body)
-        return await answer(openai_api.parse_request(body, None, limits, defaults()), output, start)
+        return await answer(openai_api.parse_request(body, None, limits, defaults()), output, start, request)
 
     def defaults() -> dict[str, str]:
         return {"cache": settings.cache}
@@ -164,18 +200,20 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
             for task in tasks:
                 task.cancel()
 
-    async def answer(req: EditRequest, output: openai_api.Output, start: float) -> JSONResponse:
+    async def answer(req: EditRequest, output: openai_api.Output, start: float, request: Request) -> Response:
         if not runner.ready:
             raise ApiError(503, "the model is still loading: retry shortly", "server_error", "model_loading",
                            headers={"Retry-After": "5"})
         try:
-            served = await asyncio.wait_for(submit_all(openai_api.per_image(req)), settings.timeout_s)
+            served = await until_answered(submit_all(openai_api.per_image(req)), request, settings.timeout_s)
         except QueueFull as exc:
             raise ApiError(429, str(exc), "rate_limit_error", "queue_full",
                            headers={"Retry-After": str(exc.retry_after)}) from None
         except TimeoutError:
             raise ApiError(504, f"the edit took longer than the server's {settings.timeout_s:g}s timeout: retry, "
                            "or ask for fewer steps or a smaller size", "timeout", "timeout") from None
+        except ClientGone:  # nobody reads this answer: its status is for the access log and /metrics
+            return Response(status_code=499)
         except ContentFlagged as exc:
             metrics.observe_flagged(exc)
             raise openai_api.content_policy_violation(str(exc)) from None
@@ -188,7 +226,9 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
         total = time.perf_counter() - start
         metrics.stage_latency.labels("request").observe(total)
         results = [s.result for s in served]
-        body = openai_api.response_body(results, [runner.signer(result) for result in results], output)
+        # encoding (and C2PA signing) on the pool: ~134 ms per 1024x1024 PNG that must not stall the loop
+        body = await asyncio.get_running_loop().run_in_executor(
+            runner.pool, openai_api.response_body, results, [runner.signer(result) for result in results], output)
         timing = f"{served[0].server_timing()}, total;dur={1e3 * total:.1f}"
         return JSONResponse(body, headers={"Server-Timing": timing,
                                            "X-Batch-Size": str(max(s.batch_images for s in served))})

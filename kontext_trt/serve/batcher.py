@@ -1,19 +1,40 @@
-"""Micro-batching: requests that share a batch key and arrive within a short window run as one batch."""
+"""Micro-batching: requests that share a batch key and arrive within a short window run as one batch, on the model
+thread; their safety steps and encoding run on a worker pool, so the model thread runs nothing but the model."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+from kontext_trt.core.errors import Cancelled
 from kontext_trt.runtime.flow import EditRequest, EditResult, batch_key
 from kontext_trt.serve.metrics import Metrics
-from kontext_trt.serve.service import BatchRun, EditService, Served
+from kontext_trt.serve.service import BatchRun, EditService, Served, serve_request
 
 log = logging.getLogger(__name__)
+# Input checks, output checks, watermarks and PNG encodes of requests in flight: a few threads, no more than cores.
+POOL_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4))
+POOL_NICE = 10  # the pool's threads yield the CPU to the model thread (whose host work feeds the GPU)
+
+
+def worker_pool(threads: int = POOL_THREADS) -> ThreadPoolExecutor:
+    """The worker pool: `threads` threads at a lower CPU priority than the model thread (nice +10, where the OS
+    sets it per thread), so post-processing never delays the next batch's launch."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kontext-pool", initializer=lower_priority)
+
+
+def lower_priority() -> None:
+    """Lower the calling thread's CPU priority by POOL_NICE (Linux: per thread; elsewhere, nothing)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + POOL_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 class QueueFull(Exception):
@@ -38,15 +59,17 @@ class Job:
 class MicroBatcher:
     """One worker task: takes the oldest request, waits up to `window_s` for requests of its key (up to `max_batch`
     images), runs them on the model thread, hands each request its own outcome. A request whose handler gave up
-    (timeout, disconnect) is dropped from the queue, or its result discarded if its batch already runs."""
+    (timeout, disconnect) is dropped from the queue; if its batch already runs, the batch stops between steps once
+    all its requests gave up, else runs on for the others and the result is discarded."""
 
     def __init__(self, service: EditService, metrics: Metrics, max_batch: int = 4, max_queue: int = 64,
-                 window_s: float = 0.005) -> None:
+                 window_s: float = 0.005, pool_threads: int = POOL_THREADS) -> None:
         self.service, self.metrics = service, metrics
         self.max_batch, self.max_queue, self.window_s = max_batch, max_queue, window_s
         self.queue: deque[Job] = deque()
         self.arrived = asyncio.Event()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-model")
+        self.pool = worker_pool(pool_threads)
         self.worker: asyncio.Task | None = None
         self.batch_seconds = 1.0  # a running estimate, for Retry-After
 
@@ -64,6 +87,7 @@ class MicroBatcher:
             self.worker.cancel()
             await asyncio.gather(self.worker, return_exceptions=True)
         self.model_thread.shutdown(wait=True)
+        self.pool.shutdown(wait=True)
 
     @property
     def ready(self) -> bool:
@@ -71,10 +95,20 @@ class MicroBatcher:
         return self.service.ready
 
     async def submit(self, req: EditRequest) -> Served:
-        """Queue a request and wait for its result; QueueFull when the queue is full."""
+        """Queue a request and wait for its result, its safety steps on the pool around it; QueueFull when the queue
+        is full."""
+        self.check_room()
+        return await serve_request(self.service, self.pool, req, self.enqueue, self.metrics)
+
+    def check_room(self) -> None:
+        """QueueFull when --max-queue requests wait already."""
         self.purge()
         if len(self.queue) >= self.max_queue:
             raise QueueFull(max(1, round(self.batch_seconds * (1 + len(self.queue) / self.max_batch))))
+
+    async def enqueue(self, req: EditRequest) -> Served:
+        """Queue an admitted request (checked again: others were admitted meanwhile) and await its model result."""
+        self.check_room()
         job = Job(req, batch_key(req), asyncio.get_running_loop().create_future(), len(req.prompts))
         self.queue.append(job)
         self.metrics.queue_depth.set(len(self.queue))
@@ -134,7 +168,10 @@ class MicroBatcher:
             except Exception as exc:  # noqa: BLE001 - the worker outlives any batch
                 log.exception("a batch of %d failed outside the model", len(batch))
                 run = BatchRun([exc] * len(batch))
-            self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * run.seconds
+            if all(isinstance(outcome, Cancelled) for outcome in run.outcomes):
+                self.metrics.cancelled.inc()
+            else:
+                self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * run.seconds
             self.metrics.observe_batch(sum(job.images for job in batch), run)
             images = sum(job.images for job in batch)
             for job, outcome in zip(batch, run.outcomes):

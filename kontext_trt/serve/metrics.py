@@ -33,6 +33,8 @@ class Metrics:
                                "output) and label", ["where", "label"], registry=r)
         self.lora_swaps = Counter("kontext_lora_swaps", "times the transformer's LoRA set was swapped between "
                                   "batches", registry=r)
+        self.cancelled = Counter("kontext_batches_cancelled", "batches stopped between denoising steps because every "
+                                 "request in them was cancelled (timeout, client gone)", registry=r)
         self.gpu_memory = Gauge("kontext_gpu_memory_bytes", "GPU memory: used and total on the device, allocated "
                                 "by torch", ["kind"], registry=r)
 

@@ -35,6 +35,8 @@ class ServeConfig:
     batch_window_ms: float = 5.0
     timeout: float = 300.0
     drain_timeout: float = 30.0
+    read_timeout: float = 60.0  # seconds a request's headers, and then its body, may take to arrive (else 408)
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     log_level: str = "info"
     lora_dir: Path | None = None
     replicas: int = 1  # Ray: fixed replicas, unless autoscale
@@ -122,12 +124,15 @@ def engine_max_batch(k: Kontext) -> int | None:
 
 
 def run_local(config: ServeConfig) -> int:
-    """One process: uvicorn, the micro-batcher, the model on one thread. SIGTERM drains, then exits 0."""
+    """One process: uvicorn, the micro-batcher, the model on one thread, safety steps and encoding on a worker pool;
+    slow clients are cut off after --read-timeout. SIGTERM drains, then exits 0."""
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     from kontext_trt.serve.app import create_app
     from kontext_trt.serve.batcher import MicroBatcher
     from kontext_trt.serve.metrics import Metrics
+    from kontext_trt.serve.slow import ReadDeadline, header_deadline
 
     service = config.service()
     metrics = Metrics()
@@ -150,9 +155,11 @@ def run_local(config: ServeConfig) -> int:
         batcher.max_batch = config.batch_size(service.k)
         log.info("ready: serving on http://%s:%d (max batch %d)", config.host, server_port(server), batcher.max_batch)
 
-    app = create_app(batcher, metrics, config.settings(), lifespan)
+    app = ReadDeadline(create_app(batcher, metrics, config.settings(), lifespan), config.read_timeout)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                                           timeout_graceful_shutdown=config.drain_timeout, access_log=False))
+                                           timeout_graceful_shutdown=config.drain_timeout, access_log=False,
+                                           http=header_deadline(AutoHTTPProtocol, config.read_timeout),
+                                           timeout_keep_alive=config.keep_alive_timeout))
     # uvicorn re-raises the signal it drained on; a handler that ignores SIGTERM makes that a clean exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()

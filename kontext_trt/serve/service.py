@@ -1,21 +1,30 @@
-"""The model behind the server: one pipeline, the session's prompt and input-latent caches, batches and warm-up."""
+"""The model behind the server: one pipeline, the session's prompt and input-latent caches, batches and warm-up.
+
+Work is split by thread: `run` (the model thread) runs nothing but the model; `admit` (the input safety check) and
+`finish` (the output check and watermark) run on a worker pool, around it (`serve_request`)."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from kontext_trt.core import image as im
-from kontext_trt.core.errors import KontextError
+from kontext_trt.core.errors import Cancelled, KontextError
 from kontext_trt.core.specs import parse_lora
 from kontext_trt.core.timing import StageTimes
 from kontext_trt.runtime import flow
 from kontext_trt.runtime.flow import EditRequest, EditResult, Kontext
 from kontext_trt.runtime.session import EditSession
 from kontext_trt.safety import guard
-from kontext_trt.safety.checker import ContentFlagged
+from kontext_trt.safety.checker import ContentFlagged, Verdict
+
+if TYPE_CHECKING:
+    from kontext_trt.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +87,8 @@ class BatchRun:
 
 
 class EditService:
-    """Loads the pipeline once, then runs batches of requests (one at a time: call from one thread)."""
+    """Loads the pipeline once, then runs batches of requests (`run`: one at a time, from one thread, the model
+    thread); `admit` and `finish`, the safety steps around a request, may run on any thread."""
 
     def __init__(self, load: Callable[[], Kontext], warm_request: Callable[[Kontext], EditRequest] = small_edit,
                  cache_size: int = 64, policy: guard.OutputPolicy | None = None, lora_dir: Path | None = None,
@@ -87,26 +97,49 @@ class EditService:
         self.lora_dir, self.default_loras = lora_dir, list(default_loras)  # the --lora set serves requests without one
         self.lora: str | None = None  # the request `lora` whose set the transformer holds now (None: the default)
         self.policy = policy  # None: the default (NudeNet on the pipeline's device, watermark), made at load
+        self.checking = threading.Lock()  # one checker call at a time: a checker need not be thread-safe
         self.k: Kontext | None = None
         self.session: EditSession | None = None
         self.ready = False
 
     def load(self) -> None:
-        """Load the pipeline and run one edit so the first request pays no first-call costs; then ready."""
+        """Load the pipeline and run one edit, safety steps included, so the first request pays no first-call costs;
+        then ready."""
         start = time.perf_counter()
         self.k = self.load_pipeline()
         if self.policy is None:
             self.policy = guard.OutputPolicy.from_options(device=self.k.device)
         self.session = EditSession(self.k, cache_size=self.cache_size)
-        failed = self.run([self.warm_request(self.k)]).outcomes[0]
-        if isinstance(failed, BaseException):
-            raise failed
+        warm = self.warm_request(self.k)
+        verdict = self.admit(warm, StageTimes())
+        done = self.run([warm]).outcomes[0]
+        if isinstance(done, BaseException):
+            raise done
+        self.finish(warm, done, verdict, StageTimes())
         self.ready = True
         log.info("model loaded and warmed in %.2fs (%s)", time.perf_counter() - start, self.k.info)
 
+    def admit(self, req: EditRequest, times: StageTimes) -> Verdict | None:
+        """The input safety check of a request, before it is queued (any thread): its verdict (None: no image or no
+        checker), or ContentFlagged, and then the request reaches no stage."""
+        with self.checking:
+            [verdict] = guard.input_verdicts(self.policy, [req], times)
+        if verdict is not None and verdict.flagged:
+            raise ContentFlagged("input image", [verdict])
+        return verdict
+
+    def finish(self, req: EditRequest, result: EditResult, verdict: Verdict | None, times: StageTimes) -> EditResult:
+        """guard.finish (any thread): the decoded pixels made images, every output checked, watermarked, verdicts in
+        the metadata; ContentFlagged if an output is flagged."""
+        result = flow.with_images(result)
+        with self.checking:
+            verdicts = guard.check(self.policy, result.images, times)
+        return guard.finish_checked(self.policy, req, result, times, verdict, verdicts)
+
     def run(self, reqs: list[EditRequest]) -> BatchRun:
-        """Run requests sharing a batch key as one batch; should the batch fail, each request runs alone so one bad
-        request cannot fail its batch-mates."""
+        """Run requests sharing a batch key as one batch (the model thread); should the batch fail, each request
+        runs alone so one bad request cannot fail its batch-mates. A batch whose requests were all cancelled stops
+        between steps: Cancelled for each."""
         start = time.perf_counter()
         self.k.reset_times()
         try:
@@ -115,6 +148,8 @@ class EditService:
             return BatchRun([exc] * len(reqs), {}, time.perf_counter() - start)
         try:
             outcomes = self.run_batch(reqs)
+        except Cancelled as exc:
+            outcomes = [exc] * len(reqs)
         except Exception as exc:  # noqa: BLE001 - an outcome per request, never a dead server
             if len(reqs) == 1:
                 outcomes = [exc]
@@ -144,20 +179,31 @@ class EditService:
         thread, so its time is not in the batch's stage table."""
         return guard.signer(self.policy, result, StageTimes())
 
-    def run_batch(self, reqs: list[EditRequest]) -> list[EditResult | ContentFlagged]:
-        """flow.edit_batch through the session's caches (prompt encodings and input latents), between the safety
-        checks: a request with a flagged input reaches no stage, one with a flagged output gets ContentFlagged."""
-        verdicts = guard.input_verdicts(self.policy, reqs, self.k.times)
-        outcomes: list = [ContentFlagged("input image", [v]) if v is not None and v.flagged else None for v in verdicts]
-        todo = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        if not todo:
-            return outcomes
-        run = [reqs[i] for i in todo]
-        prompts = [self.session.prompt(req.prompts) for req in run]
-        contexts = [None if req.image is None else self.session.context(req.image, req.auto_resize) for req in run]
-        for i, result in zip(todo, flow.edit_batch(self.k, run, prompts, contexts)):
-            try:
-                outcomes[i] = guard.finish(self.policy, reqs[i], result, self.k.times, verdicts[i])
-            except ContentFlagged as flagged:
-                outcomes[i] = flagged
-        return outcomes
+    def run_batch(self, reqs: list[EditRequest]) -> list[EditResult]:
+        """flow.edit_batch through the session's caches (prompt encodings and input latents): model work only, its
+        pixels left for `finish` to make images of."""
+        prompts = [self.session.prompt(req.prompts) for req in reqs]
+        contexts = [None if req.image is None else self.session.context(req.image, req.auto_resize) for req in reqs]
+        return flow.edit_batch(self.k, reqs, prompts, contexts, to_images=False)
+
+
+async def serve_request(service: EditService, pool: Executor, req: EditRequest,
+                        run: Callable[[EditRequest], Awaitable[Served]], metrics: Metrics | None = None) -> Served:
+    """One request through a runner (`run`: queue, batch, model thread), its safety steps on `pool` around it. The
+    request gets a cancel event, set if the caller gives up (timeout, disconnect: this coroutine is cancelled), so
+    its batch stops between steps once every request in it was cancelled."""
+    loop = asyncio.get_running_loop()
+    req.cancel = req.cancel or threading.Event()
+    times = StageTimes()
+    try:
+        verdict = await loop.run_in_executor(pool, service.admit, req, times)
+        served = await run(req)
+        result = await loop.run_in_executor(pool, service.finish, req, served.result, verdict, times)
+    except asyncio.CancelledError:
+        req.cancel.set()
+        raise
+    safety = times.totals()
+    if metrics is not None:
+        for stage, seconds in safety.items():
+            metrics.stage_latency.labels(stage).observe(seconds)
+    return replace(served, result=result, stage_seconds={**served.stage_seconds, **safety})

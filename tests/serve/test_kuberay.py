@@ -34,6 +34,8 @@ def test_rayservice_example_is_consistent():
     assert deployment["name"] == KontextDeployment.name
     assert deployment["autoscaling_config"]["target_ongoing_requests"] <= deployment["max_ongoing_requests"]
     assert args.max_batch <= deployment["max_ongoing_requests"]
+    # a replica must hold the requests it answers 429 for itself (past max batch + --max-queue), before Ray queues
+    assert args.max_batch + args.max_queue < deployment["max_ongoing_requests"]
 
     (workers,) = spec["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     pod = workers["template"]["spec"]
