@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
+from kontext_trt.assemble import build_pipeline
 from kontext_trt.benchmarks.serve_throughput import measure
+from kontext_trt.core.specs import LoadSpec
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tiny_ckpt):
+    return build_pipeline(LoadSpec(tiny_ckpt, dtype="fp32"))
 
 
 def test_throughput_figure_and_the_model_thread_runs_only_the_model(tiny_pipeline):
