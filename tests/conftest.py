@@ -17,8 +17,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 T = TypeVar("T")
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under xdist; None in a plain run
-# Test folders whose files run on one worker together (package-scoped fixtures: made once, not once per worker).
-GROUPED = ("tests/serve/",)
+if WORKER is not None:  # one thread per worker: two workers on two cores, torch's threads would only wait on each other
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"  # and in the subprocesses the tests start
+    torch.set_num_threads(1)
+
+# Test files that run on one worker together under xdist: the users of the package fixture `served` (one server).
+GROUPED = {f"tests/serve/{name}": "tests/serve (served)"
+           for name in ("test_loadgen.py", "test_openai_api.py", "test_page.py", "test_safety.py")}
 
 
 def run_folder(config: pytest.Config) -> Path | None:
@@ -52,32 +59,36 @@ def shared(config: pytest.Config, name: str, make: Callable[[], T]) -> T:
 
 
 def group(nodeid: str) -> str:
-    """The unit of work a test belongs to under `--dist loadfile`: its file, or its GROUPED folder."""
+    """The unit of work a test belongs to under `--dist loadfile`: its file, or its GROUPED name."""
     path = nodeid.split("::", 1)[0]
-    return next((folder for folder in GROUPED if path.startswith(folder)), path)
+    return GROUPED.get(path, path)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """`--dist loadfile`, with each GROUPED folder one unit, the units in the order the workers run their tests in
+    """`--dist loadfile`, with the GROUPED files one unit, the units in the order the workers run their tests in
     (see pytest_collection_modifyitems), not by their number of tests."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
 
-    class FileOrFolder(LoadFileScheduling):
+    class FileOrGroup(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return group(nodeid)
 
     config.option.loadscopereorder = False
-    return FileOrFolder(config, log)
+    return FileOrGroup(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under xdist the units holding a `slow` test go first, so that a long one does not end the run alone."""
+    """Under xdist the units holding a `slow` test go first, so that a long one does not end the run alone, and the
+    units holding a `serial` test last, when what runs beside them is short (a serial test waits for it)."""
     if WORKER is not None:
-        slow = {group(item.nodeid) for item in items if item.get_closest_marker("slow")}
-        items.sort(key=lambda item: group(item.nodeid) not in slow)  # stable: collection order otherwise
+        def units(mark: str) -> set[str]:
+            return {group(item.nodeid) for item in items if item.get_closest_marker(mark)}
+
+        slow, serial = units("slow"), units("serial")
+        items.sort(key=lambda item: 2 if group(item.nodeid) in serial else 0 if group(item.nodeid) in slow else 1)
 
 
 @pytest.hookimpl(hookwrapper=True)

