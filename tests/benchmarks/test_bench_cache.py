@@ -9,6 +9,7 @@ from kontext_trt.benchmarks.report import SCHEMA_PATH, load_results
 from kontext_trt.cli.main import main
 
 STEPS = 8
+pytestmark = pytest.mark.serial  # the runs' times are compared (reusing steps is faster): no other test beside them
 
 
 @pytest.fixture(scope="module")

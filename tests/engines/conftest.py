@@ -26,22 +26,24 @@ def engine_onnx(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def bf16_onnx(tmp_path_factory) -> Path:
+def bf16_onnx(once, tmp_path_factory) -> Path:
     """The stand-in stages exported in bf16 (strongly typed: a bf16 engine)."""
-    return proto_onnx.export(tmp_path_factory.mktemp("onnx_bf16"), torch.bfloat16)
+    return once("bf16_onnx", lambda: proto_onnx.export(tmp_path_factory.mktemp("onnx_bf16"), torch.bfloat16))
 
 
 @pytest.fixture(scope="session")
-def built(engine_onnx, tmp_path_factory) -> Path:
+def built(once, engine_onnx, tmp_path_factory) -> Path:
     """ENGINES root after `kontext-trt build` of all five tiny stages for the RTX 4090 (sm89), ahead of time as on a
     host without a GPU (on a GPU host too: a datacenter GPU could not load these RTX plans to check them)."""
     from kontext_trt.engines import device
 
-    root = tmp_path_factory.mktemp("engines")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(device, "detect_gpu", lambda cuda_index=None: (None, "built ahead of time for the tests"))
-        assert main(["build", "--onnx", str(engine_onnx), "--out", str(root), "--sku", "rtx4090"]) == 0
-    return root
+    def make() -> Path:
+        root = tmp_path_factory.mktemp("engines")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(device, "detect_gpu", lambda cuda_index=None: (None, "built ahead of time for the tests"))
+            assert main(["build", "--onnx", str(engine_onnx), "--out", str(root), "--sku", "rtx4090"]) == 0
+        return root
+    return once("built", make)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ def built_parts(tiny_onnx_split, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # built_parts: the transformer and its parts built, ~18 s
 def test_parts_build_with_the_transformer_profiles(built_parts):
     folder = built_parts / "rtx4090-sm89" / RTX / "fp32"
     manifest = cache.read_engine_manifest(folder)
@@ -41,6 +42,7 @@ def test_parts_build_with_the_transformer_profiles(built_parts):
     assert "transformer_head" in manifest.command  # the rebuild line keeps the parts
 
 
+@pytest.mark.slow  # built_parts: the transformer and its parts built, ~18 s
 def test_engine_lookup_swaps_the_transformer_for_its_parts(built_parts):
     folder = built_parts / "rtx4090-sm89" / RTX / "fp32"
     assert SPLIT_STAGE_NAMES == ("clip", "t5", "vae_encoder", *TRANSFORMER_PARTS, "vae_decoder")
@@ -51,6 +53,7 @@ def test_engine_lookup_swaps_the_transformer_for_its_parts(built_parts):
         cache.find_engines(built_parts, "rtx4090", RTX, "fp32", 1024, 1024, 1, None, SPLIT_STAGE_NAMES)
 
 
+@pytest.mark.slow  # built_parts: the transformer and its parts built, ~18 s
 def test_split_refuses_low_vram(built_parts):
     with pytest.raises(KontextError, match="--low-vram keeps one engine on the GPU"):
         load_engines(built_parts, split=True, low_vram=True)

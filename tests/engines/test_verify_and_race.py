@@ -47,6 +47,7 @@ def race(*argvs):
     return [(p.wait(timeout=900), p.stderr.read()) for p in procs]
 
 
+@pytest.mark.slow  # three build processes: ~10 s
 def test_concurrent_builds_into_one_folder_keep_every_stage(engine_onnx, tmp_path):
     common = ["build", "--onnx", engine_onnx, "--sku", "rtx4090"]
     different = race([*common, "--out", tmp_path / "a", "--stages", "clip", "vae_decoder"],

@@ -90,6 +90,7 @@ def test_reexport_external_data_and_force(tiny_ckpt, tiny_onnx, tmp_path):
     assert all(torch.equal(run_clip(out, ids)[k], inline[k]) for k in inline)
 
 
+@pytest.mark.slow  # a bf16 transformer export: ~12 s
 def test_bf16_transformer_keeps_rope_and_ids_in_fp32(tiny_ckpt, tmp_path):
     out = tmp_path / "bf16"
     export_checkpoint(tiny_ckpt, out, stages=("transformer",), dtype="bf16")

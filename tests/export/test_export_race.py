@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.export_manifest import read_export_manifest
 from kontext_trt.core.onnx_dir import file_identity, read_onnx_dir
@@ -11,6 +13,7 @@ from kontext_trt.core.onnx_dir import file_identity, read_onnx_dir
 SCRIPT = Path(sys.executable).with_name("kontext-trt")
 
 
+@pytest.mark.slow  # three export processes: ~20 s
 def test_concurrent_exports_keep_every_stage_and_hash_it(tiny_ckpt, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "onnx"

@@ -15,9 +15,13 @@ QUICK = ["--calib-size", "2", "--calib-steps", "2", "--report-size", "1", "--no-
 
 
 @pytest.fixture(scope="session")
-def calib_jsonl(tmp_path_factory) -> Path:
+def calib_jsonl(once, tmp_path_factory) -> Path:
     """Two drawn 128x96 / 96x128 images with instructions, as a JSONL file beside them."""
-    folder = tmp_path_factory.mktemp("calib")
+    return once("calib_jsonl", lambda: write_calib(tmp_path_factory.mktemp("calib")))
+
+
+def write_calib(folder: Path) -> Path:
+    """The files of calib_jsonl, written in folder."""
     lines = []
     for i, ((w, h), prompt) in enumerate((((128, 96), "Add snow on the roof of the house."),
                                           ((96, 128), "Transform this photo into a watercolor painting."))):
@@ -42,23 +46,24 @@ def quantize_once(tmp_path_factory, tiny_ckpt, calib_jsonl, name: str, *args: st
 
 
 @pytest.fixture(scope="session")
-def fp8_run(tmp_path_factory, tiny_ckpt, calib_jsonl) -> tuple[Path, str]:
+def fp8_run(once, tmp_path_factory, tiny_ckpt, calib_jsonl) -> tuple[Path, str]:
     """FP8 with FP8 attention, exported in fp32 (ONNX Runtime runs it; TensorRT-RTX builds it for sm89)."""
-    return quantize_once(tmp_path_factory, tiny_ckpt, calib_jsonl, "fp8", "--precision", "fp8", "--attention", "fp8",
-                         "--dtype", "fp32")
+    return once("fp8_run", lambda: quantize_once(tmp_path_factory, tiny_ckpt, calib_jsonl, "fp8", "--precision", "fp8",
+                                                 "--attention", "fp8", "--dtype", "fp32"))
 
 
 @pytest.fixture(scope="session")
-def nvfp4_run(tmp_path_factory, tiny_ckpt, calib_jsonl) -> tuple[Path, str]:
+def nvfp4_run(once, tmp_path_factory, tiny_ckpt, calib_jsonl) -> tuple[Path, str]:
     """NVFP4 with SVDQuant rank 32 and its default FP8 attention, exported in bf16 (TensorRT-RTX builds it for sm120)."""
-    return quantize_once(tmp_path_factory, tiny_ckpt, calib_jsonl, "nvfp4", "--precision", "nvfp4")
+    return once("nvfp4_run", lambda: quantize_once(tmp_path_factory, tiny_ckpt, calib_jsonl, "nvfp4", "--precision",
+                                                   "nvfp4"))
 
 
 @pytest.fixture(scope="session")
-def nvfp4_plain_run(tmp_path_factory, tiny_ckpt, calib_jsonl) -> tuple[Path, str]:
+def nvfp4_plain_run(once, tmp_path_factory, tiny_ckpt, calib_jsonl) -> tuple[Path, str]:
     """Plain NVFP4 (--svd-rank 0) with its default FP8 attention, exported in bf16."""
-    return quantize_once(tmp_path_factory, tiny_ckpt, calib_jsonl, "nvfp4_plain", "--precision", "nvfp4",
-                         "--svd-rank", "0")
+    return once("nvfp4_plain_run", lambda: quantize_once(tmp_path_factory, tiny_ckpt, calib_jsonl, "nvfp4_plain",
+                                                         "--precision", "nvfp4", "--svd-rank", "0"))
 
 
 @pytest.fixture(scope="session")

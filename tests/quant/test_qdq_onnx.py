@@ -166,16 +166,17 @@ def network_gemms(net) -> collections.Counter:
     ("fp8_run", "rtx4090", "fp8", {("QUANTIZE", "FLOAT", "FP8"): 37, ("DEQUANTIZE", "FP8", "FLOAT"): 77},
      {"FP8": 48, "plain": 10}),
     # plain NVFP4 (bf16 graph): 20 dynamic FP4 activation quantizers, 34 FP4 weights, 6 FP8 modulations, FP8 attention
-    ("nvfp4_plain_run", "rtx5090", "nvfp4", {("DYNAMIC_QUANTIZE", "BF16", "FP4"): 20, ("DEQUANTIZE", "FP4", "BF16"): 54,
-                                             ("DEQUANTIZE", "FP8", "BF16"): 77, ("QUANTIZE", "BF16", "FP8"): 17},
-     {"FP4": 34, "FP8": 14, "plain": 10}),
+    pytest.param("nvfp4_plain_run", "rtx5090", "nvfp4",
+                 {("DYNAMIC_QUANTIZE", "BF16", "FP4"): 20, ("DEQUANTIZE", "FP4", "BF16"): 54,
+                  ("DEQUANTIZE", "FP8", "BF16"): 77, ("QUANTIZE", "BF16", "FP8"): 17},
+                 {"FP4": 34, "FP8": 14, "plain": 10}, marks=pytest.mark.slow),  # an nvfp4 calibration and build: ~17 s
     # NVFP4 + SVDQuant rank 32: each FP4 layer quantizes its own smoothed input (n: 34, fewer where layers sharing
     # an input got the same smoothing -- alpha 1 for two of q, k, v -- and the exporter merged their Mul), the same
     # 34 FP4 GEMMs, and two bf16 branch GEMMs per FP4 layer (68 more plain)
-    ("nvfp4_run", "rtx5090", "nvfp4", lambda n: {("DYNAMIC_QUANTIZE", "BF16", "FP4"): n,
-                                                 ("DEQUANTIZE", "FP4", "BF16"): 34 + n,
-                                                 ("DEQUANTIZE", "FP8", "BF16"): 57 + n, ("QUANTIZE", "BF16", "FP8"): 17},
-     {"FP4": 34, "FP8": 14, "plain": 78}),
+    pytest.param("nvfp4_run", "rtx5090", "nvfp4",
+                 lambda n: {("DYNAMIC_QUANTIZE", "BF16", "FP4"): n, ("DEQUANTIZE", "FP4", "BF16"): 34 + n,
+                            ("DEQUANTIZE", "FP8", "BF16"): 57 + n, ("QUANTIZE", "BF16", "FP8"): 17},
+                 {"FP4": 34, "FP8": 14, "plain": 78}, marks=pytest.mark.slow),  # SVDQuant calibration + build: ~20 s
 ])
 def test_tensorrt_rtx_keeps_qdq_and_builds(request, tmp_path, run, sku, precision, expected, gemms):
     pytest.importorskip("tensorrt_rtx")

@@ -130,6 +130,7 @@ def test_quantize_export_needs_a_saved_calibration(tmp_path, tiny_ckpt, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # its own fp8 calibration: ~15 s
 def test_lora_is_fused_before_calibrating(tmp_path, tiny_ckpt, calib_jsonl, fp8_run, capsys):
     """quantize --lora: the LoRA goes into the weights first, so calibration and the Q/DQ ONNX see the fused model."""
     import torch
@@ -150,6 +151,9 @@ def test_lora_is_fused_before_calibrating(tmp_path, tiny_ckpt, calib_jsonl, fp8_
     plain = fp8_run[0]
     assert (out / "quant/amax.safetensors").read_bytes() != (plain / "quant/amax.safetensors").read_bytes()
     assert (out / "transformer/model.onnx").read_bytes() != (plain / "transformer/model.onnx").read_bytes()
+
+
+@pytest.mark.slow  # its own checkpoint and nvfp4 calibration: ~16 s
 def test_layers_whose_width_is_not_a_multiple_of_16_stay_in_fp8(tmp_path_factory, quantize_run):
     """A transformer 24 wide (2 heads of 12): NVFP4 needs whole 16-element blocks of the input, so every layer that
     reads the 24-wide stream (or the single blocks' 24 + 96 = 120-wide concat) runs in FP8, listed in the report."""

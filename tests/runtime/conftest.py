@@ -72,9 +72,14 @@ def put_kohya(out: dict, key: str, pairs: list[tuple[torch.Tensor, torch.Tensor]
 
 
 @pytest.fixture(scope="session")
-def tiny_loras(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
+def tiny_loras(once, tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
     """{"a": diffusers LoRA A (in a folder, as save_lora_weights writes it), "b": another diffusers LoRA file,
     "kohya_a": LoRA A in kohya keys}."""
+    return once("tiny_loras", lambda: write_loras(tiny_ckpt, tmp_path_factory.mktemp("loras")))
+
+
+def write_loras(tiny_ckpt: Path, root: Path) -> dict[str, Path]:
+    """The LoRAs of tiny_loras, written in root."""
     from diffusers import FluxKontextPipeline
     from safetensors.torch import save_file
 
@@ -82,7 +87,6 @@ def tiny_loras(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
     ckpt = ck.open_checkpoint(tiny_ckpt)
     config = ckpt.transformer_config
     shapes = {name: tuple(p.shape) for name, p in ck.load_transformer(ckpt, torch.float32).named_parameters()}
-    root = tmp_path_factory.mktemp("loras")
     paths = {}
     for name, seed in (("a", 1), ("b", 2)):
         sd = random_lora(shapes, seed)
@@ -99,8 +103,13 @@ def tiny_loras(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def lora_reference(tiny_ckpt, tiny_loras):
+def lora_reference(once, tiny_ckpt, tiny_loras):
     """uint8 images of diffusers' FluxKontextPipeline with load_lora_weights(LoRA a) + fuse_lora(lora_scale=0.8)."""
+    return once("lora_reference", lambda: diffusers_lora_edit(tiny_ckpt, tiny_loras))
+
+
+def diffusers_lora_edit(tiny_ckpt: Path, tiny_loras: dict[str, Path]):
+    """The images of lora_reference."""
     import numpy as np
     from diffusers import FluxKontextPipeline
 
@@ -130,17 +139,20 @@ TRT_SIZES = ((64, 64), (96, 64))  # 16 and 24 tokens: the transformer takes 16..
 
 
 @pytest.fixture(scope="session")
-def trt_engines(tiny_onnx, tmp_path_factory) -> Path:
+def trt_engines(once, tiny_onnx, tmp_path_factory) -> Path:
     """ENGINES root with the five tiny stages built for the RTX 4090 on this CPU host, for TRT_SIZES and batch 1-2."""
     pytest.importorskip("tensorrt_rtx")
     from kontext_trt.engines import build
     from kontext_trt.engines.profiles import Shapes
     from kontext_trt.engines.skus import SKUS
 
-    root = tmp_path_factory.mktemp("engines")
-    build.build_set(build.BuildRequest(onnx_dir=tiny_onnx, out=root, sku=SKUS["rtx4090"],
-                                       target=build.Target("tensorrt-rtx", (89,)), shapes=Shapes(TRT_SIZES, (1, 2))))
-    return root
+    def make() -> Path:
+        root = tmp_path_factory.mktemp("engines")
+        build.build_set(build.BuildRequest(onnx_dir=tiny_onnx, out=root, sku=SKUS["rtx4090"],
+                                           target=build.Target("tensorrt-rtx", (89,)),
+                                           shapes=Shapes(TRT_SIZES, (1, 2))))
+        return root
+    return once("trt_engines", make)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
-"""Every class of bad input, driven through the installed console script: exit 2, exactly one `error:` line on
-stderr (the last; progress lines may precede it) naming what the user typed, no traceback, and nothing written.
+"""Every class of bad input: exit 2, exactly one `error:` line on stderr (the last; progress lines may precede it)
+naming what the user typed, no traceback, and nothing written. Every case runs in-process through the console
+script's entry point `main(argv)` (arguments given as bytes are decoded as Python decodes a real argv); a handful,
+one per subcommand, also run as the installed console script itself.
 
 Tests run as root here, so permission bits stop nothing: a read-only output is simulated by paths the kernel refuses
 even to root (/sys: EACCES, /proc: ENOENT), and an unreadable file by a folder where the file is expected.
@@ -11,12 +13,14 @@ import shutil
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
 import pytest
 from onnx import TensorProto, helper, save
 
+from kontext_trt.cli.main import main
 from kontext_trt.core import image as im
 
 SCRIPT = Path(sys.executable).with_name("kontext-trt")
@@ -27,6 +31,16 @@ def console(*argv, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     args = [a if isinstance(a, bytes) else str(a) for a in argv]
     return subprocess.run([str(SCRIPT), *args], capture_output=True, env=env, cwd=cwd, timeout=600)
+
+
+def in_process(argv: list, capsys) -> tuple[int, str]:
+    """main(argv) as the console script runs it: (exit code, stderr). Bytes become what sys.argv holds for them
+    (os.fsdecode: undecodable bytes as surrogates); warnings are ignored, as PYTHONWARNINGS=ignore does above."""
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main([os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in argv])
+    return code, capsys.readouterr().err
 
 
 def tree(root: Path) -> set[str]:
@@ -147,15 +161,26 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_and_exit_2(case, place, tiny_ckpt):
+# The cases that also run as the installed console script (one per subcommand; the first passes undecodable bytes).
+SUBPROCESS = ("prompt-invalid-utf8", "synth-not-empty", "demo-out-read-only", "bench-compare-not-json",
+              "build-corrupted-onnx")
+RUNS = [pytest.param(case, "in-process", id=case) for case in CASES] + [
+    pytest.param(case, "console-script", id=f"{case}-console-script") for case in SUBPROCESS]
+
+
+@pytest.mark.parametrize("case,how", RUNS)
+def test_bad_input_is_one_line_and_exit_2(case, how, place, tiny_ckpt, capsys, monkeypatch):
     argv, expected = CASES[case]
     fill = {"tmp": str(place), "ckpt": str(tiny_ckpt)}
     argv = [a if isinstance(a, bytes) else a.format(**fill) for a in argv]
     before = tree(place)
-    result = console(*argv, cwd=place)
-    err = result.stderr.decode("utf-8", "replace")
-    assert result.returncode == 2, err
+    if how == "console-script":
+        result = console(*argv, cwd=place)
+        code, err = result.returncode, result.stderr.decode("utf-8", "replace")
+    else:
+        monkeypatch.chdir(place)
+        code, err = in_process(argv, capsys)
+    assert code == 2, err
     lines = err.splitlines()  # progress lines may come first; the error is the last line, and the only one
     assert err.count("error:") == 1 and lines[-1].startswith("error: ") and err.endswith("\n"), err
     assert "Traceback" not in err, err

@@ -16,7 +16,6 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from kontext_trt.core import checkpoint as ck
 from kontext_trt.core.errors import KontextError
-from kontext_trt.synth import write_synthetic_checkpoint
 
 LOADERS = [ck.load_transformer, ck.load_vae, ck.load_clip, ck.load_t5]
 
@@ -219,8 +218,8 @@ print(json.dumps({"grown": grown * 1024, "finite": finite, "dtype": str(model.dt
 
 
 @pytest.mark.slow
-def test_slim_checkpoint_loads_real_widths_in_bf16_without_copies(tmp_path):
-    root = write_synthetic_checkpoint(tmp_path / "slim", preset="slim")
+def test_slim_checkpoint_loads_real_widths_in_bf16_without_copies(slim_ckpt):
+    root = slim_ckpt  # the slim preset, written once per run (tests/conftest.py)
     ckpt = ck.open_checkpoint(root)
     start = time.monotonic()
     ck.checkpoint_fingerprint(ckpt)

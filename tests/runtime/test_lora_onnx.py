@@ -51,6 +51,7 @@ def test_onnxruntime_swaps_without_reexport(lora_request, tiny_onnx, tiny_loras,
     assert files == {p: p.stat().st_mtime_ns for p in tiny_onnx.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow  # a transformer export: ~12 s
 def test_export_lora_bakes_the_fused_weights(tiny_onnx, tiny_ckpt, tiny_loras, tmp_path):
     out = tmp_path / "baked"
     shutil.copytree(tiny_onnx, out)

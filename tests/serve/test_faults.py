@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import httpx
+import pytest
 from conftest import FaultyTransformer, SlowStage, app_in_thread, server_process
 
 from kontext_trt.safety.guard import OutputPolicy
@@ -19,6 +20,7 @@ async def post(client: httpx.AsyncClient, url: str, png: bytes, delay_s: float =
                              files={"image": ("in.png", png, "image/png")})
 
 
+@pytest.mark.serial  # queueing timed in tenths of seconds: no other test beside it
 def test_full_queue_answers_429_with_retry_after(tiny_pipeline, sample_png):
     png = sample_png.read_bytes()
     slow = {"transformer": lambda stage: SlowStage(stage, 0.5)}
@@ -36,6 +38,7 @@ def test_full_queue_answers_429_with_retry_after(tiny_pipeline, sample_png):
         assert 'kontext_requests_total{endpoint="/v1/images/edits",status="429"}' in httpx.get(f"{url}/metrics").text
 
 
+@pytest.mark.serial  # a timeout timed in seconds: no other test beside it
 def test_timeout_answers_504_and_batch_mates_are_served(tiny_pipeline, sample_png):
     # A arrives at 0 (deadline 4s), B at 3s fills the batch of 2, which runs ~3s: A times out mid-run, B (deadline
     # 7s) gets its image.

@@ -42,6 +42,7 @@ def lora_dir(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # a server process: ~14 s
 def test_requests_pick_a_lora_set(tiny_ckpt, sample_png, lora_dir, tmp_path):
     png = sample_png.read_bytes()
     with server_process("--model", str(tiny_ckpt), "--dtype", "fp32", "--lora-dir", str(lora_dir)) as server:

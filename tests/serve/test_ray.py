@@ -10,10 +10,12 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 from conftest import ServerProcess, wait_healthy
 from PIL import Image
 
 
+@pytest.mark.slow  # a local Ray cluster and two replicas: ~40 s
 def test_two_cpu_replicas_serve_the_same_app(tiny_ckpt, sample_png):
     start = time.monotonic()
     server = ServerProcess("--ray", "--replicas", "2", "--cpus-per-replica", "0.5", "--model", str(tiny_ckpt),
