@@ -35,7 +35,7 @@ demo: setup
 # The floors first (seconds): a wrong import fails before the suite starts.
 test: setup
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 clean:
 	rm -rf out .pytest_cache
