@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kontext-trt-installed
 # The CPU build of torch that lies on this machine's disk; a GPU host keeps the torch it has.
 TORCH_SPEC ?= torch==2.13.0
+# pytest-xdist workers for `make test` (two: the 2-core CI machine)
+TEST_WORKERS ?= 2
 
 .PHONY: setup chromium demo test clean
 
@@ -32,10 +34,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/kontext-trt demo --out out/demo
 
-# The floors first (seconds): a wrong import fails before the suite starts.
+# The floors first (under a second): a wrong import fails before the suite starts. Then the suite on
+# TEST_WORKERS pytest-xdist workers, each test file whole on one (tests/conftest.py: shared artefacts, order).
 test: setup
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf out .pytest_cache

@@ -26,7 +26,8 @@ if WORKER is not None:  # one thread per worker: two workers on two cores, torch
 
 # Test files that run on one worker together under xdist: the users of the package fixture `served` (one server).
 GROUPED = {f"tests/serve/{name}": "tests/serve (served)"
-           for name in ("test_loadgen.py", "test_openai_api.py", "test_page.py", "test_safety.py")}
+           for name in ("test_abuse_limits.py", "test_loadgen.py", "test_openai_api.py", "test_page.py",
+                        "test_safety.py")}
 
 
 def run_folder(config: pytest.Config) -> Path | None:
