@@ -14,7 +14,7 @@ set -euo pipefail
 USAGE="usage: build_image.sh [--dry-run] [--tag TAG] [--out-dir DIR]"
 TAG=25.12-py3
 case ${BASH_SOURCE[0]} in */*) HERE=${BASH_SOURCE[0]%/*} ;; *) HERE=. ;; esac
-REPO=$(cd "$HERE/.." && pwd)
+REPO=$(cd "$HERE/../.." && pwd)  # the repository root (this script is kontext_trt/enroot/build_image.sh)
 SRC=/opt/kontext-trt
 
 # shellcheck source=kontext_trt/enroot/common.sh
