@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "kontext_trt.cli.quant",
     "kontext_trt.cli.serve",
     "kontext_trt.cli.safety",
+    "kontext_trt.cli.train",
 )
 
 

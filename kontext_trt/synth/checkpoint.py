@@ -20,6 +20,7 @@ from kontext_trt.core.files import remove_stale_temps, replace_dir, temp_dir
 from kontext_trt.core.flux_constants import SCHEDULER_CONFIG, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 from kontext_trt.core.timing import note
 from kontext_trt.synth.tokenizers import CLIP_BOS, CLIP_EOS, write_clip_tokenizer, write_t5_tokenizer
+from kontext_trt.synth.trained import TRAINED, TrainedPreset, load_trained, prompt_ids_digest
 from kontext_trt.synth.weights import random_weights, write_json, write_safetensors, write_sharded
 
 DIFFUSERS_VERSION = "0.35.0.dev0"
@@ -69,9 +70,10 @@ TRANSFORMER_SHARDS, T5_SHARDS = 3, 2
 
 def write_synthetic_checkpoint(
     out: Path, preset: str = "tiny", seed: int = 0, fmt: str = "diffusers", force: bool = False,
-    transformer: dict | None = None,
+    transformer: dict | None = None, untrained: bool = False,
 ) -> Path:
-    """Write a random FLUX.1 Kontext [dev] checkpoint ("diffusers" folder or "bfl" single files) atomically to `out`.
+    """Write a FLUX.1 Kontext [dev] checkpoint ("diffusers" folder or "bfl" single files) atomically to `out`: random
+    weights, or for a trained preset (shapes) its shipped weights unless `untrained` (training starts from those).
 
     `transformer` overrides entries of the preset's transformer config (e.g. odd widths for tests)."""
     out = Path(out)
@@ -88,26 +90,33 @@ def write_synthetic_checkpoint(
     remove_stale_temps(out.parent, out.name)
     tmp = temp_dir(out)
     try:
-        _write_all(tmp, {**PRESETS[preset], "transformer": {**PRESETS[preset]["transformer"], **(transformer or {})}},
-                   seed, fmt)
+        sizes, trained = PRESETS[preset], None
+        if preset in TRAINED and not untrained:
+            trained = load_trained(preset)
+            sizes = trained.sizes
+        _write_all(tmp, {**sizes, "transformer": {**sizes["transformer"], **(transformer or {})}}, seed, fmt,
+                   trained)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _write_all(root: Path, preset: dict, seed: int, fmt: str) -> None:
-    """Write every component, holding one component's weights at a time."""
+def _write_all(root: Path, preset: dict, seed: int, fmt: str, trained: TrainedPreset | None = None) -> None:
+    """Write every component, holding one component's weights at a time (random ones, or a trained preset's)."""
     start = time.monotonic()
+    weights = trained.weights if trained else {}
     clip_tokenizer = write_clip_tokenizer(root / "tokenizer")
     t5_tokenizer = write_t5_tokenizer(root / "tokenizer_2")
+    if trained:
+        check_prompt_ids(clip_tokenizer, t5_tokenizer, trained)
     _progress("tokenizers", root, start)
-    _write_clip(root / "text_encoder", preset["clip"], clip_tokenizer, seed)
+    _write_clip(root / "text_encoder", preset["clip"], clip_tokenizer, seed, weights.get("text_encoder"))
     _progress("text_encoder (CLIP)", root, start)
-    _write_t5(root / "text_encoder_2", preset["t5"], len(t5_tokenizer), seed)
+    _write_t5(root / "text_encoder_2", preset["t5"], len(t5_tokenizer), seed, weights.get("text_encoder_2"))
     _progress("text_encoder_2 (T5)", root, start)
     vae_config = _vae_config(preset["vae"])
-    vae = random_weights(_diffusers_model("AutoencoderKL", vae_config).state_dict(), seed)
+    vae = weights.get("vae") or random_weights(_diffusers_model("AutoencoderKL", vae_config).state_dict(), seed)
     if fmt == "bfl":
         write_safetensors(root / BFL_AE, vae_to_ldm(vae))
     else:
@@ -116,7 +125,8 @@ def _write_all(root: Path, preset: dict, seed: int, fmt: str) -> None:
     del vae
     _progress("vae", root, start)
     transformer_config = _transformer_config(preset["transformer"])
-    transformer = random_weights(_diffusers_model("FluxTransformer2DModel", transformer_config).state_dict(), seed)
+    transformer = weights.get("transformer") or random_weights(
+        _diffusers_model("FluxTransformer2DModel", transformer_config).state_dict(), seed)
     if fmt == "bfl":
         write_safetensors(root / BFL_TRANSFORMER, transformer_to_bfl(transformer))
     else:
@@ -182,7 +192,7 @@ def _diffusers_model(class_name: str, config: dict) -> torch.nn.Module:
         return getattr(diffusers, class_name).from_config(config)
 
 
-def _write_clip(folder: Path, preset: dict, tokenizer, seed: int) -> None:
+def _write_clip(folder: Path, preset: dict, tokenizer, seed: int, trained: dict | None = None) -> None:
     """text_encoder/: CLIP-L-style config with ids matching the tokenizer, and model.safetensors."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -211,10 +221,10 @@ def _write_clip(folder: Path, preset: dict, tokenizer, seed: int) -> None:
     # The real file keeps the historical `text_model.` prefix.
     names = {key if key.startswith("text_model.") else f"text_model.{key}": t for key, t in model.state_dict().items()}
     write_json(folder / "config.json", config)
-    write_safetensors(folder / "model.safetensors", random_weights(names, seed))
+    write_safetensors(folder / "model.safetensors", trained or random_weights(names, seed))
 
 
-def _write_t5(folder: Path, preset: dict, vocab_size: int, seed: int) -> None:
+def _write_t5(folder: Path, preset: dict, vocab_size: int, seed: int, trained: dict | None = None) -> None:
     """text_encoder_2/: T5-v1.1-XXL-style encoder config and two shards (embed_tokens tied to shared, saved once)."""
     from transformers import T5Config, T5EncoderModel
 
@@ -247,4 +257,12 @@ def _write_t5(folder: Path, preset: dict, vocab_size: int, seed: int) -> None:
         model = T5EncoderModel(T5Config(**config))
     names = {key: t for key, t in model.state_dict().items() if key != "encoder.embed_tokens.weight"}
     write_json(folder / "config.json", config)
-    write_sharded(folder, "model", random_weights(names, seed), T5_SHARDS)
+    write_sharded(folder, "model", trained or random_weights(names, seed), T5_SHARDS)
+
+
+def check_prompt_ids(clip_tokenizer, t5_tokenizer, trained: TrainedPreset) -> None:
+    """Refuse tokenizers that no longer give the ids the trained preset learned (the corpus or trainer changed)."""
+    if prompt_ids_digest(clip_tokenizer, t5_tokenizer, trained.text_length) != trained.prompt_ids_sha256:
+        raise KontextError("the offline-built tokenizers no longer give the token ids the shapes weights were trained "
+                           "with (data/corpus.txt or the tokenizer trainer changed): restore them, or retrain with "
+                           "`kontext-trt train shapes --out DIR`")

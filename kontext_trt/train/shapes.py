@@ -7,7 +7,6 @@ normalisation, text length, recipes, figures), train.log and loss.png.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -23,20 +22,13 @@ from kontext_trt.runtime.schedule import ShiftConfig
 from kontext_trt.runtime.torch_stages import TransformerModule
 from kontext_trt.shapes.scenes import all_prompts
 from kontext_trt.synth.checkpoint import PRESETS, write_synthetic_checkpoint
+from kontext_trt.synth.trained import prompt_ids_digest
 from kontext_trt.train.flow import FlowRecipe, encode_edits, train_transformer, training_edits
 from kontext_trt.train.vae import VaeRecipe, latent_stats, train_vae
 
 log = logging.getLogger(__name__)
 TEXT_LENGTH = 32  # T5 tokens: the task's prompts are at most a dozen
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
-
-
-def prompt_ids_digest(clip_tokenizer, t5_tokenizer, text_length: int = TEXT_LENGTH) -> str:
-    """sha256 of the task prompts' CLIP and T5 ids: the shipped model is valid only with tokenizers that give these."""
-    prompts = all_prompts()
-    ids = torch.cat([tokenize(clip_tokenizer, prompts, CLIP_LEN, "CLIP"),
-                     tokenize(t5_tokenizer, prompts, text_length, "T5")], dim=1)
-    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()
 
 
 @torch.no_grad()
@@ -64,7 +56,7 @@ def train_shapes(out: Path, seed: int = 0, vae_recipe: VaeRecipe = VaeRecipe(),
 
     torch.manual_seed(seed)
     init = temp_dir(out / "init")
-    write_synthetic_checkpoint(init, preset="shapes", seed=seed, force=True)
+    write_synthetic_checkpoint(init, preset="shapes", seed=seed, force=True, untrained=True)
     ckpt = ck.open_checkpoint(init)
     clip_tok, t5_tok = ck.load_tokenizers(ckpt)
     clip, t5 = ck.load_clip(ckpt, torch.float32).eval(), ck.load_t5(ckpt, torch.float32).eval()
@@ -98,7 +90,7 @@ def train_shapes(out: Path, seed: int = 0, vae_recipe: VaeRecipe = VaeRecipe(),
     sizes = {**PRESETS["shapes"], "vae": {**PRESETS["shapes"]["vae"], "shift_factor": round(shift, 6),
                                           "scaling_factor": round(scale, 6)}}
     info = {"sizes": sizes, "text_length": TEXT_LENGTH, "seed": seed, "prompt_ids_sha256":
-            prompt_ids_digest(clip_tok, t5_tok), "vae_recipe": asdict(vae_recipe), "flow_recipe": asdict(flow_recipe),
+            prompt_ids_digest(clip_tok, t5_tok, TEXT_LENGTH), "vae_recipe": asdict(vae_recipe), "flow_recipe": asdict(flow_recipe),
             "vae_psnr_db": round(vae_psnr, 2), "train_seconds": round(time.monotonic() - start, 1),
             "final_losses": {"vae_mse": sum(vae_losses[-100:]) / 100, "flow": sum(flow_losses[-100:]) / 100}}
     (out / "shapes.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

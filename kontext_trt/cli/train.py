@@ -1,0 +1,71 @@
+"""Subcommands `train shapes` (train the shapes Kontext on this machine) and `eval` (score a shapes model's edits)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kontext_trt.core.errors import KontextError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register `train shapes` and `eval`."""
+    from kontext_trt.cli.edit import add_cache_argument, add_model_arguments
+
+    train = sub.add_parser("train", help="train a small Kontext from scratch on a procedural task (CPU, under 1 h)")
+    tsub = train.add_subparsers(dest="train_command", required=True)
+    p = tsub.add_parser("shapes", help="the shapes edit task: VAE, then transformer; writes weights, log, loss PNG")
+    p.add_argument("--out", type=Path, required=True, help="folder for shapes.safetensors, shapes.json, train.log, "
+                   "loss.png (copy the first two to kontext_trt/synth/data/shapes/ to ship them)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_train_shapes)
+
+    p = sub.add_parser("eval", help="edit accuracy and untouched-region PSNR of a shapes model on held-out scenes")
+    add_model_arguments(p)
+    p.add_argument("--n", type=int, default=200, help="held-out edits, the four instruction kinds in turn")
+    p.add_argument("--seed", type=int, default=0, help="held-out scene seed (offset into the held-out range)")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=2.5)
+    p.add_argument("--batch", type=int, default=8, help="edits per loop batch")
+    add_cache_argument(p, "step cache")
+    p.add_argument("--json", type=Path, help="write the full result (per-edit records included) here")
+    p.set_defaults(func=run_eval)
+
+
+def run_train_shapes(args: argparse.Namespace) -> int:
+    """kontext-trt train shapes."""
+    from kontext_trt.core.checks import check_output_folder, check_seed
+    from kontext_trt.train.shapes import train_shapes
+
+    check_output_folder(args.out, "--out")
+    check_seed(args.seed)
+    out = train_shapes(args.out, args.seed)
+    for name in ("shapes.safetensors", "shapes.json", "train.log", "loss.png"):
+        print(out / name)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """kontext-trt eval: load the model as `edit` does, score held-out edits, print the table (and write JSON)."""
+    from kontext_trt.assemble import build_pipeline
+    from kontext_trt.benchmarks.shapes_eval import evaluate, meets_bars, table
+    from kontext_trt.cli.edit import load_spec
+    from kontext_trt.core import checks
+    from kontext_trt.core.files import write_json
+
+    for name, value, low in (("n", args.n, 1), ("steps", args.steps, 1), ("batch", args.batch, 1)):
+        if value < low:
+            raise KontextError(f"--{name} {value}: use {low} or more", name, "out_of_range")
+    checks.check_seed(args.seed)
+    if args.json is not None:
+        checks.check_output_file(args.json, "--json")
+    k = build_pipeline(load_spec(args))
+    result = evaluate(k, args.n, args.seed, args.steps, args.guidance, args.cache, args.batch)
+    result["pipeline"] = k.info.to_dict()
+    result["bars_met"] = meets_bars(result)
+    print(table(result))
+    print("bars (recolour >= 90%, remove and add >= 80%, untouched PSNR >= 28 dB): " +
+          ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in result["bars_met"].items()))
+    if args.json is not None:
+        write_json(args.json, result, indent=2)
+        print(args.json)
+    return 0
