@@ -18,7 +18,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register synth, edit and demo."""
     p = sub.add_parser("synth", help="write a synthetic checkpoint in the real HF (or BFL) layout")
     p.add_argument("out", type=Path)
-    p.add_argument("--preset", choices=("tiny", "slim"), default="tiny")
+    p.add_argument("--preset", choices=("tiny", "slim", "shapes"), default="tiny", help="tiny and slim: random "
+                   "weights; shapes: the trained shapes-task model that ships with the package")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", dest="fmt", choices=("diffusers", "bfl"), default="diffusers")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
@@ -33,7 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_output_arguments(p)
     p.set_defaults(func=run_edit)
 
-    p = sub.add_parser("demo", help="synthesize the tiny checkpoint and edit a drawn sample image")
+    p = sub.add_parser("demo", help="edit a shapes scene with the trained shapes model (input | output in one PNG)")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--steps", type=int, default=28)
     add_output_arguments(p)
@@ -157,12 +158,16 @@ def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontex
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """kontext-trt demo: synth tiny (once), draw a sample image, edit it, print where the PNG went."""
+    """kontext-trt demo: write the trained shapes checkpoint (once), edit a held-out scene with an instruction, and
+    save input | output side by side with the edit read back from the pixels."""
     from kontext_trt.assemble import build_pipeline
     from kontext_trt.core import checks, image
     from kontext_trt.core.timing import progress
     from kontext_trt.pipeline import KontextPipeline
     from kontext_trt.runtime import flow
+    from kontext_trt.shapes.read import score
+    from kontext_trt.shapes.scenes import DEMO_EDIT, render
+    from kontext_trt.shapes.sheet import side_by_side
     from kontext_trt.synth import write_synthetic_checkpoint
 
     checks.check_output_folder(args.out)
@@ -170,20 +175,23 @@ def run_demo(args: argparse.Namespace) -> int:
         raise KontextError(f"--steps {args.steps}: the demo needs at least 1 step", "steps", "out_of_range")
     args.out.mkdir(parents=True, exist_ok=True)
     policy = output_policy(args)
-    model = args.out / "tiny-checkpoint"
+    model = args.out / "shapes-checkpoint"
     if not (model / "model_index.json").exists():
-        with progress(f"writing the synthetic tiny checkpoint to {model}"):
-            write_synthetic_checkpoint(model, preset="tiny", seed=0, force=True)
+        with progress(f"writing the trained shapes checkpoint to {model}"):
+            write_synthetic_checkpoint(model, preset="shapes", seed=0, force=True)
     source = args.out / "input.png"
-    image.sample_image(512, 384).save(source)
+    render(DEMO_EDIT.source).save(source)
     with progress("loading the checkpoint (torch backend, fp32, cpu)"):
         pipe = KontextPipeline(build_pipeline(LoadSpec(model, backend="torch", dtype="fp32", device="cpu")), policy)
-    # The input keeps its own 512x384 size (auto-resize off) so the CPU demo takes seconds, not minutes.
-    request = flow.EditRequest(prompts=["make the house blue and add snow on the roof"],
-                               image=image.load_image(source), steps=args.steps, auto_resize=False)
-    with progress(f"editing {source} ({args.steps} steps, 512x384, auto-resize off)"):
+    request = flow.EditRequest(prompts=[DEMO_EDIT.prompt], image=image.load_image(source), steps=args.steps,
+                               auto_resize=False)
+    with progress(f'editing {source} with "{DEMO_EDIT.prompt}" ({args.steps} steps, 128x128)'):
         result = pipe.run(request)
     out = pipe.save(result, args.out / "edited.png")[0]
-    print(f"input  {source}\noutput {out} ({result.width}x{result.height})")
+    verdict = score(DEMO_EDIT, result.images[0])
+    line = f"read back: {', '.join(verdict['found']) or 'no shapes'} ({'correct' if verdict['correct'] else 'WRONG'})"
+    sheet = args.out / "side_by_side.png"
+    side_by_side(render(DEMO_EDIT.source), result.images[0], DEMO_EDIT.prompt, line).save(sheet)
+    print(f"input  {source}\noutput {out} ({result.width}x{result.height})\nsheet  {sheet}\n{line}")
     print(pipe.kontext.times.table())
     return 0

@@ -125,3 +125,12 @@ def all_prompts() -> list[str]:
     """Every instruction the task can give (57 of them)."""
     return ([f"make the {k} {c}" for k in KINDS for c in COLOURS] + [f"remove the {k}" for k in KINDS]
             + [f"add a {c} {k}" for k in KINDS for c in COLOURS] + [f"a {c} {k}" for k in KINDS for c in COLOURS])
+
+
+# The demo's edit: a three-shape scene and a recolour instruction.
+DEMO_EDIT = Edit("recolour", "make the circle blue",
+                 (Shape("circle", "red", 14, 20, 40), Shape("square", "yellow", 74, 16, 34),
+                  Shape("triangle", "green", 44, 76, 40)),
+                 (Shape("circle", "blue", 14, 20, 40), Shape("square", "yellow", 74, 16, 34),
+                  Shape("triangle", "green", 44, 76, 40)),
+                 (Shape("circle", "red", 14, 20, 40), Shape("circle", "blue", 14, 20, 40)))

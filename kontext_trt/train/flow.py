@@ -27,7 +27,7 @@ class FlowRecipe:
     """How the transformer is trained."""
 
     edits: int = 10000  # distinct training edits, encoded once
-    steps: int = 4000
+    steps: int = 5000
     batch: int = 32
     lr: float = 6e-4
     guidance: tuple[float, float] = (1.0, 5.0)  # guidance values drawn uniformly: the model learns to ignore it
@@ -118,6 +118,6 @@ def train_transformer(model: nn.Module, data: EncodedEdits, text: torch.Tensor, 
         opt.zero_grad(set_to_none=True)
         sched.step()
         losses.append(loss.item())
-        if (step + 1) % 100 == 0:
+        if (step + 1) % 100 == 0 or step + 1 == recipe.steps:
             log(f"transformer step {step + 1}/{recipe.steps}: loss {np.mean(losses[-100:]):.4f}")
     model.eval()
