@@ -246,14 +246,14 @@ PROMPTS = ["make the house blue and add snow on the roof", "Ünïcödé, CAPS & 
 
 
 def test_tokenizer_json_and_slow_files_give_identical_ids(tiny_ckpt, tmp_path):
-    from kontext_trt.core.text import CLIP_LEN, T5_LEN, tokenize
+    from kontext_trt.core.text import CLIP_LEN, T5_MAX_LEN, tokenize
 
     saved = saved_by_transformers(tiny_ckpt, tmp_path / "saved")
     assert sorted(p.name for p in (saved / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     spiece = copy(tiny_ckpt, tmp_path / "spiece")  # T5 from its sentencepiece model alone
     (spiece / "tokenizer_2" / "tokenizer.json").unlink()
     layouts = [ck.load_tokenizers(ck.open_checkpoint(root)) for root in (tiny_ckpt, saved, spiece)]
-    for index, length in ((0, CLIP_LEN), (1, T5_LEN)):
+    for index, length in ((0, CLIP_LEN), (1, T5_MAX_LEN)):
         ids = [tokenize(pair[index], PROMPTS, length, "x") for pair in layouts]
         assert all(torch.equal(ids[0], other) for other in ids[1:])
         assert ids[0][0].ne(ids[0][2]).any()  # the prompts tokenize to something, not all padding
