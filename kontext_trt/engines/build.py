@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kontext_trt.core import files
 from kontext_trt.core.errors import KontextError
+from kontext_trt.core.export_manifest import ExportManifest
 from kontext_trt.core.onnx_dir import OnnxStage, read_onnx_dir
 from kontext_trt.core.stages import STAGE_NAMES, TRANSFORMER_PARTS
 from kontext_trt.core.timing import note, progress
@@ -176,7 +177,7 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
     return folder, built
 
 
-def text_length(manifest) -> int | None:
+def text_length(manifest: ExportManifest | None) -> int | None:
     """The T5 text length the export manifest's KontextConfig records (a manifest from before it did: 512); None
     without a manifest (the ONNX's own static size rules)."""
     from kontext_trt.runtime.flow import KontextConfig
