@@ -46,6 +46,15 @@ PRESETS = {
                  "projection_dim": 32},
         "t5": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2},
     },
+    # The trained shapes model's sizes (train/shapes.py trains it; data/shapes/ holds its weights).
+    "shapes": {
+        "transformer": {"num_layers": 2, "num_single_layers": 4, "attention_head_dim": 32, "num_attention_heads": 4,
+                        "joint_attention_dim": 32, "pooled_projection_dim": 32, "axes_dims_rope": [4, 14, 14]},
+        "vae": {"block_out_channels": [16, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 16},
+        "clip": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                 "projection_dim": 32},
+        "t5": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2},
+    },
     "slim": {
         "transformer": {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 128, "num_attention_heads": 24,
                         "joint_attention_dim": 4096, "pooled_projection_dim": 768, "axes_dims_rope": [16, 56, 56]},
