@@ -178,11 +178,11 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
 
 
 def text_length(manifest: ExportManifest | None) -> int | None:
-    """The T5 text length the export manifest's KontextConfig records (a manifest from before it did: 512); None
-    without a manifest (the ONNX's own static size rules)."""
+    """The T5 text length the export manifest's KontextConfig records (a manifest from before it did: the dataclass
+    default, 512); None without a manifest (the ONNX's own static size rules)."""
     from kontext_trt.runtime.flow import KontextConfig
 
-    return None if manifest is None else KontextConfig.from_dict(manifest.kontext).text_length
+    return None if manifest is None else int(manifest.kontext.get("text_length", KontextConfig.text_length))
 
 
 def _record(folder: Path, manifest: cache.EngineManifest, built: dict[str, dict]) -> None:
