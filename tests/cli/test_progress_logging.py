@@ -68,6 +68,7 @@ SUBCOMMANDS = {
     ("quantize",): ["--model", "m", "--precision", "fp8", "--out", "o"],
     ("quantize-export",): ["--model", "m", "--out", "o"],
     ("synth",): ["o"], ("edit",): ["--prompt", "x", "--out", "o.png"], ("demo",): [],
+    ("train", "shapes"): ["--out", "o"], ("eval",): ["--model", "m"],
 }
 
 
@@ -84,7 +85,7 @@ def leaf_commands(parser, path=()) -> set[tuple[str, ...]]:
 def test_every_subcommand_takes_verbose_and_quiet_before_or_after():
     parser = build_parser()
     assert leaf_commands(parser) == set(SUBCOMMANDS)  # a new subcommand is listed here
-    assert len(subcommand_parsers(parser)) == len(SUBCOMMANDS) + 1  # and `bench` itself
+    assert len(subcommand_parsers(parser)) == len(SUBCOMMANDS) + 2  # and `bench` and `train` themselves
     for words, rest in SUBCOMMANDS.items():
         for argv, verbose, quiet in ((["-v", *words, *rest], 1, False), ([*words, *rest, "-q"], 0, True),
                                      (["-q", *words, *rest, "-vv"], 2, True), ([*words, *rest], 0, False),

@@ -45,7 +45,7 @@ def test_cli_errors_are_one_line_exit_2(capsys, tiny_ckpt, tmp_path, argv, messa
 
 
 def test_interrupted_write_leaves_no_partial_file(tiny_ckpt, tmp_path, monkeypatch):
-    def fail_mid_write(module, stage, config, dtype, opset, folder):
+    def fail_mid_write(module, stage, config, dtype, opset, folder, *text_length):
         (folder / "raw.onnx").write_bytes(b"\x08partial")
         (folder / "raw.onnx.data").write_bytes(b"\0" * 1024)
         raise OSError(28, "No space left on device")

@@ -32,8 +32,9 @@ def test_trained_edit_matches_diffusers(reference, shapes_ckpt, with_image):
                   guidance_scale=2.5, max_sequence_length=32, _auto_resize=False)
     ref_latents = reference(**kwargs, generator=torch.Generator("cpu").manual_seed(5), output_type="latent").images
     diff = (result.latents - ref_latents).abs()
-    # 28 steps of trained weights carry fp32 rounding further than the random tiny model's 1-4 steps (1e-4 there)
-    assert diff.max().item() < 2e-3 and diff.mean().item() < 2e-5
+    # 28 steps of trained weights carry fp32 rounding (which depends on the thread count) further than the random
+    # tiny model's 1-4 steps (1e-4 there): max 5e-4 on 2 threads, 4e-3 on 1; the pixels stay within one level
+    assert diff.max().item() < 1e-2 and diff.mean().item() < 5e-4
     ref = reference(**kwargs, generator=torch.Generator("cpu").manual_seed(5), output_type="np").images
     ours_uint8 = np.asarray(result.images[0]).astype(int)
     assert np.abs(ours_uint8 - (ref[0] * 255).round().astype(int)).max() <= 1
