@@ -150,6 +150,24 @@ def tiny_bfl_ckpt(once, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ckpt_t32(once, tmp_path_factory) -> Path:
+    """The tiny preset, seed 0, diffusers layout, whose T5 reads 32 tokens (tokenizer_2's model_max_length 32)."""
+    from kontext_trt.synth import write_synthetic_checkpoint
+
+    return once("tiny_ckpt_t32",
+                lambda: write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-t32", text_length=32))
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_t32(once, tiny_ckpt_t32, tmp_path_factory) -> Path:
+    """All five stages of tiny_ckpt_t32 exported once, fp32: T5 text static at 32 tokens."""
+    from kontext_trt.export.export import export_checkpoint
+
+    return once("tiny_onnx_t32", lambda: export_checkpoint(
+        tiny_ckpt_t32, tmp_path_factory.mktemp("onnx") / "tiny-t32", dtype="fp32").parent)
+
+
+@pytest.fixture(scope="session")
 def tiny_onnx(once, tiny_ckpt, tmp_path_factory) -> Path:
     """All five tiny stages exported once, fp32, opset 23: the folder holding manifest.json (the engines' hook)."""
     from kontext_trt.export.export import export_checkpoint

@@ -31,7 +31,7 @@ from kontext_trt.engines.skus import PRECISION_MIN_SM, architecture
 SCHEMA = "kontext-trt/gpu-blocks/1"
 CONFIG = dict(DEFAULTS)  # diffusers' FluxTransformer2DModel defaults: FLUX.1's widths and depth (19 + 38 blocks)
 SIZE = (1024, 1024)  # the edit: output and context image
-TEXT_TOKENS = 512  # core.text.T5_LEN (that module imports torch; a test checks they agree)
+TEXT_TOKENS = 512  # FLUX.1 Kontext [dev]'s T5 length, core.text.T5_MAX_LEN (imports torch; a test checks they agree)
 STEPS = 28  # runtime.flow.EditRequest's default steps (likewise)
 METHODS = {
     "bf16": "every nn.Linear, attention and the elementwise ops in bf16 (the torch backend's dtype)",

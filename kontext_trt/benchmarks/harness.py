@@ -21,7 +21,6 @@ from kontext_trt.benchmarks.memory import memory_report, reset_peaks
 from kontext_trt.core import image as im
 from kontext_trt.core.specs import CacheSpec
 from kontext_trt.core.stages import STAGE_NAMES, TRANSFORMER_PARTS
-from kontext_trt.core.text import T5_LEN
 from kontext_trt.core.timing import bar
 from kontext_trt.runtime.flow import EditRequest, Kontext, edit
 from kontext_trt.safety import guard
@@ -80,12 +79,13 @@ def one_edit(k: Kontext, req: EditRequest, policy: OutputPolicy | None = None
     return wall, k.times.seconds, result.metadata["cache"]
 
 
-def roofline(transformer_config: dict | None, tokens: int, batch: int, step_seconds: float,
+def roofline(transformer_config: dict | None, tokens: int, text_tokens: int, batch: int, step_seconds: float,
              peak: float | None) -> dict | None:
-    """FLOP per transformer step (target = context = tokens) and what the measured step achieves."""
+    """FLOP per transformer step (target = context = tokens, text_tokens of T5) and what the measured step
+    achieves."""
     if transformer_config is None:
         return None
-    flops = transformer_flops(transformer_config, tokens, tokens, T5_LEN, batch)["total"]
+    flops = transformer_flops(transformer_config, tokens, tokens, text_tokens, batch)["total"]
     return {"flops_per_step": flops, **achieved(flops, step_seconds, peak)}
 
 
@@ -113,14 +113,14 @@ def run_config(k: Kontext, cfg: RunConfig, warmup: int, iters: int, transformer_
     run = {
         **asdict(cfg),
         "cache": cache,
-        "tokens": {"target": tokens, "context": tokens, "text": T5_LEN},
+        "tokens": {"target": tokens, "context": tokens, "text": k.config.text_length},
         "warmup": {"iters": warmup, "e2e_ms": [1e3 * w for w in warm]},
         "iters": iters,
         "e2e_ms": summarize(walls),
         "images_per_s": cfg.batch / float(np.mean(walls)),
         "stages_ms": {name: summarize(calls[name]) for name in (*STAGES, *TRANSFORMER_PARTS) if name in calls},
         "breakdown_ms": breakdown,
-        "roofline": (roofline(transformer_config, tokens, cfg.batch, step_s, peak_tflops)
+        "roofline": (roofline(transformer_config, tokens, k.config.text_length, cfg.batch, step_s, peak_tflops)
                      if cfg.cache.policy == "off" else None),
         "memory": memory_report(k.stages, k.device),
     }

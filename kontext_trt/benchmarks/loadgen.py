@@ -24,7 +24,6 @@ from kontext_trt.benchmarks.report import SCHEMA_VERSION
 from kontext_trt.benchmarks.system import system_info
 from kontext_trt.core import image as im
 from kontext_trt.core.errors import KontextError
-from kontext_trt.core.text import T5_LEN
 
 log = logging.getLogger(__name__)
 STAGES = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder")
@@ -118,7 +117,7 @@ def run_entry(replies: list[dict], wall: float, warm: list[dict], concurrency: i
     tokens = (width // 16) * (height // 16)
     return {
         "width": width, "height": height, "batch": 1, "steps": steps, "cuda_graphs": False,
-        "tokens": {"target": tokens, "context": tokens, "text": T5_LEN},
+        "tokens": {"target": tokens, "context": tokens, "text": ok[0]["metadata"]["text_length"]},
         "warmup": {"iters": len(warm), "e2e_ms": [1e3 * r["seconds"] for r in warm]},
         "iters": len(ok), "e2e_ms": e2e, "images_per_s": len(ok) / wall, "stages_ms": stages_ms,
         "breakdown_ms": breakdown, "roofline": None,

@@ -24,7 +24,7 @@ from kontext_trt.core.checks import pick_device, resolve_device
 from kontext_trt.core.dtypes import DTYPES, TORCH_BACKEND_DTYPES
 from kontext_trt.core.errors import KontextError, arg_type
 from kontext_trt.core.image import parse_sizes
-from kontext_trt.core.text import T5_LEN
+from kontext_trt.core.text import T5_MAX_LEN
 from kontext_trt.core.timing import StageTimes
 
 
@@ -57,30 +57,33 @@ def build_stage(config: dict, dtype: torch.dtype, device: torch.device):
     return TorchStage("transformer", TransformerModule(model), device, dtype)
 
 
-def step_inputs(config: dict, batch: int, target: int, context: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random named inputs of one step (float32, as the loop hands them over)."""
+def step_inputs(config: dict, batch: int, target: int, context: int, device: torch.device,
+                text_length: int = T5_MAX_LEN) -> dict[str, torch.Tensor]:
+    """Random named inputs of one step (float32, as the loop hands them over), text_length T5 tokens (FLUX.1
+    Kontext [dev]'s 512 unless given)."""
     gen = torch.Generator().manual_seed(0)
     image = target + context
     ids = torch.zeros(image, 3)
     ids[target:, 0] = 1.0
     inputs = {
         "hidden_states": torch.randn(batch, image, config["in_channels"], generator=gen),
-        "encoder_hidden_states": torch.randn(batch, T5_LEN, config["joint_attention_dim"], generator=gen),
+        "encoder_hidden_states": torch.randn(batch, text_length, config["joint_attention_dim"], generator=gen),
         "pooled_projections": torch.randn(batch, config["pooled_projection_dim"], generator=gen),
-        "timestep": torch.full((batch,), 0.5), "img_ids": ids, "txt_ids": torch.zeros(T5_LEN, 3),
+        "timestep": torch.full((batch,), 0.5), "img_ids": ids, "txt_ids": torch.zeros(text_length, 3),
         "guidance": torch.full((batch,), 2.5),
     }
     return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
 def time_step(preset: str, width: int, height: int, batch: int = 1, context: bool = True, dtype: str = "bf16",
-              device: str = "cuda", warmup: int = 3, iters: int = 10) -> dict:
-    """Build, warm up and time the step; latency stats, FLOP, TFLOP/s, MFU and peak memory as a dict."""
+              device: str = "cuda", warmup: int = 3, iters: int = 10, text_length: int = T5_MAX_LEN) -> dict:
+    """Build, warm up and time the step over text_length T5 tokens; latency stats, FLOP, TFLOP/s, MFU and peak
+    memory as a dict."""
     dev = resolve_device(device)
     config = preset_config(preset)
     stage = build_stage(config, DTYPES[dtype], dev)
     target = (width // 16) * (height // 16)
-    inputs = step_inputs(config, batch, target, target if context else 0, dev)
+    inputs = step_inputs(config, batch, target, target if context else 0, dev, text_length)
     reset_peaks(dev)
     for _ in range(warmup):
         stage(**inputs)
@@ -91,8 +94,9 @@ def time_step(preset: str, width: int, height: int, batch: int = 1, context: boo
     stats = summarize(times.seconds["transformer"])
     gpu = gpu_info(dev)
     peak = gpu["peak_tflops"].get(dtype) if gpu else None
-    flops = transformer_flops(config, target, target if context else 0, T5_LEN, batch)
+    flops = transformer_flops(config, target, target if context else 0, text_length, batch)
     return {"preset": preset, "width": width, "height": height, "batch": batch, "context": context, "dtype": dtype,
+            "text_length": text_length,
             "device": str(dev), "gpu": gpu, "params": sum(p.numel() for p in stage.module.parameters()),
             "step_ms": stats, "flops_per_step": flops, **achieved(flops["total"], stats["p50"] / 1e3, peak),
             "device_peak_allocated_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}
@@ -106,15 +110,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="target WxH (context the same size)")
     p.add_argument("--no-context", dest="context", action="store_false", help="text-to-image: no context tokens")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--text-length", type=int, default=T5_MAX_LEN,
+                   help=f"T5 tokens (default {T5_MAX_LEN}, FLUX.1 Kontext [dev]'s; a checkpoint's tokenizer_2 says)")
     p.add_argument("--dtype", choices=TORCH_BACKEND_DTYPES, default="bf16")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     args = p.parse_args(argv)
+    if not 1 <= args.text_length <= T5_MAX_LEN:
+        p.error(f"--text-length {args.text_length}: T5 reads 1 to {T5_MAX_LEN} tokens")
     (width, height), = args.size
     try:
         result = time_step(args.preset, width, height, args.batch, args.context, args.dtype, pick_device(args.device),
-                           args.warmup, args.iters)
+                           args.warmup, args.iters, args.text_length)
     except KontextError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

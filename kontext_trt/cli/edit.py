@@ -23,6 +23,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", dest="fmt", choices=("diffusers", "bfl"), default="diffusers")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.add_argument("--text-length", type=int, metavar="N",
+                   help="T5 prompt tokens the checkpoint's tokenizer_2 records (default 512, FLUX.1 Kontext [dev]'s)")
     p.set_defaults(func=run_synth)
 
     p = sub.add_parser("edit", help="edit an image (or generate from text alone) with a prompt")
@@ -105,7 +107,9 @@ def run_synth(args: argparse.Namespace) -> int:
     """kontext-trt synth."""
     from kontext_trt.synth import write_synthetic_checkpoint
 
-    out = write_synthetic_checkpoint(args.out, preset=args.preset, seed=args.seed, fmt=args.fmt, force=args.force)
+    length = {} if args.text_length is None else {"text_length": args.text_length}
+    out = write_synthetic_checkpoint(args.out, preset=args.preset, seed=args.seed, fmt=args.fmt, force=args.force,
+                                     **length)
     print(out)
     return 0
 

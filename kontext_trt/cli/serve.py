@@ -79,7 +79,7 @@ def add_limit_arguments(p: argparse.ArgumentParser) -> None:
                    help="most MiB of an uploaded image, counted while it arrives (default 32)")
     g.add_argument("--max-prompt-bytes", type=positive, default=4096, metavar="N",
                    help="most UTF-8 bytes of a prompt or negative prompt (default 4096; longer ones are refused; the "
-                   "encoders read 77 CLIP and 512 T5 tokens)")
+                   "encoders read 77 CLIP tokens and the model's T5 length, 512 for FLUX.1 Kontext [dev])")
 
 
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:

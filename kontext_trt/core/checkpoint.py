@@ -25,6 +25,7 @@ from kontext_trt.core.bfl_checkpoint import (
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.files import read_json
 from kontext_trt.core.flux_constants import HUB_ID, LATENT_CHANNELS, REFETCH, SCHEDULER_CONFIG, TRANSFORMER_IN_CHANNELS
+from kontext_trt.core.text import T5_MAX_LEN
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -50,6 +51,7 @@ class Checkpoint:
     vae_config: dict
     scheduler_config: dict
     files: tuple[Path, ...]
+    text_length: int = T5_MAX_LEN  # T5 tokens a prompt is padded to: tokenizer_2's model_max_length, capped at 512
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -190,7 +192,8 @@ def _open_diffusers(root: Path) -> Checkpoint:
     files = _weight_files(root / "transformer", "diffusion_pytorch_model")
     files += _weight_files(root / "vae", "diffusion_pytorch_model")
     files += _text_files(root)
-    return Checkpoint(root, "diffusers", transformer_config, vae_config, scheduler_config, tuple(files))
+    return Checkpoint(root, "diffusers", transformer_config, vae_config, scheduler_config, tuple(files),
+                      _text_length(root))
 
 
 def _open_bfl(root: Path) -> Checkpoint:
@@ -204,7 +207,8 @@ def _open_bfl(root: Path) -> Checkpoint:
     _check_transformer(transformer_config, transformer_path)
     _check_vae(vae_config, ae_path)
     files = [transformer_path, ae_path, *_text_files(root)]
-    return Checkpoint(root, "bfl", transformer_config, vae_config, dict(SCHEDULER_CONFIG), tuple(files))
+    return Checkpoint(root, "bfl", transformer_config, vae_config, dict(SCHEDULER_CONFIG), tuple(files),
+                      _text_length(root))
 
 
 def _text_files(root: Path) -> list[Path]:
@@ -218,6 +222,20 @@ def _text_files(root: Path) -> list[Path]:
             wanted = " or ".join("+".join(names) for names in choices)
             raise KontextError(f"{root / component}: no tokenizer files ({wanted}); {REFETCH}", "model", "not_found")
     return files
+
+
+def _text_length(root: Path) -> int:
+    """T5's token count from tokenizer_2/tokenizer_config.json's model_max_length, capped at T5_MAX_LEN (512, what
+    T5 was trained on; transformers' "unset" sentinel, about 1e30, reads as 512); no such file or key: 512."""
+    path = root / "tokenizer_2" / "tokenizer_config.json"
+    value = (read_json(path, fix=REFETCH) or {}).get("model_max_length", T5_MAX_LEN)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= T5_MAX_LEN:
+        return T5_MAX_LEN
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1 or value != int(value):
+        raise KontextError(f"{path}: model_max_length is {value!r}, not a token count; set it to the T5 prompt "
+                           f"length the model was trained with (1 to {T5_MAX_LEN}) or {REFETCH}",
+                           "model", "invalid_value")
+    return int(value)
 
 
 def _weight_files(folder: Path, stem: str) -> list[Path]:

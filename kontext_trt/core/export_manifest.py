@@ -4,7 +4,8 @@ Fields (plain JSON; every path is relative to DIR):
 
     format_version   int, FORMAT_VERSION; bumped on incompatible changes
     checkpoint       {"path": the checkpoint folder exported, "fingerprint": runtime.checkpoint.checkpoint_fingerprint}
-    kontext          runtime.flow.KontextConfig.to_dict(): latent channels, VAE scale/shift, guidance, shift line
+    kontext          runtime.flow.KontextConfig.to_dict(): latent channels, VAE scale/shift, guidance, shift line,
+                     T5 text length (absent in older manifests: 512)
     tokenizers       {"clip": "tokenizer", "t5": "tokenizer_2"}: folders copied from the checkpoint
     tools            versions of torch, onnx, onnxslim, diffusers, transformers and kontext-trt that exported
     stages           {stage name: entry}, only the stages exported so far, each entry:

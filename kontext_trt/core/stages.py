@@ -1,22 +1,23 @@
 """The five stages and their I/O contract: every backend maps named tensors in to named tensors out.
 
 Names follow the diffusers/BFL (and TensorRT demoDiffusion) convention, so engines built from BFL's
-published ONNX run unchanged. Shapes (B batch, N target tokens, M context tokens, h/w latent size):
+published ONNX run unchanged. Shapes (B batch, N target tokens, M context tokens, h/w latent size, S the T5 text
+tokens: the checkpoint's text length, KontextConfig.text_length, 512 for FLUX.1 Kontext [dev]):
 
 | stage       | inputs                                                        | outputs                       |
 |-------------|---------------------------------------------------------------|-------------------------------|
 | clip        | input_ids int64 (B, 77)                                        | text_embeddings (B, 77, Dc), pooled_embeddings (B, Dc) |
-| t5          | input_ids int64 (B, 512)                                       | text_embeddings (B, 512, Dt)  |
+| t5          | input_ids int64 (B, S)                                         | text_embeddings (B, S, Dt)    |
 | vae_encoder | images (B, 3, 8h, 8w) in [-1, 1]                               | latent (B, 16, h, w): posterior mean, unscaled |
 | vae_decoder | latent (B, 16, h, w), unscaled                                 | images (B, 3, 8h, 8w) in [-1, 1] |
-| transformer | hidden_states (B, N+M, 64), encoder_hidden_states (B, 512, Dt), pooled_projections (B, Dc), timestep (B,) in [0, 1], img_ids (N+M, 3), txt_ids (512, 3), guidance (B,) | latent (B, N+M, 64) |
+| transformer | hidden_states (B, N+M, 64), encoder_hidden_states (B, S, Dt), pooled_projections (B, Dc), timestep (B,) in [0, 1], img_ids (N+M, 3), txt_ids (S, 3), guidance (B,) | latent (B, N+M, 64) |
 
 The transformer split in three for step caching (runtime/transformer_parts.py, runtime/step_cache.py); optional
 stages, exported with `--stages transformer_head,transformer_body,transformer_tail`. D is the hidden width (3072):
 
 | stage            | inputs                                                        | outputs                       |
 |------------------|---------------------------------------------------------------|-------------------------------|
-| transformer_head | the transformer's inputs                                       | block_hidden_states (B, N+M, D), block_encoder_hidden_states (B, 512, D), temb (B, D), first_block_residual (B, N+M, D), modulated_input (B, N+M, D) |
+| transformer_head | the transformer's inputs                                       | block_hidden_states (B, N+M, D), block_encoder_hidden_states (B, S, D), temb (B, D), first_block_residual (B, N+M, D), modulated_input (B, N+M, D) |
 | transformer_body | block_hidden_states, block_encoder_hidden_states, temb, img_ids, txt_ids | final_hidden_states (B, N+M, D): before norm_out |
 | transformer_tail | final_hidden_states, temb                                      | latent (B, N+M, 64)           |
 

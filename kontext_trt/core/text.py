@@ -1,4 +1,5 @@
-"""Tokenizing prompts for CLIP (77 tokens) and T5 (512 tokens): cut, pad, truncate with a warning, no mask."""
+"""Tokenizing prompts for CLIP (77 tokens) and T5 (the checkpoint's text length, at most 512 tokens): cut, pad,
+truncate with a warning, no mask."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +7,7 @@ import logging
 import torch
 
 CLIP_LEN = 77
-T5_LEN = 512
+T5_MAX_LEN = 512  # T5's trained length: a checkpoint's text length (KontextConfig.text_length) is capped here
 # No CLIP or T5 token of ordinary text spans more characters than this: a prompt is cut to max_length * this many
 # characters before it reaches the tokenizer, so a long prompt costs the tokenizer a bounded amount of work (a
 # megabyte prompt is tokenized as its first 8 KiB for T5) and the first max_length tokens stay those of the whole.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kontext_trt.core import files
 from kontext_trt.core.errors import KontextError
+from kontext_trt.core.export_manifest import ExportManifest
 from kontext_trt.core.onnx_dir import OnnxStage, read_onnx_dir
 from kontext_trt.core.stages import STAGE_NAMES, TRANSFORMER_PARTS
 from kontext_trt.core.timing import note, progress
@@ -143,7 +144,7 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
         caches={"runtime": cache.RUNTIME_CACHE if api.is_rtx else None,
                 "timing": None if api.is_rtx else str(flags.timing_cache)},
         stages=dict(old.stages) if old else {})
-    axes, built = profiles.axis_ranges(req.shapes), []
+    axes, built = profiles.axis_ranges(req.shapes, text_length(onnx.manifest)), []
     for stage, pick in picks.items():
         profile = profiles.stage_profile(stage, pick.shapes, axes)
         stage_flags = flags if stage in profiles.STREAMED_STAGES else replace(flags, weight_streaming=False)
@@ -176,6 +177,14 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
     return folder, built
 
 
+def text_length(manifest: ExportManifest | None) -> int | None:
+    """The T5 text length the export manifest's KontextConfig records (a manifest from before it did: 512); None
+    without a manifest (the ONNX's own static size rules)."""
+    from kontext_trt.runtime.flow import KontextConfig
+
+    return None if manifest is None else KontextConfig.from_dict(manifest.kontext).text_length
+
+
 def _record(folder: Path, manifest: cache.EngineManifest, built: dict[str, dict]) -> None:
     """Write this build's manifest under the folder lock, keeping stages a concurrent build recorded meanwhile (its
     stages, not this build's, win for stages this build did not make); unchanged manifests are not rewritten."""
@@ -198,7 +207,7 @@ def _stage_entry(pick: OnnxStage, plan_path: Path, key: str, profile: profiles.P
         "precision": pick.precision,
         "inputs": {n: {"shape": list(pick.shapes[n]), "dtype": pick.dtypes[n]} for n in pick.shapes},
         "profile": {n: dict(zip(("min", "opt", "max"), map(list, s))) for n, s in profile.items()},
-        "axes": {a: list(axes[a]) for a in sorted(used)},
+        "axes": {a: list(axes[a]) for a in sorted(used) if a in axes},
         "flags": {"strongly_typed": True, "tf32": False, "opt_level": flags.opt_level, "refit": flags.refit,
                   "weight_streaming": flags.weight_streaming},
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

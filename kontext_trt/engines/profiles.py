@@ -1,6 +1,7 @@
 """Optimization profiles from the Kontext resolution buckets: one (min, opt, max) range per named axis, then per input.
 
-Axes: B batch, L transformer image tokens (target N + context M), H/W pixels, h/w latent (pixels / 8). A WxH image
+Axes: B batch, L transformer image tokens (target N + context M), H/W pixels, h/w latent (pixels / 8), S the T5 text
+tokens (fixed: the export manifest's KontextConfig.text_length, 512 for FLUX.1 Kontext [dev]). A WxH image
 has (H/16)*(W/16) tokens. The VAE encoder's batch is always 1: the one context image is encoded once per edit, whatever
 the batch of prompts. The transformer range runs from text-to-image at the smallest size (no context) to an edit
 at the largest size with the largest context; opt is a 1024x1024 edit of a 1024x1024 image (batch: its smallest).
@@ -12,34 +13,34 @@ from dataclasses import dataclass
 from kontext_trt.core import image
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.image import KONTEXT_BUCKETS, MULTIPLE
+from kontext_trt.core.text import CLIP_LEN
 
 OPT_SIZE = (1024, 1024)
 # --weight-streaming applies here only: the runtime streams the transformer's weights (split for step caching: the
 # body's, all blocks but the first), and on TensorRT-RTX a streaming engine cannot take user-allocated memory, so its
 # contexts could not be captured in the runtime's CUDA graphs.
 STREAMED_STAGES = ("transformer", "transformer_body")
-TEXT_LENGTHS = {"clip": 77, "t5": 512}
 Range = tuple[int, int, int]
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
 # Each input's axes: a letter is an axis from the request, an int the contract's size (used when the ONNX leaves that
 # dimension symbolic), None a size only the ONNX knows (channels, widths).
 STAGE_AXES: dict[str, dict[str, tuple[str | int | None, ...]]] = {
-    "clip": {"input_ids": ("B", TEXT_LENGTHS["clip"])},
-    "t5": {"input_ids": ("B", TEXT_LENGTHS["t5"])},
+    "clip": {"input_ids": ("B", CLIP_LEN)},
+    "t5": {"input_ids": ("B", "S")},
     "vae_encoder": {"images": (1, 3, "H", "W")},
     "vae_decoder": {"latent": ("B", 16, "h", "w")},
     "transformer": {
-        "hidden_states": ("B", "L", None), "encoder_hidden_states": ("B", TEXT_LENGTHS["t5"], None),
+        "hidden_states": ("B", "L", None), "encoder_hidden_states": ("B", "S", None),
         "pooled_projections": ("B", None), "timestep": ("B",), "img_ids": ("L", 3),
-        "txt_ids": (TEXT_LENGTHS["t5"], 3), "guidance": ("B",),
+        "txt_ids": ("S", 3), "guidance": ("B",),
     },
 }
 # The transformer split for step caching (runtime/stages.py): the same B and L axes, hidden widths from the ONNX.
 STAGE_AXES["transformer_head"] = STAGE_AXES["transformer"]
 STAGE_AXES["transformer_body"] = {
-    "block_hidden_states": ("B", "L", None), "block_encoder_hidden_states": ("B", TEXT_LENGTHS["t5"], None),
-    "temb": ("B", None), "img_ids": ("L", 3), "txt_ids": (TEXT_LENGTHS["t5"], 3),
+    "block_hidden_states": ("B", "L", None), "block_encoder_hidden_states": ("B", "S", None),
+    "temb": ("B", None), "img_ids": ("L", 3), "txt_ids": ("S", 3),
 }
 STAGE_AXES["transformer_tail"] = {"final_hidden_states": ("B", "L", None), "temb": ("B", None)}
 
@@ -97,8 +98,9 @@ def token_ranges(shapes: Shapes) -> dict[str, Range]:
             "total": (min(counts), 2 * opt, 2 * max(counts))}
 
 
-def axis_ranges(shapes: Shapes) -> dict[str, Range]:
-    """(min, opt, max) of every axis letter for these shapes."""
+def axis_ranges(shapes: Shapes, text_length: int | None = None) -> dict[str, Range]:
+    """(min, opt, max) of every axis letter for these shapes; S (T5 tokens) only with a text_length, the export
+    manifest's (without one, the ONNX's own static text size is the profile's)."""
     widths, heights = [w for w, _ in shapes.sizes], [h for _, h in shapes.sizes]
     ow, oh = opt_size(shapes.sizes)
     if shapes.static:
@@ -108,6 +110,7 @@ def axis_ranges(shapes: Shapes) -> dict[str, Range]:
         "B": (lo, lo, hi), "L": token_ranges(shapes)["total"],
         "W": (min(widths), ow, max(widths)), "H": (min(heights), oh, max(heights)),
         "w": (min(widths) // 8, ow // 8, max(widths) // 8), "h": (min(heights) // 8, oh // 8, max(heights) // 8),
+        **({"S": (text_length, text_length, text_length)} if text_length is not None else {}),
     }
 
 
@@ -134,8 +137,13 @@ def stage_profile(stage: str, onnx_shapes: dict[str, tuple[int | str, ...]], axe
                                f"(expected {sorted(rules)} with ranks {[len(r) for r in rules.values()]})")
         shape: list[Range] = []
         for axis, (dim, want) in enumerate(zip(dims, rule)):
+            if want == "S" and "S" not in axes:
+                want = None  # no export manifest: the ONNX's own static text size
             if isinstance(want, str):
                 lo, opt, hi = axes[want]
+                if isinstance(dim, int) and want == "S" and (lo, hi) != (dim, dim):
+                    raise KontextError(f"{stage} input {name} has {dim} T5 tokens in the ONNX but its export manifest "
+                                       f"says text_length {lo}: re-export it with `kontext-trt export --force`")
                 if isinstance(dim, int) and (lo, hi) != (dim, dim):
                     raise KontextError(f"{stage} input {name} has a fixed size {dim} on axis {axis} ({want}) in the "
                                        f"ONNX but the build asks for {lo}..{hi}: export it with a dynamic {want} axis "

@@ -90,7 +90,7 @@ def export_stage(ckpt, stage: str, dtype: str, opset: int, out: Path, external_t
         module = load_stage(ckpt, stage, DTYPES[dtype])
         baked = fuse_into(module.model, loras) if stage == "transformer" else []
         signatures, kept = stage_signatures(stage, module)
-        onnx_file.trace(module, stage, ckpt.transformer_config, DTYPES[dtype], opset, tmp)
+        onnx_file.trace(module, stage, ckpt.transformer_config, DTYPES[dtype], opset, tmp, ckpt.text_length)
         del module
         gc.collect()
         entry = finish_stage(tmp, out, stage, dtype, opset, external_threshold)

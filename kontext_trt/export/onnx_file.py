@@ -32,15 +32,16 @@ DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", Ten
 
 
 def trace(module: torch.nn.Module, stage: str, transformer_config: dict, dtype: torch.dtype, opset: int,
-          folder: Path) -> None:
-    """torch.export `module` with the stage's dynamic dims and write folder/raw.onnx + raw.onnx.data."""
+          folder: Path, text_length: int) -> None:
+    """torch.export `module` with the stage's dynamic dims (T5 text static at text_length tokens) and write
+    folder/raw.onnx + raw.onnx.data."""
     inputs, outputs = STAGE_IO[stage]
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # "no torchvision"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch internals' deprecation chatter
         warnings.filterwarnings("ignore", message="# The axis name")  # our Dims are shared across inputs on purpose
         program = torch.onnx.export(
-            module.eval(), (), kwargs=sample_inputs(stage, transformer_config, dtype), dynamo=True,
+            module.eval(), (), kwargs=sample_inputs(stage, transformer_config, dtype, text_length), dynamo=True,
             opset_version=opset, input_names=list(inputs), output_names=list(outputs),
             dynamic_shapes=dynamic_shapes(stage), optimize=True, verbose=False)
     program.save(folder / RAW, external_data=True)

@@ -64,7 +64,8 @@ def export_stage(ckpt, recipe, amax: dict, dtype: str, opset: int, out: Path, ex
     try:
         quantized = quantize_transformer(fused_transformer(ckpt, DTYPES[dtype], recipe.loras), recipe, amax,
                                          DTYPES[dtype])
-        trace(TransformerModule(fp32_rope(quantized)), ckpt.transformer_config, DTYPES[dtype], opset, tmp)
+        trace(TransformerModule(fp32_rope(quantized)), ckpt.transformer_config, DTYPES[dtype], opset, tmp,
+              ckpt.text_length)
         del quantized
         entry = finish_stage(tmp, out, STAGE, dtype, opset, external_threshold, recipe.precision)
         if recipe.loras:
@@ -86,13 +87,14 @@ def fused_transformer(ckpt, dtype: torch.dtype, loras: list) -> torch.nn.Module:
     return model
 
 
-def trace(module: torch.nn.Module, transformer_config: dict, dtype: torch.dtype, opset: int, folder: Path) -> None:
+def trace(module: torch.nn.Module, transformer_config: dict, dtype: torch.dtype, opset: int, folder: Path,
+          text_length: int) -> None:
     """onnx_file.trace with the Q/DQ ops' ONNX translations: folder/raw.onnx + raw.onnx.data."""
     ops.register_trt_schema()
     inputs, outputs = STAGE_IO[STAGE]
     program = torch.onnx.export(
-        module.eval(), (), kwargs=sample_inputs(STAGE, transformer_config, dtype), dynamo=True, opset_version=opset,
-        input_names=list(inputs), output_names=list(outputs), dynamic_shapes=dynamic_shapes(STAGE),
+        module.eval(), (), kwargs=sample_inputs(STAGE, transformer_config, dtype, text_length), dynamo=True,
+        opset_version=opset, input_names=list(inputs), output_names=list(outputs), dynamic_shapes=dynamic_shapes(STAGE),
         custom_translation_table=ops.TRANSLATIONS, optimize=True, verbose=False)
     program.save(folder / onnx_file.RAW, external_data=True)
     del program

@@ -15,7 +15,7 @@ from kontext_trt.core.errors import Cancelled, KontextError
 from kontext_trt.core.flux_constants import LATENT_CHANNELS, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 from kontext_trt.core.specs import CacheSpec
 from kontext_trt.core.stages import Stage
-from kontext_trt.core.text import CLIP_LEN, T5_LEN, tokenize
+from kontext_trt.core.text import CLIP_LEN, T5_MAX_LEN, tokenize
 from kontext_trt.core.timing import StageTimes, bar
 from kontext_trt.runtime.latents import draw_noise, latent_ids, pack_latents, text_ids, unpack_latents
 from kontext_trt.runtime.schedule import ShiftConfig, flow_schedule
@@ -31,6 +31,7 @@ class KontextConfig:
     vae_shift: float = VAE_SHIFT_FACTOR
     guidance_embeds: bool = True
     shift: ShiftConfig = field(default_factory=ShiftConfig)
+    text_length: int = T5_MAX_LEN  # T5 tokens a prompt is padded to (manifests written before it existed: 512)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (written into export and engine manifests)."""
@@ -43,7 +44,8 @@ class KontextConfig:
 
     @classmethod
     def from_checkpoint(cls, ckpt) -> "KontextConfig":
-        """Read latent channels, VAE scale/shift, guidance and the shift line from a checkpoint's configs."""
+        """Read latent channels, VAE scale/shift, guidance, the shift line and the T5 text length (tokenizer_2's
+        model_max_length, core.checkpoint) from a checkpoint's configs."""
         sched = ckpt.scheduler_config
         return cls(
             latent_channels=ckpt.vae_config["latent_channels"],
@@ -51,6 +53,7 @@ class KontextConfig:
             vae_shift=ckpt.vae_config["shift_factor"],
             guidance_embeds=bool(ckpt.transformer_config.get("guidance_embeds", False)),
             shift=ShiftConfig.from_scheduler_config(sched),
+            text_length=ckpt.text_length,
         )
 
 
@@ -120,7 +123,7 @@ class Kontext:
 
 @dataclass(frozen=True)
 class Prompt:
-    """Encoded prompts: T5 hidden states (B, 512, Dt) and CLIP pooled (B, Dc), float32 on the loop device."""
+    """Encoded prompts: T5 hidden states (B, text_length, Dt) and CLIP pooled (B, Dc), float32 on the loop device."""
 
     text: torch.Tensor
     pooled: torch.Tensor
@@ -176,9 +179,9 @@ def with_images(result: EditResult) -> EditResult:
 
 
 def encode_prompts(k: Kontext, prompts: list[str]) -> Prompt:
-    """CLIP pooled (77 tokens) and T5 hidden states (512 tokens) for a list of prompts."""
+    """CLIP pooled (77 tokens) and T5 hidden states (the config's text_length tokens) for a list of prompts."""
     clip_ids = tokenize(k.clip_tokenizer, prompts, CLIP_LEN, "CLIP").to(k.device)
-    t5_ids = tokenize(k.t5_tokenizer, prompts, T5_LEN, "T5").to(k.device)
+    t5_ids = tokenize(k.t5_tokenizer, prompts, k.config.text_length, "T5").to(k.device)
     pooled = k.run("clip", input_ids=clip_ids)["pooled_embeddings"]
     text = k.run("t5", input_ids=t5_ids)["text_embeddings"]
     return Prompt(text=text.float(), pooled=pooled.float())
@@ -353,10 +356,11 @@ def concat_contexts(contexts: list[Context | None], sizes: list[int]) -> Context
 
 
 def metadata(k: Kontext, req: EditRequest, width: int, height: int, cache: dict | None = None) -> dict:
-    """What produced an image: prompt, seed, steps, guidance, size, step cache, backend and checkpoint."""
+    """What produced an image: prompt, seed, steps, guidance, size, T5 text length, step cache, backend and
+    checkpoint."""
     return {"prompts": req.prompts, "negative_prompt": req.negative_prompt, "true_cfg": req.true_cfg, "seed": req.seed,
             "steps": req.steps, "guidance": req.guidance, "width": width, "height": height,
-            "auto_resize": req.auto_resize, "edited": req.image is not None,
+            "auto_resize": req.auto_resize, "edited": req.image is not None, "text_length": k.config.text_length,
             "cache": cache or uncached_report(req.steps), **k.info.to_dict()}
 
 

@@ -35,7 +35,7 @@ class TransformerHead(nn.Module):
         timestep = timestep.to(hidden.dtype) * 1000
         guidance = guidance.to(hidden.dtype) * 1000
         temb = self.time_text_embed(timestep, guidance, pooled_projections)  # (B, D)
-        encoder = self.context_embedder(encoder_hidden_states)  # (B, 512, D)
+        encoder = self.context_embedder(encoder_hidden_states)  # (B, text_length, D)
         rope = joint_rope(self.pos_embed, img_ids, txt_ids)
         modulated = self.block.norm1(hidden, emb=temb)[0]  # TeaCache's indicator, (B, L, D)
         encoder_out, hidden_out = self.block(hidden_states=hidden, encoder_hidden_states=encoder, temb=temb,

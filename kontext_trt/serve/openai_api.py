@@ -210,8 +210,8 @@ def check_text_size(name: str, value: str, max_bytes: int) -> None:
     size = len(value) if len(value) > max_bytes else len(value.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise bad_request(f"{name} is {'over ' if len(value) > max_bytes else ''}{size} bytes: this server takes at "
-                          f"most {max_bytes} bytes of UTF-8 (the text encoders read 512 T5 tokens at most)", name,
-                          "string_above_max_length")
+                          f"most {max_bytes} bytes of UTF-8 (the text encoders read the model's T5 length, 512 "
+                          "tokens at most)", name, "string_above_max_length")
 
 
 def parse_request(fields: Mapping[str, Any], image: Image.Image | None, limits: Limits | None = None,

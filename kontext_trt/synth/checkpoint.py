@@ -18,6 +18,7 @@ from kontext_trt.core.checks import check_output_folder, check_seed
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.files import remove_stale_temps, replace_dir, temp_dir
 from kontext_trt.core.flux_constants import SCHEDULER_CONFIG, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
+from kontext_trt.core.text import T5_MAX_LEN
 from kontext_trt.core.timing import note
 from kontext_trt.synth.tokenizers import CLIP_BOS, CLIP_EOS, write_clip_tokenizer, write_t5_tokenizer
 from kontext_trt.synth.trained import TRAINED, TrainedPreset, load_trained, prompt_ids_digest
@@ -70,12 +71,13 @@ TRANSFORMER_SHARDS, T5_SHARDS = 3, 2
 
 def write_synthetic_checkpoint(
     out: Path, preset: str = "tiny", seed: int = 0, fmt: str = "diffusers", force: bool = False,
-    transformer: dict | None = None, untrained: bool = False,
+    transformer: dict | None = None, text_length: int = T5_MAX_LEN, untrained: bool = False,
 ) -> Path:
     """Write a FLUX.1 Kontext [dev] checkpoint ("diffusers" folder or "bfl" single files) atomically to `out`: random
     weights, or for a trained preset (shapes) its shipped weights unless `untrained` (training starts from those).
 
-    `transformer` overrides entries of the preset's transformer config (e.g. odd widths for tests)."""
+    `transformer` overrides entries of the preset's transformer config (e.g. odd widths for tests); `text_length` is
+    the T5 prompt length its tokenizer_2 records (model_max_length; a trained preset's own length wins)."""
     out = Path(out)
     if preset not in PRESETS:
         raise KontextError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -83,6 +85,8 @@ def write_synthetic_checkpoint(
         raise KontextError(f"unknown checkpoint format {fmt!r}; choose diffusers or bfl")
     check_output_folder(out, "output folder")
     check_seed(seed)
+    if isinstance(text_length, bool) or not isinstance(text_length, int) or not 1 <= text_length <= T5_MAX_LEN:
+        raise KontextError(f"text length {text_length!r}: T5 reads 1 to {T5_MAX_LEN} tokens; pick one in that range")
     if out.exists() and not force and any(out.iterdir()):
         raise KontextError(f"{out}: exists and is not empty; pick a new folder or pass --force (force=True) to "
                            "replace it")
@@ -93,21 +97,22 @@ def write_synthetic_checkpoint(
         sizes, trained = PRESETS[preset], None
         if preset in TRAINED and not untrained:
             trained = load_trained(preset)
-            sizes = trained.sizes
+            sizes, text_length = trained.sizes, trained.text_length
         _write_all(tmp, {**sizes, "transformer": {**sizes["transformer"], **(transformer or {})}}, seed, fmt,
-                   trained)
+                   text_length, trained)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _write_all(root: Path, preset: dict, seed: int, fmt: str, trained: TrainedPreset | None = None) -> None:
+def _write_all(root: Path, preset: dict, seed: int, fmt: str, text_length: int = T5_MAX_LEN,
+               trained: TrainedPreset | None = None) -> None:
     """Write every component, holding one component's weights at a time (random ones, or a trained preset's)."""
     start = time.monotonic()
     weights = trained.weights if trained else {}
     clip_tokenizer = write_clip_tokenizer(root / "tokenizer")
-    t5_tokenizer = write_t5_tokenizer(root / "tokenizer_2")
+    t5_tokenizer = write_t5_tokenizer(root / "tokenizer_2", text_length)
     if trained:
         check_prompt_ids(clip_tokenizer, t5_tokenizer, trained)
     _progress("tokenizers", root, start)

@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+from kontext_trt.core.text import T5_MAX_LEN
 from kontext_trt.synth.weights import write_json
 
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
@@ -98,8 +99,9 @@ def write_clip_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def write_t5_tokenizer(folder: Path):
-    """tokenizer_2/: sentencepiece unigram (pad 0, eos 1, unk 2) + 100 extra ids, as T5TokenizerFast; returns it."""
+def write_t5_tokenizer(folder: Path, max_length: int = T5_MAX_LEN):
+    """tokenizer_2/: sentencepiece unigram (pad 0, eos 1, unk 2) + 100 extra ids, as T5TokenizerFast, whose
+    model_max_length (the checkpoint's T5 text length) is max_length; returns it."""
     import sentencepiece
     from transformers import T5TokenizerFast
 
@@ -111,7 +113,7 @@ def write_t5_tokenizer(folder: Path):
     )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spiece.model").write_bytes(model.getvalue())
-    tokenizer = T5TokenizerFast.from_pretrained(folder, model_max_length=512, local_files_only=True)
+    tokenizer = T5TokenizerFast.from_pretrained(folder, model_max_length=max_length, local_files_only=True)
     tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
     extra = [f"<extra_id_{i}>" for i in range(T5_EXTRA_IDS)]
     special = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
@@ -132,7 +134,7 @@ def write_t5_tokenizer(folder: Path):
         "eos_token": "</s>",
         "extra_ids": T5_EXTRA_IDS,
         "legacy": True,
-        "model_max_length": 512,
+        "model_max_length": max_length,
         "pad_token": "<pad>",
         "sp_model_kwargs": {},
         "tokenizer_class": "T5Tokenizer",

@@ -56,7 +56,8 @@ def train_shapes(out: Path, seed: int = 0, vae_recipe: VaeRecipe = VaeRecipe(),
 
     torch.manual_seed(seed)
     init = temp_dir(out / "init")
-    write_synthetic_checkpoint(init, preset="shapes", seed=seed, force=True, untrained=True)
+    write_synthetic_checkpoint(init, preset="shapes", seed=seed, force=True, text_length=TEXT_LENGTH,
+                               untrained=True)
     ckpt = ck.open_checkpoint(init)
     clip_tok, t5_tok = ck.load_tokenizers(ckpt)
     clip, t5 = ck.load_clip(ckpt, torch.float32).eval(), ck.load_t5(ckpt, torch.float32).eval()

@@ -12,7 +12,7 @@ import torch
 from kontext_trt.benchmarks import block_timing, gpu_blocks
 from kontext_trt.benchmarks.flops import block_flops, transformer_flops
 from kontext_trt.benchmarks.transformer_step import preset_config
-from kontext_trt.core.text import T5_LEN
+from kontext_trt.core.text import T5_MAX_LEN
 from kontext_trt.runtime.flow import EditRequest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ def test_dry_run_imports_no_torch(tmp_path):
 
 
 def test_constants_agree_with_the_runtime():
-    assert gpu_blocks.TEXT_TOKENS == T5_LEN
+    assert gpu_blocks.TEXT_TOKENS == T5_MAX_LEN
     assert gpu_blocks.STEPS == EditRequest(prompts=["x"]).steps
     assert gpu_blocks.CONFIG == preset_config("full")
 

@@ -139,6 +139,7 @@ CASES = {
     "synth-out-read-only": (["synth", "/sys/ck"], "output folder /sys/ck cannot be written"),
     "synth-not-empty": (["synth", "{tmp}/full"], "exists and is not empty; pick a new folder or pass --force"),
     "synth-seed": (["synth", "{tmp}/ck", "--seed", "-5"], "--seed -5 is outside"),
+    "synth-text-length": (["synth", "{tmp}/ck", "--text-length", "600"], "text length 600: T5 reads 1 to 512 tokens"),
     "demo-out-file": (["demo", "--out", "{tmp}/file.txt"], "--out {tmp}/file.txt is a file, not a folder"),
     "demo-out-under-file": (["demo", "--out", "{tmp}/file.txt/demo"], "{tmp}/file.txt is a file, not a folder"),
     "demo-out-read-only": (["demo", "--out", "/sys/demo"], "--out /sys/demo cannot be written"),

@@ -246,14 +246,14 @@ PROMPTS = ["make the house blue and add snow on the roof", "Ünïcödé, CAPS & 
 
 
 def test_tokenizer_json_and_slow_files_give_identical_ids(tiny_ckpt, tmp_path):
-    from kontext_trt.core.text import CLIP_LEN, T5_LEN, tokenize
+    from kontext_trt.core.text import CLIP_LEN, T5_MAX_LEN, tokenize
 
     saved = saved_by_transformers(tiny_ckpt, tmp_path / "saved")
     assert sorted(p.name for p in (saved / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     spiece = copy(tiny_ckpt, tmp_path / "spiece")  # T5 from its sentencepiece model alone
     (spiece / "tokenizer_2" / "tokenizer.json").unlink()
     layouts = [ck.load_tokenizers(ck.open_checkpoint(root)) for root in (tiny_ckpt, saved, spiece)]
-    for index, length in ((0, CLIP_LEN), (1, T5_LEN)):
+    for index, length in ((0, CLIP_LEN), (1, T5_MAX_LEN)):
         ids = [tokenize(pair[index], PROMPTS, length, "x") for pair in layouts]
         assert all(torch.equal(ids[0], other) for other in ids[1:])
         assert ids[0][0].ne(ids[0][2]).any()  # the prompts tokenize to something, not all padding
@@ -275,3 +275,31 @@ def test_unreadable_weight_file_is_one_line(tiny_ckpt, monkeypatch):
     with pytest.raises(KontextError) as caught:
         ck.open_checkpoint(tiny_ckpt)
     assert str(caught.value).startswith(f"{target} is unreadable (Permission denied)") and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("value,length", [(32, 32), (512, 512), (1000, 512), (1e30, 512), (77.0, 77), (None, 512)])
+def test_text_length_is_tokenizer_2s_model_max_length_capped_at_512(tiny_ckpt, tmp_path, value, length):
+    root = copy(tiny_ckpt, tmp_path)
+    config = root / "tokenizer_2" / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    if value is None:  # no key: 512, as with no tokenizer_config.json at all
+        del data["model_max_length"]
+    else:
+        data["model_max_length"] = value
+    config.write_text(json.dumps(data))
+    assert ck.open_checkpoint(root).text_length == length
+    config.unlink()
+    assert ck.open_checkpoint(root).text_length == 512
+
+
+def test_text_length_of_the_bfl_layout_and_the_real_snapshot(tiny_bfl_ckpt, tiny_ckpt):
+    assert ck.open_checkpoint(tiny_bfl_ckpt).text_length == 512
+    assert ck.open_checkpoint(tiny_ckpt).text_length == 512  # tokenizer_2 says 512, as FLUX.1 Kontext [dev]'s does
+
+
+@pytest.mark.parametrize("value", [0, -3, 12.5, "32", True, float("nan")])
+def test_a_bad_model_max_length_is_one_line(tiny_ckpt, tmp_path, value):
+    root = copy(tiny_ckpt, tmp_path)
+    edit_json(root / "tokenizer_2" / "tokenizer_config.json", model_max_length=value)
+    with pytest.raises(KontextError, match=r"tokenizer_config.json: model_max_length is .*not a token count.*1 to 512"):
+        ck.open_checkpoint(root)

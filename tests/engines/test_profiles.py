@@ -43,7 +43,7 @@ def test_other_sizes_and_static():
 
 
 def test_stage_profiles():
-    axes = profiles.axis_ranges(Shapes(batch=(1, 2)))
+    axes = profiles.axis_ranges(Shapes(batch=(1, 2)), text_length=512)  # the export manifest's KontextConfig
     t = profiles.stage_profile("transformer", {"hidden_states": ("B", "L", 64), "img_ids": ("L", 3),
                                                "txt_ids": (512, 3), "encoder_hidden_states": ("B", "S", 4096)}, axes)
     assert t["hidden_states"] == ((1, 4042, 64), (1, 8192, 64), (2, 8300, 64))
@@ -61,7 +61,27 @@ def test_profile_refusals():
         profiles.stage_profile("t5", {"input_ids": (1, 512)}, axes)
     with pytest.raises(KontextError, match="not in the stage contract"):
         profiles.stage_profile("t5", {"attention_mask": ("B", 512)}, axes)
+    with pytest.raises(KontextError, match="symbolic"):  # no manifest gives the text length: the ONNX must
+        profiles.stage_profile("t5", {"input_ids": ("B", "S")}, axes)
     for bad in ("1000x1000", "32x32", "big"):
         with pytest.raises(KontextError):
             profiles.parse_sizes(bad)
     assert profiles.parse_batch("1-4") == (1, 4) and profiles.parse_batch("2") == (2, 2)
+
+
+def test_text_length_comes_from_the_export_not_a_constant():
+    axes = profiles.axis_ranges(Shapes(batch=(1, 2)), text_length=32)
+    assert axes["S"] == (32, 32, 32)
+    t5 = profiles.stage_profile("t5", {"input_ids": ("B", 32)}, axes)
+    assert t5["input_ids"] == ((1, 32), (1, 32), (2, 32))
+    t = profiles.stage_profile("transformer", {"txt_ids": ("S", 3), "encoder_hidden_states": ("B", 32, 4096)}, axes)
+    assert t["txt_ids"] == ((32, 3), (32, 3), (32, 3))
+    assert t["encoder_hidden_states"] == ((1, 32, 4096), (1, 32, 4096), (2, 32, 4096))
+    body = profiles.stage_profile("transformer_body", {"block_encoder_hidden_states": ("B", "S", 3072)}, axes)
+    assert body["block_encoder_hidden_states"] == ((1, 32, 3072), (1, 32, 3072), (2, 32, 3072))
+    with pytest.raises(KontextError, match="512 T5 tokens in the ONNX but its export manifest says text_length 32"):
+        profiles.stage_profile("t5", {"input_ids": ("B", 512)}, axes)
+    no_manifest = profiles.axis_ranges(Shapes(batch=(1, 2)))  # a bare ONNX folder: its own static text size
+    assert "S" not in no_manifest
+    assert profiles.stage_profile("t5", {"input_ids": ("B", 32)}, no_manifest)["input_ids"] == ((1, 32), (1, 32),
+                                                                                                   (2, 32))

@@ -37,7 +37,8 @@ def test_fp8_onnx_runs_in_onnxruntime_like_torch(fp8_run, tiny_ckpt):
     from kontext_trt.export.specs import sample_inputs
     out, _ = fp8_run
     torch.manual_seed(0)
-    inputs = sample_inputs("transformer", ck.open_checkpoint(tiny_ckpt).transformer_config, torch.float32)
+    ckpt = ck.open_checkpoint(tiny_ckpt)
+    inputs = sample_inputs("transformer", ckpt.transformer_config, torch.float32, ckpt.text_length)
     with torch.no_grad():
         want = quantized_module(tiny_ckpt, out, torch.float32)(**inputs)[0].numpy()
     got = OrtStage("transformer", out / "transformer/model.onnx")(**inputs)["latent"].numpy()  # the runtime's backend

@@ -310,7 +310,7 @@ def test_long_prompts_are_refused_before_the_tokenizer(guarded, png):
         response, elapsed = post(guarded.url, "/v1/images/generations", json={"prompt": "a" * 60_000})
         error_of(response, 400, "prompt", "string_above_max_length", elapsed=elapsed)
     assert memory.grew_mb < MEMORY_MB, f"+{memory.grew_mb:.0f} MB"
-    # a prompt under the byte cap but over the encoders' token limits runs (truncated to 77 / 512 tokens)
+    # a prompt under the byte cap but over the encoders' token limits runs (truncated to 77 / the model's T5 tokens)
     response, _ = edit(guarded.url, png, {**EDIT, "prompt": ("paint it red " * 200)[:MAX_PROMPT_BYTES]})
     assert response.status_code == 200, response.text[:300]
 

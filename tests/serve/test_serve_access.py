@@ -20,8 +20,8 @@ def test_tokenizers_never_see_a_whole_long_prompt():
             return type("Out", (), {"input_ids": torch.zeros(len(prompts), kw.get("max_length") or 600)})()
 
     text.tokenize(Spy(), ["word " * 1_000_000], text.CLIP_LEN, "CLIP")
-    text.tokenize(Spy(), ["word " * 1_000_000], text.T5_LEN, "T5")
-    assert seen == [text.CLIP_LEN * text.MAX_CHARS_PER_TOKEN] * 2 + [text.T5_LEN * text.MAX_CHARS_PER_TOKEN] * 2
+    text.tokenize(Spy(), ["word " * 1_000_000], text.T5_MAX_LEN, "T5")
+    assert seen == [text.CLIP_LEN * text.MAX_CHARS_PER_TOKEN] * 2 + [text.T5_MAX_LEN * text.MAX_CHARS_PER_TOKEN] * 2
     assert text.cut("short prompt", text.CLIP_LEN) == "short prompt"
 
 
@@ -30,7 +30,8 @@ def test_the_cut_keeps_the_tokens_the_encoders_read(tiny_ckpt):
     from kontext_trt.core import text
 
     prompt = "make the small red house on the hill blue, add snow on its roof and a moon; " * 400  # 30 KB
-    for tokenizer, length in zip(ck.load_tokenizers(ck.open_checkpoint(tiny_ckpt)), (text.CLIP_LEN, text.T5_LEN)):
+    ckpt = ck.open_checkpoint(tiny_ckpt)
+    for tokenizer, length in zip(ck.load_tokenizers(ckpt), (text.CLIP_LEN, ckpt.text_length)):
         whole = tokenizer([prompt], padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         assert text.tokenize(tokenizer, [prompt], length, "x").tolist() == whole.input_ids.tolist()
 

@@ -166,6 +166,18 @@ def test_t5_tokenizer_follows_t5_conventions(tiny_ckpt):
     assert ids[-1] == 1 and 2 not in ids
 
 
+def test_text_length_is_tokenizer_2s_model_max_length(tiny_ckpt_t32, tiny_ckpt):
+    tok = T5TokenizerFast.from_pretrained(tiny_ckpt_t32 / "tokenizer_2", local_files_only=True)
+    assert tok.model_max_length == 32
+    assert json.loads((tiny_ckpt_t32 / "tokenizer_2/tokenizer_config.json").read_text())["model_max_length"] == 32
+    assert files(tiny_ckpt_t32) == DIFFUSERS_FILES  # otherwise the same checkpoint
+    for name in ("transformer/config.json", "text_encoder_2/config.json", "tokenizer_2/spiece.model"):
+        assert (tiny_ckpt_t32 / name).read_bytes() == (tiny_ckpt / name).read_bytes()
+    for bad in (0, 513, 32.0):
+        with pytest.raises(KontextError, match="T5 reads 1 to 512 tokens"):
+            write_synthetic_checkpoint(Path("unused"), text_length=bad)
+
+
 def test_refuses_a_non_empty_folder_unless_forced(tmp_path):
     out = tmp_path / "ckpt"
     out.mkdir()
