@@ -11,6 +11,7 @@ from PIL import Image
 from kontext_trt.assemble import build_pipeline
 from kontext_trt.core import image as im
 from kontext_trt.core.checks import pick_device
+from kontext_trt.core.errors import KontextError
 from kontext_trt.core.specs import CacheSpec, LoadSpec, parse_cache
 from kontext_trt.runtime.flow import Context, EditRequest, EditResult, Kontext, PipelineInfo, Prompt, check_request
 from kontext_trt.runtime.session import EditSession
@@ -54,24 +55,30 @@ class KontextPipeline:
     def __call__(self, prompt: str | list[str], image: Image.Image | str | Path | None = None,
                  num_inference_steps: int = 28, guidance_scale: float = 2.5, generator_seed: int = 0,
                  height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
-                 true_cfg_scale: float = 1.0, auto_resize: bool = True, cache: str | CacheSpec = "off") -> EditResult:
+                 true_cfg_scale: float = 1.0, auto_resize: bool = True, cache: str | CacheSpec = "off",
+                 images: list[Image.Image | str | Path] | None = None) -> EditResult:
         """Edit `image` with `prompt` (text-to-image without an image); a list of prompts is a batch on one image;
-        `cache` is a step cache (off, fbcache:T, teacache:T). The result has .images (PIL, watermarked), .latents and
-        .metadata (with the safety verdicts), as `kontext-trt edit` writes them; a flagged input or output raises
-        ContentFlagged."""
+        `images=[...]` gives several reference images in order instead (FLUX.2 [klein]: up to 4; on a base klein
+        checkpoint guidance_scale is the CFG scale); `cache` is a step cache (off, fbcache:T, teacache:T). The result
+        has .images (PIL, watermarked), .latents and .metadata (with the safety verdicts), as `kontext-trt edit`
+        writes them; a flagged input or output raises ContentFlagged."""
         req = self.request(prompt, image, num_inference_steps, guidance_scale, generator_seed, height, width,
-                           negative_prompt, true_cfg_scale, auto_resize, cache)
+                           negative_prompt, true_cfg_scale, auto_resize, cache, images)
         return guard.edit(self.kontext, req, self.policy)
 
     def request(self, prompt: str | list[str], image: Image.Image | str | Path | None = None,
                 num_inference_steps: int = 28, guidance_scale: float = 2.5, generator_seed: int = 0,
                 height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
-                true_cfg_scale: float = 1.0, auto_resize: bool = True, cache: str | CacheSpec = "off") -> EditRequest:
+                true_cfg_scale: float = 1.0, auto_resize: bool = True, cache: str | CacheSpec = "off",
+                images: list[Image.Image | str | Path] | None = None) -> EditRequest:
         """The EditRequest a call makes, checked."""
-        req = EditRequest(prompts=[prompt] if isinstance(prompt, str) else list(prompt), image=as_image(image),
-                          width=width, height=height, steps=num_inference_steps, guidance=guidance_scale,
-                          seed=generator_seed, auto_resize=auto_resize, negative_prompt=negative_prompt,
-                          true_cfg=true_cfg_scale,
+        if images is not None and image is not None:
+            raise KontextError("pass image= (one reference) or images=[...] (several), not both", "image")
+        refs = [as_image(img) for img in images] if images is not None else [] if image is None else [as_image(image)]
+        req = EditRequest(prompts=[prompt] if isinstance(prompt, str) else list(prompt),
+                          image=refs[0] if refs else None, references=refs[1:], width=width, height=height,
+                          steps=num_inference_steps, guidance=guidance_scale, seed=generator_seed,
+                          auto_resize=auto_resize, negative_prompt=negative_prompt, true_cfg=true_cfg_scale,
                           cache=cache if isinstance(cache, CacheSpec) else parse_cache(cache))
         check_request(req)
         return req

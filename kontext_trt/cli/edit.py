@@ -29,7 +29,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("edit", help="edit an image (or generate from text alone) with a prompt")
     add_model_arguments(p)
-    p.add_argument("--image", type=Path, help="input image; omit for text-to-image")
+    p.add_argument("--image", type=Path, action="append",
+                   help="input image; repeat for several references, in order (FLUX.2 [klein]: up to 4; FLUX.1 "
+                        "Kontext: one); omit for text-to-image")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch on one image")
     p.add_argument("--out", type=Path, required=True, help="output PNG (batch: OUT-0.png, OUT-1.png, ...)")
     add_sampling_arguments(p)
@@ -122,8 +124,8 @@ def run_edit(args: argparse.Namespace) -> int:
 
     checks.check_output_file(args.out)
     checks.check_device(args.device)
-    request = flow.EditRequest(
-        prompts=args.prompt, image=image.load_image(args.image) if args.image else None,
+    request = flow.request(
+        args.prompt, [image.load_image(path) for path in args.image or []],
         width=args.width, height=args.height, steps=args.steps, guidance=args.guidance, seed=args.seed,
         auto_resize=args.auto_resize, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, cache=args.cache)
     flow.check_request(request)

@@ -17,6 +17,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for shapes.safetensors, shapes.json, train.log, "
                    "loss.png (copy the first two to kontext_trt/synth/data/shapes/ to ship them)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", type=Path, help="an earlier run's --out: start from its weights (VAE kept) and train "
+                   "the transformer further")
+    p.add_argument("--steps", type=int, help="transformer steps (default 5000)")
+    p.add_argument("--lr", type=float, help="transformer peak learning rate (default 6e-4)")
+    p.add_argument("--train-text", action="store_true", help="train the text encoders with the transformer")
     p.set_defaults(func=run_train_shapes)
 
     p = sub.add_parser("eval", help="edit accuracy and untouched-region PSNR of a shapes model on held-out scenes")
@@ -46,7 +51,18 @@ def run_train_shapes(args: argparse.Namespace) -> int:
 
     check_output_folder(args.out, "--out")
     check_seed(args.seed)
-    out = train_shapes(args.out, args.seed)
+    from dataclasses import replace
+
+    from kontext_trt.train.flow import FlowRecipe
+
+    changes = {"steps": args.steps, "lr": args.lr, "train_text": args.train_text or None}
+    recipe = replace(FlowRecipe(), **{k: v for k, v in changes.items() if v is not None})
+    if recipe.steps < 1:
+        raise KontextError(f"--steps {recipe.steps}: use 1 or more", "steps", "out_of_range")
+    if args.resume is not None and not (args.resume / "shapes.safetensors").is_file():
+        raise KontextError(f"--resume {args.resume}: no shapes.safetensors there; give the --out of an earlier "
+                           "`kontext-trt train shapes`", "resume", "not_found")
+    out = train_shapes(args.out, args.seed, flow_recipe=recipe, resume=args.resume)
     for name in ("shapes.safetensors", "shapes.json", "train.log", "loss.png"):
         print(out / name)
     return 0

@@ -23,6 +23,7 @@ from kontext_trt.core.bfl_checkpoint import (
     vae_config_from_shapes,
 )
 from kontext_trt.core.errors import KontextError
+from kontext_trt.core.family import FLUX1_KONTEXT, detect_family
 from kontext_trt.core.files import read_json
 from kontext_trt.core.flux_constants import HUB_ID, LATENT_CHANNELS, REFETCH, SCHEDULER_CONFIG, TRANSFORMER_IN_CHANNELS
 from kontext_trt.core.text import T5_MAX_LEN
@@ -52,6 +53,9 @@ class Checkpoint:
     scheduler_config: dict
     files: tuple[Path, ...]
     text_length: int = T5_MAX_LEN  # T5 tokens a prompt is padded to: tokenizer_2's model_max_length, capped at 512
+    family: str = "flux1-kontext"  # core.family: flux1-kontext or flux2-klein
+    text_config: dict | None = None  # flux2-klein: text_encoder/config.json (Qwen3)
+    pipeline_config: dict | None = None  # flux2-klein: model_index.json (is_distilled)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -72,6 +76,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             "model", "invalid_value"
         )
     if (root / "model_index.json").is_file():
+        family = detect_family(root)
+        if family is not FLUX1_KONTEXT:
+            from kontext_trt.core.klein_checkpoint import open_klein
+            return open_klein(root)
         return _open_diffusers(root)
     if (root / BFL_TRANSFORMER).is_file():
         return _open_bfl(root)
@@ -165,7 +173,11 @@ def load_t5(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16) -> T5EncoderM
 
 
 def load_tokenizers(ckpt: Checkpoint) -> tuple[CLIPTokenizer | CLIPTokenizerFast, T5TokenizerFast]:
-    """CLIP's and T5's tokenizers from the checkpoint's tokenizer/ and tokenizer_2/ folders."""
+    """CLIP's and T5's tokenizers from the checkpoint's tokenizer/ and tokenizer_2/ folders; a FLUX.2 [klein]
+    checkpoint's Qwen tokenizer (tokenizer/) and None."""
+    if ckpt.family != FLUX1_KONTEXT.name:
+        from kontext_trt.core.klein_checkpoint import load_qwen_tokenizer
+        return load_qwen_tokenizer(ckpt.root / "tokenizer"), None
     return load_tokenizer_folders(ckpt.root / "tokenizer", ckpt.root / "tokenizer_2")
 
 

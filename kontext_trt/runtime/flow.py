@@ -1,8 +1,11 @@
-"""The Kontext flow-matching loop, once, over any backend's five stages (named tensors in and out)."""
+"""The flow-matching loop, once, over any backend's stages (named tensors in and out) and any model family: where
+FLUX.1 Kontext and FLUX.2 [klein] differ (text encoding, references, latent packing and ids, schedule, guidance,
+decoding), the loop calls its family's functions (runtime/families.py, runtime/klein.py)."""
 from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -12,49 +15,16 @@ from PIL import Image
 from kontext_trt.core import checks
 from kontext_trt.core import image as im
 from kontext_trt.core.errors import Cancelled, KontextError
-from kontext_trt.core.flux_constants import LATENT_CHANNELS, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
+from kontext_trt.core.family import MAX_REFERENCES
 from kontext_trt.core.specs import CacheSpec
 from kontext_trt.core.stages import Stage
-from kontext_trt.core.text import CLIP_LEN, T5_MAX_LEN, tokenize
 from kontext_trt.core.timing import StageTimes, bar
-from kontext_trt.runtime.latents import draw_noise, latent_ids, pack_latents, text_ids, unpack_latents
-from kontext_trt.runtime.schedule import ShiftConfig, flow_schedule
+from kontext_trt.runtime.families import family_ops
+from kontext_trt.runtime.inputs import Context, KontextConfig, Prompt, concat_contexts, concat_prompts
 from kontext_trt.runtime.step_cache import StepCache, step_cache, uncached_report
 
-
-@dataclass(frozen=True)
-class KontextConfig:
-    """What the loop needs to know of a checkpoint beyond its stages."""
-
-    latent_channels: int = LATENT_CHANNELS
-    vae_scale: float = VAE_SCALING_FACTOR
-    vae_shift: float = VAE_SHIFT_FACTOR
-    guidance_embeds: bool = True
-    shift: ShiftConfig = field(default_factory=ShiftConfig)
-    text_length: int = T5_MAX_LEN  # T5 tokens a prompt is padded to (manifests written before it existed: 512)
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict (written into export and engine manifests)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "KontextConfig":
-        """The inverse of to_dict."""
-        return cls(**{**data, "shift": ShiftConfig(**data["shift"])})
-
-    @classmethod
-    def from_checkpoint(cls, ckpt) -> "KontextConfig":
-        """Read latent channels, VAE scale/shift, guidance, the shift line and the T5 text length (tokenizer_2's
-        model_max_length, core.checkpoint) from a checkpoint's configs."""
-        sched = ckpt.scheduler_config
-        return cls(
-            latent_channels=ckpt.vae_config["latent_channels"],
-            vae_scale=ckpt.vae_config["scaling_factor"],
-            vae_shift=ckpt.vae_config["shift_factor"],
-            guidance_embeds=bool(ckpt.transformer_config.get("guidance_embeds", False)),
-            shift=ShiftConfig.from_scheduler_config(sched),
-            text_length=ckpt.text_length,
-        )
+__all__ = ["Context", "KontextConfig", "Prompt", "concat_contexts", "concat_prompts"]  # re-exported (runtime.inputs)
+ops_of = lru_cache(maxsize=None)(family_ops)
 
 
 @dataclass(frozen=True)
@@ -77,19 +47,25 @@ class PipelineInfo:
 
 @dataclass
 class Kontext:
-    """A ready pipeline: five stages, the two tokenizers, the config and where the loop's tensors live.
+    """A ready pipeline: its stages, its tokenizers (FLUX.1: CLIP's and T5's; klein: Qwen's and None), the config and
+    where the loop's tensors live.
 
-    Made by runtime.pipeline; `graphs` holds CUDA-graphed stand-ins the loop calls in place of those stages."""
+    Made by assemble.build_pipeline; `graphs` holds CUDA-graphed stand-ins the loop calls in place of those stages."""
 
     stages: dict[str, Stage]
-    clip_tokenizer: object
-    t5_tokenizer: object
+    tokenizer: object
+    tokenizer_2: object
     config: KontextConfig
     device: torch.device
     info: PipelineInfo
     graphs: dict[str, Stage] = field(default_factory=dict)
     times: StageTimes = field(default_factory=StageTimes)
     lora_refusal: str | None = None  # why the step-cache parts cannot take the LoRAs set (step caching refuses)
+
+    @property
+    def ops(self):
+        """The loop functions of this pipeline's model family (runtime.families)."""
+        return ops_of(self.config.family)
 
     def run(self, stage: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Call one stage (its CUDA-graphed stand-in if it has one), timing it."""
@@ -121,27 +97,11 @@ class Kontext:
         self.info = replace(self.info, loras=tuple(lora.describe() for lora in applied))
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """Encoded prompts: T5 hidden states (B, text_length, Dt) and CLIP pooled (B, Dc), float32 on the loop device."""
-
-    text: torch.Tensor
-    pooled: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Context:
-    """An encoded input image: packed, scaled latents (1, M, 64) and their ids (M, 3) with index 1."""
-
-    tokens: torch.Tensor
-    ids: torch.Tensor
-    width: int
-    height: int
-
-
 @dataclass
 class EditRequest:
-    """One edit (or text-to-image when image is None); a batch is several prompts on one image."""
+    """One edit (or text-to-image when image is None); a batch is several prompts on the same references. `image` is
+    the first reference image, `references` the further ones in order (FLUX.2 [klein]: up to 4 in all); `images` is
+    them all."""
 
     prompts: list[str]
     image: Image.Image | None = None
@@ -156,6 +116,18 @@ class EditRequest:
     cache: CacheSpec = field(default_factory=CacheSpec)  # step caching (core/specs.py, runtime/step_cache.py)
     lora: str | None = None  # serve only: NAME[:SCALE],... of the server's --lora-dir, applied by serve/service.py
     cancel: threading.Event | None = None  # set from any thread to stop the edit between steps (see `stopper`)
+    references: list[Image.Image] = field(default_factory=list)  # reference images after `image`, in order
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """Every reference image, in order: `image`, then `references`."""
+        return [] if self.image is None else [self.image, *self.references]
+
+
+def request(prompts: list[str], images: list[Image.Image] | None = None, **fields) -> EditRequest:
+    """An EditRequest on a list of reference images (first one `image`, the rest `references`)."""
+    images = list(images or [])
+    return EditRequest(prompts=prompts, image=images[0] if images else None, references=images[1:], **fields)
 
 
 @dataclass
@@ -179,42 +151,32 @@ def with_images(result: EditResult) -> EditResult:
 
 
 def encode_prompts(k: Kontext, prompts: list[str]) -> Prompt:
-    """CLIP pooled (77 tokens) and T5 hidden states (the config's text_length tokens) for a list of prompts."""
-    clip_ids = tokenize(k.clip_tokenizer, prompts, CLIP_LEN, "CLIP").to(k.device)
-    t5_ids = tokenize(k.t5_tokenizer, prompts, k.config.text_length, "T5").to(k.device)
-    pooled = k.run("clip", input_ids=clip_ids)["pooled_embeddings"]
-    text = k.run("t5", input_ids=t5_ids)["text_embeddings"]
-    return Prompt(text=text.float(), pooled=pooled.float())
+    """The family's text encoding of a list of prompts (FLUX.1: CLIP pooled + T5; klein: Qwen3 layers)."""
+    return k.ops.encode_prompts(k, prompts)
 
 
-def encode_context(k: Kontext, image: Image.Image, auto_resize: bool = True) -> Context:
-    """Resize the input image (bucket or own size, floored to 16), VAE-encode its mean, shift, scale, pack."""
-    width, height = im.context_size(*image.size, auto_resize=auto_resize)
-    im.check_size(width, height)
-    pixels = im.image_to_tensor(image, width, height).to(k.device)
-    mean = k.run("vae_encoder", images=pixels)["latent"].float()
-    latents = (mean - k.config.vae_shift) * k.config.vae_scale
-    h, w = latents.shape[-2:]
-    return Context(pack_latents(latents), latent_ids(h, w, index=1).to(k.device), width, height)
+def encode_context(k: Kontext, images: Image.Image | list[Image.Image], auto_resize: bool = True) -> Context:
+    """The family's encoding of the reference image(s): resized, VAE-encoded, packed, with their ids."""
+    return k.ops.encode_context(k, [images] if isinstance(images, Image.Image) else list(images), auto_resize)
 
 
 def denoise(k: Kontext, x: torch.Tensor, ids: torch.Tensor, prompt: Prompt, sigmas: torch.Tensor,
             guidance: torch.Tensor, context: Context | None = None, negative: Prompt | None = None,
-            true_cfg: float = 1.0, cache: StepCache | None = None,
+            true_cfg: float | torch.Tensor = 1.0, cache: StepCache | None = None,
             stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Euler steps over sigmas in float32: x += (s_next - s) * v, v the transformer's first N tokens; with a step
     cache the split transformer runs and the cache's policy decides which steps reuse the body's residual.
     `stop` (host only, no device sync) is asked before each step: True raises Cancelled.
 
-    guidance is (B,) float32, one value per batch item; context tokens are (1 or B, M, 64)."""
+    guidance is (B,) float32, one value per batch item; context tokens are (1 or B, M, C); true_cfg a scale or a
+    (B, 1, 1) tensor of one per batch item."""
     batch, n = x.shape[:2]
     guidance_t = guidance.to(device=k.device, dtype=torch.float32)
-    txt_ids = text_ids(prompt.text.shape[1]).to(k.device)
+    txt_ids = k.ops.text_ids(k, prompt.text.shape[1]).to(k.device)
     ctx = None if context is None else context.tokens.expand(batch, -1, -1)
 
     def velocity(p: Prompt, hidden: torch.Tensor, t: torch.Tensor, step: int, branch: int) -> torch.Tensor:
-        inputs = dict(hidden_states=hidden, encoder_hidden_states=p.text, pooled_projections=p.pooled, timestep=t,
-                      img_ids=ids, txt_ids=txt_ids, guidance=guidance_t)
+        inputs = k.ops.transformer_inputs(k, p, hidden, t, ids, txt_ids, guidance_t)
         if cache is not None:
             return cache.velocity(k, step, branch, inputs)[:, :n].float()
         return k.run("transformer", **inputs)["latent"][:, :n].float()
@@ -226,7 +188,7 @@ def denoise(k: Kontext, x: torch.Tensor, ids: torch.Tensor, prompt: Prompt, sigm
         hidden = x if ctx is None else torch.cat([x, ctx], dim=1)
         t = s.expand(batch).to(k.device)
         v = velocity(prompt, hidden, t, step, 0)
-        if negative is not None and true_cfg > 1:
+        if negative is not None:
             v_neg = velocity(negative, hidden, t, step, 1)
             v = v_neg + true_cfg * (v - v_neg)
         x = x + (s_next - s) * v
@@ -234,10 +196,8 @@ def denoise(k: Kontext, x: torch.Tensor, ids: torch.Tensor, prompt: Prompt, sigm
 
 
 def decode(k: Kontext, x: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Unpack (B, N, 64) latents, undo scale and shift, VAE-decode to (B, 3, H, W) in [-1, 1]."""
-    latents = unpack_latents(x, 2 * (height // 16), 2 * (width // 16))
-    latents = latents / k.config.vae_scale + k.config.vae_shift
-    return k.run("vae_decoder", latent=latents)["images"].float()
+    """The family's decoding of (B, N, C) latents to (B, 3, H, W) pixels in [-1, 1]."""
+    return k.ops.decode(k, x, width, height)
 
 
 def check_request(req: EditRequest) -> None:
@@ -262,6 +222,12 @@ def check_request(req: EditRequest) -> None:
         checks.check_text("--prompt", prompt)
     if req.negative_prompt is not None:
         checks.check_text("--negative-prompt", req.negative_prompt)
+    if req.references and req.image is None:
+        raise KontextError("references were given without a first image: pass the images as one list", "image",
+                           "missing_argument")
+    if len(req.images) > MAX_REFERENCES:
+        raise KontextError(f"{len(req.images)} reference images were given; at most {MAX_REFERENCES} are taken (by "
+                           "FLUX.2 [klein]; FLUX.1 Kontext takes one): pass fewer --image", "image", "out_of_range")
     if req.image is not None:
         im.check_context_size(*req.image.size, req.auto_resize)
 
@@ -290,11 +256,12 @@ def edit(k: Kontext, req: EditRequest, prompt: Prompt | None = None, context: Co
 
 def batch_key(req: EditRequest) -> tuple:
     """What requests must share to run as one batch: output size, input image size, steps, the true-CFG pass, the
-    step cache (one policy decides for the whole batch) and the server's LoRA set (one transformer weight set)."""
+    step cache (one policy decides for the whole batch) and the server's LoRA set (one transformer weight set); the
+    further references by their own sizes."""
     context = None if req.image is None else im.context_size(*req.image.size, auto_resize=req.auto_resize)
     size = output_size(req, context)
     cfg = req.true_cfg if req.negative_prompt is not None and req.true_cfg > 1 else None
-    return size, context, req.steps, cfg, req.cache, req.lora
+    return size, context, req.steps, cfg, req.cache, req.lora, tuple(img.size for img in req.references)
 
 
 def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None] | None = None,
@@ -304,31 +271,36 @@ def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None]
     leaves the decoded pixels for `with_images` to convert later, on another thread."""
     for req in reqs:
         check_request(req)
-    contexts = [c if c is not None or r.image is None else encode_context(k, r.image, r.auto_resize)
+        k.ops.check(k, req)
+    contexts = [c if c is not None or r.image is None else encode_context(k, r.images, r.auto_resize)
                 for r, c in zip(reqs, contexts or [None] * len(reqs))]
     prompts = [p or encode_prompts(k, r.prompts) for r, p in zip(reqs, prompts or [None] * len(reqs))]
-    keys = {batch_key(r) for r in reqs}
-    if len(keys) != 1:
+    if len({batch_key(r) for r in reqs}) != 1 or len({k.ops.output_size(k, r) for r in reqs}) != 1:
         raise KontextError("requests of one batch must share output size, input image size, steps, true CFG, cache "
                            "and LoRA set")
-    (width, height), _, steps, true_cfg, cache_spec, _ = keys.pop()
+    width, height = k.ops.output_size(k, reqs[0])
+    steps, cache_spec = reqs[0].steps, reqs[0].cache
     sizes = [len(r.prompts) for r in reqs]
     prompt = concat_prompts(prompts)
-    negative = None
-    if true_cfg is not None:
-        negative = concat_prompts([encode_prompts(k, [r.negative_prompt] * len(r.prompts)) for r in reqs])
+    cfgs = [k.ops.cfg(k, r) for r in reqs]
+    negative, true_cfg = None, 1.0
+    if any(cfg is not None for cfg in cfgs):
+        if not all(cfg is not None for cfg in cfgs):
+            raise KontextError("requests of one batch must all run true CFG or none")
+        negative = concat_prompts([encode_prompts(k, [neg] * n) for (neg, _), n in zip(cfgs, sizes)])
+        scales = [scale for (_, scale), n in zip(cfgs, sizes) for _ in range(n)]
+        true_cfg = torch.tensor(scales, dtype=torch.float32, device=k.device).view(-1, 1, 1)
     context = concat_contexts(contexts, sizes)
-    noise = torch.cat([draw_noise(n, k.config.latent_channels, width, height, r.seed) for r, n in zip(reqs, sizes)])
-    x = pack_latents(noise).to(k.device)
-    ids = latent_ids(noise.shape[2], noise.shape[3], index=0).to(k.device)
+    x = torch.cat([k.ops.noise(k, n, width, height, r.seed) for r, n in zip(reqs, sizes)]).to(k.device)
+    ids = k.ops.target_ids(k, width, height).to(k.device)
     if context is not None:
         ids = torch.cat([ids, context.ids], dim=0)
-    sigmas = flow_schedule(steps, x.shape[1], k.config.shift).to(k.device)
-    guidance = torch.tensor([r.guidance if k.config.guidance_embeds else 0.0 for r, n in zip(reqs, sizes)
-                             for _ in range(n)], dtype=torch.float32)
+    sigmas = k.ops.schedule(k, steps, x.shape[1]).to(k.device)
+    guidance = torch.tensor([k.ops.guidance(k, r) for r, n in zip(reqs, sizes) for _ in range(n)],
+                            dtype=torch.float32)
     cache = step_cache(k, cache_spec, steps)
     stop = stopper(reqs)
-    x = denoise(k, x, ids, prompt, sigmas, guidance, context, negative, true_cfg or 1.0, cache, stop)
+    x = denoise(k, x, ids, prompt, sigmas, guidance, context, negative, true_cfg, cache, stop)
     if stop is not None and stop():
         raise Cancelled(f"the edit was cancelled after its {steps} steps, before decoding")
     pixels = decode(k, x, width, height)
@@ -342,25 +314,13 @@ def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None]
     return [replace(result, images=images[s:s + n], pixels=None) for result, s, n in zip(results, starts, sizes)]
 
 
-def concat_prompts(prompts: list[Prompt]) -> Prompt:
-    """Several encoded prompt lists as one batch."""
-    return Prompt(text=torch.cat([p.text for p in prompts]), pooled=torch.cat([p.pooled for p in prompts]))
-
-
-def concat_contexts(contexts: list[Context | None], sizes: list[int]) -> Context | None:
-    """Input images of one size as one batch: each request's tokens repeated for each of its prompts."""
-    if contexts[0] is None:
-        return None
-    tokens = torch.cat([c.tokens.expand(n, -1, -1) for c, n in zip(contexts, sizes)])
-    return Context(tokens, contexts[0].ids, contexts[0].width, contexts[0].height)
-
-
 def metadata(k: Kontext, req: EditRequest, width: int, height: int, cache: dict | None = None) -> dict:
     """What produced an image: prompt, seed, steps, guidance, size, T5 text length, step cache, backend and
     checkpoint."""
     return {"prompts": req.prompts, "negative_prompt": req.negative_prompt, "true_cfg": req.true_cfg, "seed": req.seed,
             "steps": req.steps, "guidance": req.guidance, "width": width, "height": height,
-            "auto_resize": req.auto_resize, "edited": req.image is not None, "text_length": k.config.text_length,
+            "auto_resize": req.auto_resize, "edited": req.image is not None,
+            **({"references": len(req.images)} if len(req.images) > 1 else {}),
             "cache": cache or uncached_report(req.steps), **k.info.to_dict()}
 
 

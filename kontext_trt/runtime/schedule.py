@@ -18,12 +18,18 @@ class ShiftConfig:
     max_seq_len: int = SCHEDULER_CONFIG["max_image_seq_len"]
     base_shift: float = SCHEDULER_CONFIG["base_shift"]
     max_shift: float = SCHEDULER_CONFIG["max_shift"]
+    # FLUX.2 [klein]'s schedule reads these too (FLUX.1 Kontext's always shifts by its mu line, as BFL's does)
+    dynamic: bool = SCHEDULER_CONFIG["use_dynamic_shifting"]  # shift by mu; False: by the static `static_shift`
+    static_shift: float = SCHEDULER_CONFIG["shift"]
+    time_shift_type: str = SCHEDULER_CONFIG["time_shift_type"]  # exponential or linear
 
     @classmethod
     def from_scheduler_config(cls, config: dict) -> "ShiftConfig":
         """The shift line of a scheduler_config.json, the snapshot's values for fields it lacks."""
         return cls(config.get("base_image_seq_len", cls.base_seq_len), config.get("max_image_seq_len", cls.max_seq_len),
-                   config.get("base_shift", cls.base_shift), config.get("max_shift", cls.max_shift))
+                   config.get("base_shift", cls.base_shift), config.get("max_shift", cls.max_shift),
+                   bool(config.get("use_dynamic_shifting", cls.dynamic)), config.get("shift", cls.static_shift),
+                   config.get("time_shift_type", cls.time_shift_type))
 
 
 def shift_mu(n_tokens: int, cfg: ShiftConfig = ShiftConfig()) -> float:
@@ -38,3 +44,27 @@ def flow_schedule(steps: int, n_tokens: int, cfg: ShiftConfig = ShiftConfig()) -
     e_mu = torch.tensor(math.exp(shift_mu(n_tokens, cfg)), dtype=torch.float32)
     shifted = e_mu / (e_mu + (torch.ones(()) / sigmas - 1.0))
     return torch.cat([shifted, torch.zeros(1)])
+
+
+def empirical_mu(n_tokens: int, steps: int) -> float:
+    """FLUX.2's mu: fitted on the number of target tokens and steps (diffusers' compute_empirical_mu, same numbers)."""
+    a1, b1, a2, b2 = 8.73809524e-05, 1.89833333, 0.00016927, 0.45666666
+    if n_tokens > 4300:
+        return float(a2 * n_tokens + b2)
+    m_200, m_10 = a2 * n_tokens + b2, a1 * n_tokens + b1
+    a = (m_200 - m_10) / 190.0
+    return float(a * steps + (m_200 - 200.0 * a))
+
+
+def klein_schedule(steps: int, n_tokens: int, cfg: ShiftConfig = ShiftConfig()) -> torch.Tensor:
+    """(steps + 1,) float32 sigmas of FLUX.2 [klein]: linspace(1, 1/steps) in float32, shifted with the empirical mu
+    (exponential: e^mu / (e^mu + 1/s - 1); linear: mu / (mu + 1/s - 1)), or by the static shift when the scheduler
+    does not shift dynamically; then a final 0. The arithmetic is the scheduler's, in numpy float32."""
+    sigmas = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
+    if cfg.dynamic:
+        mu = empirical_mu(n_tokens, steps)
+        scale = math.exp(mu) if cfg.time_shift_type == "exponential" else mu
+        sigmas = scale / (scale + (1 / sigmas - 1) ** 1.0)
+    else:
+        sigmas = cfg.static_shift * sigmas / (1 + (cfg.static_shift - 1) * sigmas)
+    return torch.cat([torch.from_numpy(np.asarray(sigmas)).to(torch.float32), torch.zeros(1)])

@@ -42,14 +42,15 @@ class EditSession:
         """Encoded prompts, from the cache when this exact list was seen before."""
         return self.prompts.get_or_make(tuple(prompts), lambda: encode_prompts(self.k, prompts))
 
-    def context(self, image: Image.Image, auto_resize: bool) -> Context:
-        """Encoded input image, from the cache when these pixels were seen before."""
-        return self.contexts.get_or_make(image_key(image, auto_resize),
-                                         lambda: encode_context(self.k, image, auto_resize))
+    def context(self, images: Image.Image | list[Image.Image], auto_resize: bool) -> Context:
+        """Encoded input image(s), from the cache when these pixels (in this order) were seen before."""
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        return self.contexts.get_or_make("/".join(image_key(image, auto_resize) for image in images),
+                                         lambda: encode_context(self.k, images, auto_resize))
 
     def run(self, req: EditRequest) -> EditResult:
         """Run a request through the caches."""
-        context = None if req.image is None else self.context(req.image, req.auto_resize)
+        context = None if req.image is None else self.context(req.images, req.auto_resize)
         return self.run_edit(self.k, req, self.prompt(req.prompts), context)
 
     def edit(self, prompt: str | list[str], **overrides) -> EditResult:

@@ -9,7 +9,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from kontext_trt.core.stages import STAGE_IO
+from kontext_trt.core.stages import STAGE_IO, STAGE_NAMES
 
 FP32_INPUTS = frozenset({"timestep", "guidance", "img_ids", "txt_ids"})
 
@@ -79,10 +79,10 @@ class TorchStage:
     """Adapter: named tensors in, named tensors out, over one of the modules above."""
 
     def __init__(self, name: str, module: nn.Module, device: torch.device | str, dtype: torch.dtype,
-                 weights_of: str | None = None) -> None:
+                 weights_of: str | None = None, io: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> None:
         self.name, self.module, self.device, self.dtype = name, module.eval(), torch.device(device), dtype
         self.weights_of = weights_of  # stages.SharesWeights: the stage whose modules this one runs
-        self.input_names, self.output_names = STAGE_IO[name]
+        self.input_names, self.output_names = io or STAGE_IO[name]  # io: another family's names (core.family)
         self.base: dict[str, torch.Tensor] = {}  # host copies of the weights set_weights replaced, as loaded
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -135,10 +135,17 @@ def stage_modules(ckpt, dtype: torch.dtype) -> dict[str, nn.Module]:
 
 
 def torch_stages(ckpt, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> dict:
-    """All five stages of a checkpoint as TorchStage adapters on device, plus the transformer's three parts for step
-    caching over the same modules (runtime/transformer_parts.py: no weight is copied)."""
+    """All stages of a checkpoint as TorchStage adapters on device, plus (FLUX.1 Kontext) the transformer's three
+    parts for step caching over the same modules (runtime/transformer_parts.py: no weight is copied)."""
+    from kontext_trt.core.family import family_named
+    from kontext_trt.runtime.klein_stages import klein_stage_modules
     from kontext_trt.runtime.transformer_parts import transformer_parts
 
+    family = family_named(ckpt.family)
+    if family.stage_names != STAGE_NAMES:  # another family's stages: its own I/O names, no step-cache parts (yet)
+        loaders = {"flux2-klein": klein_stage_modules}
+        modules = {name: module.to(device) for name, module in loaders[family.name](ckpt, dtype).items()}
+        return {name: TorchStage(name, module, device, dtype, io=family.io(name)) for name, module in modules.items()}
     modules = {name: module.to(device) for name, module in stage_modules(ckpt, dtype).items()}
     parts = transformer_parts(modules["transformer"].model)
     stages = {name: TorchStage(name, module, device, dtype) for name, module in modules.items()}

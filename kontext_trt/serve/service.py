@@ -183,7 +183,7 @@ class EditService:
         """flow.edit_batch through the session's caches (prompt encodings and input latents): model work only, its
         pixels left for `finish` to make images of."""
         prompts = [self.session.prompt(req.prompts) for req in reqs]
-        contexts = [None if req.image is None else self.session.context(req.image, req.auto_resize) for req in reqs]
+        contexts = [None if req.image is None else self.session.context(req.images, req.auto_resize) for req in reqs]
         return flow.edit_batch(self.k, reqs, prompts, contexts, to_images=False)
 
 

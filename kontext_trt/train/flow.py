@@ -31,6 +31,8 @@ class FlowRecipe:
     batch: int = 32
     lr: float = 6e-4
     guidance: tuple[float, float] = (1.0, 5.0)  # guidance values drawn uniformly: the model learns to ignore it
+    warmup: int = 200
+    train_text: bool = False  # also train the text encoders (their outputs for the 57 prompts, every step)
 
 
 @dataclass
@@ -79,21 +81,23 @@ def shifted_sigmas(u: torch.Tensor, n_tokens: int, shift: ShiftConfig) -> torch.
     return e_mu / (e_mu + 1.0 / u - 1.0)
 
 
-def train_transformer(model: nn.Module, data: EncodedEdits, text: torch.Tensor, pooled: torch.Tensor,
-                      recipe: FlowRecipe, shift: ShiftConfig, seed: int, losses: list[float],
-                      log: Callable[[str], None]) -> None:
-    """Train `model` (TransformerModule, fp32) in place. text (P, L, Dt) and pooled (P, Dc) are the frozen encoders'
-    outputs for the prompt table; a batch holds only edits with a context image or only text-to-image ones."""
+def train_transformer(model: nn.Module, data: EncodedEdits, prompt_table: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                      text_params: list[nn.Parameter], recipe: FlowRecipe, shift: ShiftConfig, seed: int,
+                      losses: list[float], log: Callable[[str], None]) -> None:
+    """Train `model` (TransformerModule, fp32) in place. prompt_table() gives the text encoders' outputs for the
+    prompt table, T5 states (P, L, Dt) and CLIP pooled (P, Dc); with recipe.train_text, text_params (the encoders')
+    train too. A batch holds only edits with a context image or only text-to-image ones."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     n = data.target.shape[1]
     side = int(math.isqrt(n)) * 2  # latent side: packed tokens are 2x2 patches
     ids_target, ids_context = latent_ids(side, side, 0), latent_ids(side, side, 1)
-    txt_ids = text_ids(text.shape[1])
+    with torch.no_grad():
+        txt_ids = text_ids(prompt_table()[0].shape[1])
     with_ctx, without = torch.nonzero(data.has_context).squeeze(1), torch.nonzero(~data.has_context).squeeze(1)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    warmup = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+    params = [*model.parameters(), *(text_params if recipe.train_text else [])]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup) * (
         0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / recipe.steps)))))
     model.train()
     for step in bar(range(recipe.steps), "training the transformer", unit="step"):
@@ -108,12 +112,14 @@ def train_transformer(model: nn.Module, data: EncodedEdits, text: torch.Tensor, 
         ids = torch.cat([ids_target, ids_context]) if context else ids_target
         lo, hi = recipe.guidance
         guidance = lo + (hi - lo) * torch.rand(recipe.batch, generator=gen)
+        with torch.set_grad_enabled(recipe.train_text):
+            text, pooled = prompt_table()
         out = model(hidden_states=hidden, encoder_hidden_states=text[data.prompt[pick]],
                     pooled_projections=pooled[data.prompt[pick]], timestep=s, img_ids=ids, txt_ids=txt_ids,
                     guidance=guidance)[0][:, :n]
         loss = (out - (noise - x0)).pow(2).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()

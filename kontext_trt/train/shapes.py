@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kontext_trt.core import checkpoint as ck
@@ -31,7 +32,6 @@ TEXT_LENGTH = 32  # T5 tokens: the task's prompts are at most a dozen
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 
 
-@torch.no_grad()
 def encode_prompt_table(clip, t5, clip_tokenizer, t5_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """(T5 states (P, L, Dt), CLIP pooled (P, Dc)) in float32 for every task prompt, as runtime's encode_prompts."""
     prompts = all_prompts()
@@ -41,8 +41,9 @@ def encode_prompt_table(clip, t5, clip_tokenizer, t5_tokenizer) -> tuple[torch.T
 
 
 def train_shapes(out: Path, seed: int = 0, vae_recipe: VaeRecipe = VaeRecipe(),
-                 flow_recipe: FlowRecipe = FlowRecipe()) -> Path:
-    """Train the shapes model and write it to `out` (see the module docstring); returns out."""
+                 flow_recipe: FlowRecipe = FlowRecipe(), resume: Path | None = None) -> Path:
+    """Train the shapes model and write it to `out` (see the module docstring); returns out. `resume`: a folder an
+    earlier run wrote: start from its weights and VAE normalisation, skip the VAE, train the transformer further."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
@@ -67,8 +68,12 @@ def train_shapes(out: Path, seed: int = 0, vae_recipe: VaeRecipe = VaeRecipe(),
     note_line(f"init: seed {seed}, torch {torch.__version__}, {torch.get_num_threads()} threads; transformer "
               f"{millions[0]:.2f}M, vae {millions[1]:.2f}M parameters")
     vae_losses: list[float] = []
-    train_vae(vae, vae_recipe, seed, vae_losses, note_line)
-    shift, scale, vae_psnr = latent_stats(vae, seed + 1)
+    if resume is None:
+        train_vae(vae, vae_recipe, seed, vae_losses, note_line)
+        shift, scale, vae_psnr = latent_stats(vae, seed + 1)
+    else:
+        shift, scale, vae_psnr = load_run(Path(resume), model, vae, clip, t5)
+        note_line(f"resumed from {resume}: its weights, the VAE untouched")
     note_line(f"vae: shift_factor {shift:.4f}, scaling_factor {scale:.4f}, reconstruction PSNR {vae_psnr:.2f} dB")
 
     def encode(x: torch.Tensor) -> torch.Tensor:
@@ -76,10 +81,13 @@ def train_shapes(out: Path, seed: int = 0, vae_recipe: VaeRecipe = VaeRecipe(),
 
     edits = training_edits(flow_recipe.edits, seed + 2)
     data = encode_edits(edits, all_prompts(), encode)
-    text, pooled = encode_prompt_table(clip, t5, clip_tok, t5_tok)
-    note_line(f"encoded {len(edits)} training edits and {len(all_prompts())} prompts")
+    note_line(f"encoded {len(edits)} training edits")
+    clip.requires_grad_(flow_recipe.train_text)
+    t5.requires_grad_(flow_recipe.train_text)
     flow_losses: list[float] = []
-    train_transformer(model, data, text, pooled, flow_recipe, ShiftConfig(), seed + 3, flow_losses, note_line)
+    train_transformer(model, data, lambda: encode_prompt_table(clip, t5, clip_tok, t5_tok),
+                      [*clip.parameters(), *t5.parameters()], flow_recipe, ShiftConfig(), seed + 3, flow_losses,
+                      note_line)
     tensors = {f"transformer/{k}": v for k, v in model.model.state_dict().items()}
     tensors |= {f"vae/{k}": v for k, v in vae.state_dict().items()}
     tensors |= {f"text_encoder/{k}": v for k, v in _clip_state(clip).items()}
@@ -90,10 +98,13 @@ def train_shapes(out: Path, seed: int = 0, vae_recipe: VaeRecipe = VaeRecipe(),
               metadata={"format": "pt"})
     sizes = {**PRESETS["shapes"], "vae": {**PRESETS["shapes"]["vae"], "shift_factor": round(shift, 6),
                                           "scaling_factor": round(scale, 6)}}
-    info = {"sizes": sizes, "text_length": TEXT_LENGTH, "seed": seed, "prompt_ids_sha256":
-            prompt_ids_digest(clip_tok, t5_tok, TEXT_LENGTH), "vae_recipe": asdict(vae_recipe), "flow_recipe": asdict(flow_recipe),
+    info = {"sizes": sizes, "text_length": TEXT_LENGTH, "seed": seed,
+            "prompt_ids_sha256": prompt_ids_digest(clip_tok, t5_tok, TEXT_LENGTH),
+            "resumed_from": None if resume is None else str(resume),
+            "vae_recipe": None if resume is not None else asdict(vae_recipe), "flow_recipe": asdict(flow_recipe),
             "vae_psnr_db": round(vae_psnr, 2), "train_seconds": round(time.monotonic() - start, 1),
-            "final_losses": {"vae_mse": sum(vae_losses[-100:]) / 100, "flow": sum(flow_losses[-100:]) / 100}}
+            "final_losses": {"vae_mse": float(np.mean(vae_losses[-100:])) if vae_losses else None,
+                             "flow": float(np.mean(flow_losses[-100:]))}}
     (out / "shapes.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     _plot(out / "loss.png", vae_losses, flow_losses)
     note_line(f"wrote {out / 'shapes.safetensors'} ({(out / 'shapes.safetensors').stat().st_size / 2**20:.2f} MiB)")
@@ -101,6 +112,25 @@ def train_shapes(out: Path, seed: int = 0, vae_recipe: VaeRecipe = VaeRecipe(),
 
     shutil.rmtree(init, ignore_errors=True)
     return out
+
+
+def load_run(folder: Path, model, vae, clip, t5) -> tuple[float, float, float]:
+    """Load an earlier run's weights into the four models; its (shift, scale, VAE PSNR)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "shapes.safetensors")
+    info = json.loads((folder / "shapes.json").read_text(encoding="utf-8"))
+    for prefix, module in (("transformer/", model.model), ("vae/", vae), ("text_encoder/", clip), ("text_encoder_2/", t5)):
+        part = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+        if module is clip and not any(k.startswith("text_model.") for k in clip.state_dict()):
+            part = {k.removeprefix("text_model."): v for k, v in part.items()}  # the file keeps the old prefix
+        missing, unexpected = module.load_state_dict(part, strict=False)
+        if unexpected or [m for m in missing if m != "encoder.embed_tokens.weight"]:
+            raise ValueError(f"{folder}: {prefix} does not match the shapes sizes ({missing[:3]}, {unexpected[:3]})")
+    if hasattr(t5, "tie_weights"):
+        t5.tie_weights()
+    vae_config = info["sizes"]["vae"]
+    return vae_config["shift_factor"], vae_config["scaling_factor"], info["vae_psnr_db"]
 
 
 def _clip_state(clip) -> dict[str, torch.Tensor]:

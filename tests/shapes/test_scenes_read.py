@@ -6,8 +6,19 @@ import pytest
 from PIL import Image
 
 from kontext_trt.shapes.read import read_shapes, score
-from kontext_trt.shapes.scenes import (BACKGROUND, COLOURS, EDITS, KINDS, MAX_SPAN, MIN_SPAN, SIZE, all_prompts, fits,
-                                       make_edit, render)
+from kontext_trt.shapes.scenes import (
+    BACKGROUND,
+    COLOURS,
+    EDITS,
+    KINDS,
+    MAX_SPAN,
+    MIN_SPAN,
+    SIZE,
+    all_prompts,
+    fits,
+    make_edit,
+    render,
+)
 
 
 def edits(n: int, seed: int = 1):

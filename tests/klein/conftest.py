@@ -1,0 +1,21 @@
+"""Tiny FLUX.2 [klein] checkpoints (distilled and base), made once per run (tests/klein/tiny_klein.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_klein import write_tiny_klein  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def klein_distilled(once, tmp_path_factory) -> Path:
+    return once("klein_distilled", lambda: write_tiny_klein(tmp_path_factory.mktemp("klein") / "distilled", True, 1))
+
+
+@pytest.fixture(scope="session")
+def klein_base(once, tmp_path_factory) -> Path:
+    return once("klein_base", lambda: write_tiny_klein(tmp_path_factory.mktemp("klein") / "base", False, 2))
