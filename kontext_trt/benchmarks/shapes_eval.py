@@ -77,12 +77,14 @@ def evaluate(k: Kontext, n: int = 200, seed: int = 0, steps: int = 28, guidance:
         groups[edit.source is not None].append(i)
     order = [chunk for ids in groups.values() for chunk in (ids[j:j + batch] for j in range(0, len(ids), batch))]
     outputs: dict[int, Image.Image] = {}
+    skipped: dict[int, int] = {}  # steps the step cache skipped (per batch: the cache decides for the whole batch)
     for chunk in bar(order, "evaluating", unit="batch"):
         reqs = [request(edits[i], i, seed, steps, guidance, cache) for i in chunk]
         for i, result in zip(chunk, edit_batch(k, reqs)):
-            outputs[i] = result.images[0]
+            outputs[i], skipped[i] = result.images[0], result.metadata["cache"]["steps_skipped"]
     seconds = time.perf_counter() - start
-    records = [{"prompt": edits[i].prompt, **score(edits[i], outputs[i])} for i in range(n)]
+    records = [{"prompt": edits[i].prompt, **score(edits[i], outputs[i]), "steps_skipped": skipped[i]}
+               for i in range(n)]
     accuracy = {kind: _mean([r["correct"] for r in records if r["kind"] == kind]) for kind in EDITS}
     psnrs = [r["psnr"] for r in records if r["psnr"] is not None]
     result = {
@@ -91,6 +93,7 @@ def evaluate(k: Kontext, n: int = 200, seed: int = 0, steps: int = 28, guidance:
         "untouched_psnr_db": {"mean": round(statistics.fmean(psnrs), 2) if psnrs else None,
                               "min": round(min(psnrs), 2) if psnrs else None},
         "seconds_per_edit": round(seconds / max(n, 1), 4),
+        "steps_skipped_mean": round(statistics.fmean(skipped.values()), 2),
     }
     if ref_images is not None:
         result["vs_reference"] = compare(records, outputs, ref_images, Path(reference))

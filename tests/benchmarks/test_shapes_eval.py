@@ -44,7 +44,8 @@ def test_eval_json_holds_accuracy_per_kind_psnr_time_and_every_record(first_run)
     assert [r["prompt"] for r in result["records"]] == [e.prompt for e in held_out_edits(4)]
     assert [r["kind"] for r in result["records"]] == list(EDITS)
     assert [r["psnr"] is None for r in result["records"]] == [False, False, False, True]  # generate has no input
-    assert set(result["records"][0]) == {"prompt", "kind", "correct", "psnr", "found"}
+    assert set(result["records"][0]) == {"prompt", "kind", "correct", "psnr", "found", "steps_skipped"}
+    assert result["steps_skipped_mean"] == 0 and all(r["steps_skipped"] == 0 for r in result["records"])
     assert "vs_reference" not in result
     assert result["pipeline"]["backend"] == "torch" and result["pipeline"]["precision"] == "fp32"
     assert set(result["bars_met"]) == {"recolour", "remove", "add", "psnr_db"}
