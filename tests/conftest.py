@@ -150,6 +150,15 @@ def tiny_bfl_ckpt(once, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shapes_ckpt(once, tmp_path_factory) -> Path:
+    """The trained shapes model that ships with the package, in the diffusers layout (T5 at 32 tokens)."""
+    from kontext_trt.synth import write_synthetic_checkpoint
+
+    return once("shapes_ckpt",
+                lambda: write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "shapes", preset="shapes"))
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt_t32(once, tmp_path_factory) -> Path:
     """The tiny preset, seed 0, diffusers layout, whose T5 reads 32 tokens (tokenizer_2's model_max_length 32)."""
     from kontext_trt.synth import write_synthetic_checkpoint

@@ -319,7 +319,7 @@ def metadata(k: Kontext, req: EditRequest, width: int, height: int, cache: dict 
     checkpoint."""
     return {"prompts": req.prompts, "negative_prompt": req.negative_prompt, "true_cfg": req.true_cfg, "seed": req.seed,
             "steps": req.steps, "guidance": req.guidance, "width": width, "height": height,
-            "auto_resize": req.auto_resize, "edited": req.image is not None,
+            "auto_resize": req.auto_resize, "edited": req.image is not None, "text_length": k.config.text_length,
             **({"references": len(req.images)} if len(req.images) > 1 else {}),
             "cache": cache or uncached_report(req.steps), **k.info.to_dict()}
 

@@ -11,7 +11,7 @@ def side_by_side(source: Image.Image | None, output: Image.Image, prompt: str, v
     """[input | output] with the instruction above and an optional verdict line below (text-to-image: no input)."""
     tiles = [im.resize((im.width * SCALE, im.height * SCALE), Image.NEAREST) for im in (source, output) if im]
     width = sum(t.width for t in tiles) + 8 * (len(tiles) + 1)
-    height = max(t.height for t in tiles) + 2 * CAPTION + 16
+    height = max(t.height for t in tiles) + 3 * CAPTION + 8
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
@@ -22,5 +22,5 @@ def side_by_side(source: Image.Image | None, output: Image.Image, prompt: str, v
         draw.text((x, CAPTION + tile.height + 12), label, fill=(90, 90, 90), font=font)
         x += tile.width + 8
     if verdict:
-        draw.text((x - tiles[-1].width - 8 + 60, CAPTION + tiles[-1].height + 12), verdict, fill=(0, 120, 0), font=font)
+        draw.text((8, 2 * CAPTION + tiles[-1].height + 4), verdict, fill=(0, 0, 0), font=font)
     return sheet
