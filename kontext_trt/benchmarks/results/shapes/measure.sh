@@ -4,7 +4,7 @@
 # seeds. Usage: measure.sh WORK_DIR [N]  (WORK_DIR: scratch space for the checkpoint, exports, calibrations, images)
 set -euo pipefail
 WORK=${1:?usage: measure.sh WORK_DIR [N]}
-N=${2:-200}
+N=${2:-200}  # the README tables: N=100
 OUT=$(cd "$(dirname "$0")" && pwd)
 K="kontext-trt"
 M=$WORK/shapes
