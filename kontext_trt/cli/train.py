@@ -32,6 +32,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=2.5)
     p.add_argument("--batch", type=int, default=8, help="edits per loop batch")
     add_cache_argument(p, "step cache")
+    p.add_argument("--quantized", type=Path, metavar="DIR", help="a `kontext-trt quantize` folder of --model: run its "
+                   "FP8 or NVFP4 transformer as the bit-exact torch emulation (any device; torch backend, --dtype)")
+    p.add_argument("--images", type=Path, metavar="DIR", help="write the outputs here (0000.png, ... and run.json), "
+                   "to serve as another run's --reference")
+    p.add_argument("--reference", type=Path, metavar="DIR", help="compare each output with the one an earlier run "
+                   "wrote with --images DIR (same --seed, --steps, --guidance): PSNR and SSIM")
+    p.add_argument("--write-calib", type=Path, metavar="DIR", help="write --n training-range shapes edits as "
+                   "IMAGE.png + IMAGE.txt pairs (a `kontext-trt quantize --calib` set) and stop")
     p.add_argument("--json", type=Path, help="write the full result (per-edit records included) here")
     p.set_defaults(func=run_eval)
 
@@ -61,9 +69,10 @@ def run_train_shapes(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """kontext-trt eval: load the model as `edit` does, score held-out edits, print the table (and write JSON)."""
+    """kontext-trt eval: load the model as `edit` does (its transformer emulated as --quantized says), score held-out
+    edits, print the table (and write JSON)."""
     from kontext_trt.assemble import build_pipeline
-    from kontext_trt.benchmarks.shapes_eval import evaluate, meets_bars, table
+    from kontext_trt.benchmarks.shapes_eval import evaluate, meets_bars, table, write_calibration
     from kontext_trt.cli.edit import load_spec
     from kontext_trt.core import checks
     from kontext_trt.core.files import write_json
@@ -72,19 +81,35 @@ def run_eval(args: argparse.Namespace) -> int:
         if value < low:
             raise KontextError(f"--{name} {value}: use {low} or more", name, "out_of_range")
     checks.check_seed(args.seed)
-    if args.json is not None:
+    if args.write_calib is not None:
+        checks.check_output_folder(args.write_calib, "--write-calib")
+        print(write_calibration(args.write_calib, args.n, args.seed))
+        return 0
+    if args.json is not None:  # a JSON file: check_output_file is for images
         if args.json.is_dir():
             raise KontextError(f"--json {args.json} is a folder: give a file name, e.g. {args.json / 'eval.json'}",
                                "json", "invalid_value")
         checks.check_output_folder(args.json.parent, "--json")
+    if args.images is not None:
+        checks.check_output_folder(args.images, "--images")
+    if args.quantized is not None and (args.backend != "torch" or args.engines is not None):
+        from kontext_trt.quant.emulate import refusal
+
+        raise KontextError(refusal("TensorRT" if args.engines is not None else args.backend), "quantized")
     k = build_pipeline(load_spec(args))
-    result = evaluate(k, args.n, args.seed, args.steps, args.guidance, args.cache, args.batch)
+    if args.quantized is not None:
+        from kontext_trt.quant.emulate import with_emulated
+
+        k = with_emulated(k, args.quantized)
+    result = evaluate(k, args.n, args.seed, args.steps, args.guidance, args.cache, args.batch, args.images,
+                      args.reference)
     result["pipeline"] = k.info.to_dict()
     result["bars_met"] = meets_bars(result)
     print(table(result))
     print("bars (recolour >= 90%, remove and add >= 80%, untouched PSNR >= 28 dB): " +
           ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in result["bars_met"].items()))
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, result, indent=2)
         print(args.json)
     return 0
