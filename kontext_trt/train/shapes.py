@@ -70,7 +70,7 @@ def train_shapes(out: Path, seed: int = 0, vae_recipe: VaeRecipe = VaeRecipe(),
     vae_losses: list[float] = []
     if resume is None:
         train_vae(vae, vae_recipe, seed, vae_losses, note_line)
-        shift, scale, vae_psnr = latent_stats(vae, seed + 1)
+        shift, scale, vae_psnr = latent_stats(vae, seed + 1, vae_recipe.stats_scenes)
     else:
         shift, scale, vae_psnr = load_run(Path(resume), model, vae, clip, t5)
         note_line(f"resumed from {resume}: its weights, the VAE untouched")

@@ -26,6 +26,7 @@ class VaeRecipe:
     lr: float = 1e-3
     kl_weight: float = 1e-6
     latent_noise: float = 0.05  # decoder input noise, relative to the latent's standard deviation
+    stats_scenes: int = 256  # scenes the latent shift/scale and the reconstruction PSNR are measured on
 
 
 def scene_batch(rng: random.Random, count: int) -> torch.Tensor:
