@@ -23,18 +23,21 @@ class TrainedPreset:
     text_length: int
     prompt_ids_sha256: str
     weights: dict[str, dict[str, torch.Tensor]]
+    vae_psnr_db: float | None = None  # the VAE's reconstruction PSNR when it was trained
 
 
-def trained_files(name: str) -> tuple[Path, Path]:
-    """(<name>.json, <name>.safetensors) under data/<name>/."""
-    return DATA / name / f"{name}.json", DATA / name / f"{name}.safetensors"
+def trained_files(name: str, folder: Path | None = None) -> tuple[Path, Path]:
+    """(<name>.json, <name>.safetensors) under `folder` (default: the shipped data/<name>/)."""
+    folder = DATA / name if folder is None else Path(folder)
+    return folder / f"{name}.json", folder / f"{name}.safetensors"
 
 
-def load_trained(name: str) -> TrainedPreset:
-    """Read a shipped trained preset, or fail with one line saying how to make it."""
+def load_trained(name: str, folder: Path | None = None) -> TrainedPreset:
+    """Read a trained preset, the shipped one or a training run's --out `folder`, or fail with one line saying how
+    to make it."""
     from safetensors.torch import load_file
 
-    info_path, weights_path = trained_files(name)
+    info_path, weights_path = trained_files(name, folder)
     if not info_path.is_file() or not weights_path.is_file():
         raise KontextError(f"the {name} preset's trained weights are missing ({weights_path}): reinstall the package "
                            f"or retrain them with `kontext-trt train {name} --out DIR` and copy DIR's files there")
@@ -43,7 +46,8 @@ def load_trained(name: str) -> TrainedPreset:
     for key, tensor in load_file(weights_path).items():
         component, _, tensor_name = key.partition("/")
         weights.setdefault(component, {})[tensor_name] = tensor
-    return TrainedPreset(info["sizes"], info["text_length"], info["prompt_ids_sha256"], weights)
+    return TrainedPreset(info["sizes"], info["text_length"], info["prompt_ids_sha256"], weights,
+                         info.get("vae_psnr_db"))
 
 
 def prompt_ids_digest(clip_tokenizer, t5_tokenizer, text_length: int) -> str:

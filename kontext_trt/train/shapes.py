@@ -7,23 +7,24 @@ normalisation, text length, recipes, figures), train.log and loss.png.
 """
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from kontext_trt.core import checkpoint as ck
-from kontext_trt.core.files import temp_dir
+from kontext_trt.core.files import temp_dir, write_atomic, write_json
 from kontext_trt.core.text import CLIP_LEN, tokenize
 from kontext_trt.runtime.schedule import ShiftConfig
 from kontext_trt.runtime.torch_stages import TransformerModule
 from kontext_trt.shapes.scenes import all_prompts
 from kontext_trt.synth.checkpoint import PRESETS, write_synthetic_checkpoint
-from kontext_trt.synth.trained import prompt_ids_digest
+from kontext_trt.synth.trained import load_trained, prompt_ids_digest
 from kontext_trt.train.flow import FlowRecipe, encode_edits, train_transformer, training_edits
 from kontext_trt.train.vae import VaeRecipe, latent_stats, train_vae
 
@@ -92,10 +93,8 @@ def train_shapes(out: Path, seed: int = 0, vae_recipe: VaeRecipe = VaeRecipe(),
     tensors |= {f"vae/{k}": v for k, v in vae.state_dict().items()}
     tensors |= {f"text_encoder/{k}": v for k, v in _clip_state(clip).items()}
     tensors |= {f"text_encoder_2/{k}": v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}, out / "shapes.safetensors",
-              metadata={"format": "pt"})
+    half = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
+    write_atomic(out / "shapes.safetensors", lambda tmp: save_file(half, tmp, metadata={"format": "pt"}))
     sizes = {**PRESETS["shapes"], "vae": {**PRESETS["shapes"]["vae"], "shift_factor": round(shift, 6),
                                           "scaling_factor": round(scale, 6)}}
     info = {"sizes": sizes, "text_length": TEXT_LENGTH, "seed": seed,
@@ -105,32 +104,27 @@ def train_shapes(out: Path, seed: int = 0, vae_recipe: VaeRecipe = VaeRecipe(),
             "vae_psnr_db": round(vae_psnr, 2), "train_seconds": round(time.monotonic() - start, 1),
             "final_losses": {"vae_mse": float(np.mean(vae_losses[-100:])) if vae_losses else None,
                              "flow": float(np.mean(flow_losses[-100:]))}}
-    (out / "shapes.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "shapes.json", info, indent=2)
     _plot(out / "loss.png", vae_losses, flow_losses)
     note_line(f"wrote {out / 'shapes.safetensors'} ({(out / 'shapes.safetensors').stat().st_size / 2**20:.2f} MiB)")
-    import shutil
-
     shutil.rmtree(init, ignore_errors=True)
     return out
 
 
 def load_run(folder: Path, model, vae, clip, t5) -> tuple[float, float, float]:
     """Load an earlier run's weights into the four models; its (shift, scale, VAE PSNR)."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(folder / "shapes.safetensors")
-    info = json.loads((folder / "shapes.json").read_text(encoding="utf-8"))
-    for prefix, module in (("transformer/", model.model), ("vae/", vae), ("text_encoder/", clip), ("text_encoder_2/", t5)):
-        part = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+    run = load_trained("shapes", folder)
+    for component, module in (("transformer", model.model), ("vae", vae), ("text_encoder", clip),
+                              ("text_encoder_2", t5)):
+        part = {k: v.float() for k, v in run.weights[component].items()}
         if module is clip and not any(k.startswith("text_model.") for k in clip.state_dict()):
             part = {k.removeprefix("text_model."): v for k, v in part.items()}  # the file keeps the old prefix
         missing, unexpected = module.load_state_dict(part, strict=False)
         if unexpected or [m for m in missing if m != "encoder.embed_tokens.weight"]:
-            raise ValueError(f"{folder}: {prefix} does not match the shapes sizes ({missing[:3]}, {unexpected[:3]})")
+            raise ValueError(f"{folder}: {component} does not match the shapes sizes ({missing[:3]}, {unexpected[:3]})")
     if hasattr(t5, "tie_weights"):
         t5.tie_weights()
-    vae_config = info["sizes"]["vae"]
-    return vae_config["shift_factor"], vae_config["scaling_factor"], info["vae_psnr_db"]
+    return run.sizes["vae"]["shift_factor"], run.sizes["vae"]["scaling_factor"], run.vae_psnr_db
 
 
 def _clip_state(clip) -> dict[str, torch.Tensor]:
@@ -144,7 +138,6 @@ def _plot(path: Path, vae_losses: list[float], flow_losses: list[float]) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, losses, title in ((axes[0], vae_losses, "VAE reconstruction MSE"),
