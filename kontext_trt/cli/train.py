@@ -46,22 +46,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def run_train_shapes(args: argparse.Namespace) -> int:
     """kontext-trt train shapes."""
+    from dataclasses import replace
+
     from kontext_trt.core.checks import check_output_folder, check_seed
+    from kontext_trt.synth.trained import trained_files
+    from kontext_trt.train.flow import FlowRecipe
     from kontext_trt.train.shapes import train_shapes
 
     check_output_folder(args.out, "--out")
     check_seed(args.seed)
-    from dataclasses import replace
-
-    from kontext_trt.train.flow import FlowRecipe
-
     changes = {"steps": args.steps, "lr": args.lr, "train_text": args.train_text or None}
     recipe = replace(FlowRecipe(), **{k: v for k, v in changes.items() if v is not None})
     if recipe.steps < 1:
         raise KontextError(f"--steps {recipe.steps}: use 1 or more", "steps", "out_of_range")
-    if args.resume is not None and not (args.resume / "shapes.safetensors").is_file():
-        raise KontextError(f"--resume {args.resume}: no shapes.safetensors there; give the --out of an earlier "
-                           "`kontext-trt train shapes`", "resume", "not_found")
+    if not recipe.lr > 0 or recipe.lr == float("inf"):
+        raise KontextError(f"--lr {recipe.lr}: use a positive learning rate such as 4e-4", "lr", "out_of_range")
+    if args.resume is not None and not all(path.is_file() for path in trained_files("shapes", args.resume)):
+        raise KontextError(f"--resume {args.resume}: no shapes.json and shapes.safetensors there; give the --out of "
+                           "an earlier `kontext-trt train shapes`", "resume", "not_found")
     out = train_shapes(args.out, args.seed, flow_recipe=recipe, resume=args.resume)
     for name in ("shapes.safetensors", "shapes.json", "train.log", "loss.png"):
         print(out / name)

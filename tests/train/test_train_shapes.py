@@ -58,3 +58,18 @@ def test_changed_tokenizers_refuse_the_trained_weights(tmp_path, monkeypatch):
     with pytest.raises(KontextError, match="tokenizers no longer give the token ids"):
         synth.write_synthetic_checkpoint(tmp_path / "ckpt", preset="shapes")
     assert not (tmp_path / "ckpt").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "0"], "--steps 0: use 1 or more"),
+    (["--lr", "-1"], "--lr -1.0: use a positive learning rate"),
+    (["--lr", "nan"], "--lr nan: use a positive learning rate"),
+    (["--resume", "."], "no shapes.json and shapes.safetensors there"),
+])
+def test_bad_training_flags_fail_in_one_line_before_writing(flags, message, tmp_path, capsys):
+    from kontext_trt.cli.main import main
+
+    assert main(["train", "shapes", "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "run").exists()
