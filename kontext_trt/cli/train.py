@@ -22,6 +22,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="transformer steps (default 5000)")
     p.add_argument("--lr", type=float, help="transformer peak learning rate (default 6e-4)")
     p.add_argument("--train-text", action="store_true", help="train the text encoders with the transformer")
+    p.add_argument("--edit-weight", type=float, help="loss weight of the target tokens an edit changes (default 1: "
+                   "all tokens alike; e.g. 4 to learn the edit itself faster)")
     p.set_defaults(func=run_train_shapes)
 
     p = sub.add_parser("eval", help="edit accuracy and untouched-region PSNR of a shapes model on held-out scenes")
@@ -55,12 +57,16 @@ def run_train_shapes(args: argparse.Namespace) -> int:
 
     check_output_folder(args.out, "--out")
     check_seed(args.seed)
-    changes = {"steps": args.steps, "lr": args.lr, "train_text": args.train_text or None}
+    changes = {"steps": args.steps, "lr": args.lr, "train_text": args.train_text or None,
+               "edit_weight": args.edit_weight}
     recipe = replace(FlowRecipe(), **{k: v for k, v in changes.items() if v is not None})
     if recipe.steps < 1:
         raise KontextError(f"--steps {recipe.steps}: use 1 or more", "steps", "out_of_range")
     if not recipe.lr > 0 or recipe.lr == float("inf"):
         raise KontextError(f"--lr {recipe.lr}: use a positive learning rate such as 4e-4", "lr", "out_of_range")
+    if not recipe.edit_weight >= 1 or recipe.edit_weight == float("inf"):
+        raise KontextError(f"--edit-weight {recipe.edit_weight}: use a finite weight of 1 or more, such as 4",
+                           "edit_weight", "out_of_range")
     if args.resume is not None and not all(path.is_file() for path in trained_files("shapes", args.resume)):
         raise KontextError(f"--resume {args.resume}: no shapes.json and shapes.safetensors there; give the --out of "
                            "an earlier `kontext-trt train shapes`", "resume", "not_found")
