@@ -24,18 +24,12 @@ from kontext_trt.core.specs import CacheSpec
 from kontext_trt.core.timing import bar
 from kontext_trt.runtime.flow import EditRequest, Kontext, edit_batch
 from kontext_trt.shapes.read import score
-from kontext_trt.shapes.scenes import EDITS, HELD_OUT_SEED, Edit, make_edit, render
+from kontext_trt.shapes.scenes import EDITS, HELD_OUT_SEED, Edit, held_out_edits, make_edit, render
 
 # The bars issue #26 set for the trained model at the default steps on the torch backend.
 BARS = {"recolour": 0.90, "remove": 0.80, "add": 0.80, "psnr_db": 28.0}
 PSNR_CAP = 99.0  # dB: the PSNR of two identical images (inf) is reported as this
 RUN_JSON = "run.json"  # beside a run's images: the settings and prompts a reference comparison checks
-
-
-def held_out_edits(n: int, seed: int = 0) -> list[Edit]:
-    """n edits, the four kinds in turn, from held-out seed HELD_OUT_SEED + seed."""
-    rng = random.Random(HELD_OUT_SEED + seed)
-    return [make_edit(rng, EDITS[i % len(EDITS)]) for i in range(n)]
 
 
 def write_calibration(folder: Path, n: int, seed: int = 0) -> Path:

@@ -172,7 +172,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from kontext_trt.pipeline import KontextPipeline
     from kontext_trt.runtime import flow
     from kontext_trt.shapes.read import score
-    from kontext_trt.shapes.scenes import DEMO_EDIT, render
+    from kontext_trt.shapes.scenes import demo_edit, render
     from kontext_trt.shapes.sheet import side_by_side
     from kontext_trt.synth import write_synthetic_checkpoint
 
@@ -185,19 +185,19 @@ def run_demo(args: argparse.Namespace) -> int:
     if not (model / "model_index.json").exists():
         with progress(f"writing the trained shapes checkpoint to {model}"):
             write_synthetic_checkpoint(model, preset="shapes", seed=0, force=True)
-    source = args.out / "input.png"
-    render(DEMO_EDIT.source).save(source)
+    source, demo = args.out / "input.png", demo_edit()
+    render(demo.source).save(source)
     with progress("loading the checkpoint (torch backend, fp32, cpu)"):
         pipe = KontextPipeline(build_pipeline(LoadSpec(model, backend="torch", dtype="fp32", device="cpu")), policy)
-    request = flow.EditRequest(prompts=[DEMO_EDIT.prompt], image=image.load_image(source), steps=args.steps,
+    request = flow.EditRequest(prompts=[demo.prompt], image=image.load_image(source), steps=args.steps,
                                auto_resize=False)
-    with progress(f'editing {source} with "{DEMO_EDIT.prompt}" ({args.steps} steps, 128x128)'):
+    with progress(f'editing {source} with "{demo.prompt}" ({args.steps} steps, 128x128)'):
         result = pipe.run(request)
     out = pipe.save(result, args.out / "edited.png")[0]
-    verdict = score(DEMO_EDIT, result.images[0])
+    verdict = score(demo, result.images[0])
     line = f"read back: {', '.join(verdict['found']) or 'no shapes'} ({'correct' if verdict['correct'] else 'WRONG'})"
     sheet = args.out / "side_by_side.png"
-    side_by_side(render(DEMO_EDIT.source), result.images[0], DEMO_EDIT.prompt, line).save(sheet)
+    side_by_side(render(demo.source), result.images[0], demo.prompt, line).save(sheet)
     print(f"input  {source}\noutput {out} ({result.width}x{result.height})\nsheet  {sheet}\n{line}")
     print(pipe.kontext.times.table())
     return 0

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kontext_trt.benchmarks.shapes_eval import PSNR_CAP, RUN_JSON, held_out_edits
+from kontext_trt.benchmarks.shapes_eval import PSNR_CAP, RUN_JSON
 from kontext_trt.cli.main import main
 from kontext_trt.quant.calib_data import read_entries
-from kontext_trt.shapes.scenes import EDITS, HELD_OUT_SEED, render
+from kontext_trt.shapes.scenes import EDITS, HELD_OUT_SEED, held_out_edits, render
 
 QUICK = ["--n", "4", "--steps", "2", "--batch", "4", "--dtype", "fp32", "--device", "cpu"]
 

@@ -9,7 +9,7 @@ from diffusers import FluxKontextPipeline
 from kontext_trt.assemble import build_pipeline
 from kontext_trt.core.specs import LoadSpec
 from kontext_trt.runtime.flow import EditRequest, edit
-from kontext_trt.shapes.scenes import DEMO_EDIT, render
+from kontext_trt.shapes.scenes import demo_edit, render
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,8 @@ def reference(shapes_ckpt):
 def test_trained_edit_matches_diffusers(reference, shapes_ckpt, with_image):
     ours = build_pipeline(LoadSpec(shapes_ckpt, backend="torch", dtype="fp32"))
     assert ours.config.text_length == 32
-    prompt = DEMO_EDIT.prompt if with_image else "a green triangle"
-    image = render(DEMO_EDIT.source) if with_image else None
+    prompt = demo_edit().prompt if with_image else "a green triangle"
+    image = render(demo_edit().source) if with_image else None
     req = EditRequest(prompts=[prompt], image=image, width=128, height=128, steps=28, guidance=2.5, seed=5,
                       auto_resize=False)
     result = edit(ours, req)
