@@ -25,10 +25,11 @@ chromium:
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	# one resolution for torch (unless this venv has one: a GPU host keeps its CUDA build) and the package;
+	# --no-compile: no bytecode for the ~100k installed files now, Python writes it for what is imported
+	$(PY) -m pip install -q --no-compile $$($(PY) -c "import torch" 2>/dev/null || echo "$(TORCH_SPEC)") -e ".[dev]"
 	# no-deps: see safety/no-deps.txt; invisible-watermark is the tests' reference watermark decoder
-	$(PY) -m pip install -q --no-deps -r kontext_trt/safety/no-deps.txt "invisible-watermark==0.2.0"
+	$(PY) -m pip install -q --no-compile --no-deps -r kontext_trt/safety/no-deps.txt "invisible-watermark==0.2.0"
 	touch $@
 
 demo: setup
