@@ -169,6 +169,9 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
         if other:
             raise bad_request(f"unrecognized file field {openai_api.shown(other[0])}: send images as `image` (one) or "
                               "`image[]` (several, in order)", other[0], "unknown_parameter")
+        if sum(key == "image" for key, _ in form.files) > 1:
+            raise bad_request("send one image in the `image` field, or several as `image[]` parts (in order)",
+                              "image", "invalid_value")
         if not files:
             raise bad_request("send an image file in the `image` field (several as `image[]`)", "image",
                               "missing_argument")

@@ -83,6 +83,14 @@ def test_base_true_cfg_matches_diffusers(base, count):
     assert np.abs(with_cfg.astype(int) - without.astype(int)).max() > 8  # CFG ran
 
 
+def test_base_default_guidance_is_diffusers_default(base):
+    """No guidance given: ours runs the family's default (4.0), diffusers its own default; the same image."""
+    req = request(["add snow"], REFS[:1], steps=2, seed=6)
+    assert req.guidance is None
+    assert_parity(base, req)
+    assert edit(base[1], req).metadata["guidance"] == 4.0
+
+
 def test_large_reference_is_resized_then_cropped_as_diffusers(distilled):
     # Encoding a 1 MP reference through the VAE is slow on CPU; the decision is checked on its pixels instead.
     pipe, ours = distilled
