@@ -236,8 +236,8 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
         except ContentFlagged as exc:
             metrics.observe_flagged(exc)
             raise openai_api.content_policy_violation(str(exc)) from None
-        except KontextError as exc:  # a request the model cannot run (family, engine geometry, LoRA): field, code
-            raise openai_api.request_error(exc) from None
+        except KontextError as exc:  # a request the model cannot run (family, engine geometry, LoRA): its field and code
+            raise bad_request(exc.message, exc.param, exc.code) from None
         except Exception as exc:  # noqa: BLE001 - one failed request, never a dead server
             log.exception("request failed")  # the traceback stays in the log; the body names no path (hide_paths)
             raise ApiError(500, f"the edit failed: {exc.__class__.__name__}: {str(exc)[:300]}",

@@ -22,6 +22,7 @@ from kontext_trt.runtime.flow import EditRequest, EditResult, Kontext
 from kontext_trt.runtime.session import EditSession
 from kontext_trt.safety import guard
 from kontext_trt.safety.checker import ContentFlagged, Verdict
+from kontext_trt.serve.openai_api import field_names
 
 if TYPE_CHECKING:
     from kontext_trt.serve.metrics import Metrics
@@ -123,8 +124,10 @@ class EditService:
         """The family's checks (KontextError) and the input safety check of a request, before it is queued (any
         thread): its verdict (None: no image or no checker), or ContentFlagged, and then the request reaches no
         stage."""
-        flow.check_request(req)
-        self.k.ops.check(self.k, flow.with_defaults(self.k, req))  # what this model family refuses, before queueing
+        try:  # what this model family refuses, before queueing, in the API's field names
+            self.k.ops.check(self.k, flow.with_defaults(self.k, req))
+        except KontextError as exc:
+            raise KontextError(field_names(exc.message), exc.param, exc.code) from None
         with self.checking:
             [verdict] = guard.input_verdicts(self.policy, [req], times)
         if verdict is not None and verdict.flagged:
