@@ -141,6 +141,24 @@ def tiny_ckpt(once, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def klein_tiny_ckpt(once, tmp_path_factory) -> Path:
+    """synth --preset klein-tiny, seed 0: a step-distilled FLUX.2 [klein] in diffusers layout."""
+    from kontext_trt.synth import write_synthetic_checkpoint
+
+    return once("klein_tiny_ckpt", lambda: write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "klein-tiny",
+                                                                      preset="klein-tiny"))
+
+
+@pytest.fixture(scope="session")
+def klein_tiny_base_ckpt(once, tmp_path_factory) -> Path:
+    """synth --preset klein-tiny-base, seed 0: a base FLUX.2 [klein] (true CFG)."""
+    from kontext_trt.synth import write_synthetic_checkpoint
+
+    return once("klein_tiny_base_ckpt", lambda: write_synthetic_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "klein-tiny-base", preset="klein-tiny-base"))
+
+
+@pytest.fixture(scope="session")
 def tiny_bfl_ckpt(once, tmp_path_factory) -> Path:
     """The same weights as BFL single files plus the HF text encoder folders."""
     from kontext_trt.synth import write_synthetic_checkpoint

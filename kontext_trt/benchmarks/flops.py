@@ -7,6 +7,11 @@ work (RoPE, RMS/LayerNorm, softmax, GELU, gating, residuals) is left out, as tor
 the usual MFU convention leave it out; it is below 1% of the total at real sizes (softmax ~1% of attention).
 The sequence inside every block is [text T | target N | context M], L = T + N + M.
 
+FLUX.2 [klein] (diffusers' Flux2Transformer2DModel, chosen by the config's _class_name): no biases, no pooled text, no
+guidance embedding in klein; the modulations are shared (one image and one text modulation for all double blocks,
+one for all single blocks), the MLPs are SwiGLU (d -> 2h -> h -> d, h = mlp_ratio d) and a single block fuses q, k, v
+and the MLP input into one d -> 3d + 2h projection and [attn | mlp] -> d out. The SVDQuant part is FLUX.1's only (0).
+
 SVDQuant (svd_rank r > 0, quant/svdquant.py) adds a bf16 low-rank branch to every NVFP4 layer of the blocks (q, k, v,
 out and the MLPs of both streams; q, k, v, MLP in and out of the single blocks; not the modulations): 2 r (d_in + d_out)
 FLOP per token per layer, the "svdquant" part.
@@ -82,6 +87,44 @@ def transformer_flops(config: dict, target_tokens: int, context_tokens: int = 0,
              "svdquant": c["num_layers"] * double_svd + c["num_single_layers"] * single_svd}
     parts = {name: batch * value for name, value in parts.items()}
     return {**parts, "total": sum(parts.values())}
+
+
+# diffusers' Flux2Transformer2DModel defaults overlaid by FLUX.2 [klein] 4B's published config (docs/klein.md).
+KLEIN_4B = {"_class_name": "Flux2Transformer2DModel", "patch_size": 1, "in_channels": 128, "out_channels": None,
+            "num_layers": 5, "num_single_layers": 20, "attention_head_dim": 128, "num_attention_heads": 24,
+            "joint_attention_dim": 7680, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
+            "axes_dims_rope": (32, 32, 32, 32), "rope_theta": 2000, "guidance_embeds": False}
+KLEIN_9B = {**KLEIN_4B, "num_layers": 8, "num_single_layers": 24, "num_attention_heads": 32,
+            "joint_attention_dim": 12288}
+
+
+def flux2_flops(config: dict, target_tokens: int, context_tokens: int = 0, text_tokens: int = 512,
+                batch: int = 1) -> dict[str, int]:
+    """FLOP of one Flux2Transformer2DModel forward (FLUX.2 [klein]), split as transformer_flops splits FLUX.1's."""
+    c = {**KLEIN_4B, **config}
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    h = int(d * c["mlp_ratio"])
+    channels_out = c["patch_size"] ** 2 * (c["out_channels"] or c["in_channels"])
+    image = target_tokens + context_tokens
+    seq = text_tokens + image
+    time_mlps = 2 if c["guidance_embeds"] else 1  # the transformer's guidance embedder (klein: none)
+    embed = (linear(c["in_channels"], d, image) + linear(c["joint_attention_dim"], d, text_tokens)
+             + time_mlps * (linear(c["timestep_guidance_channels"], d, 1) + linear(d, d, 1))
+             + 2 * linear(d, 6 * d, 1) + linear(d, 3 * d, 1))  # the shared double (image, text) and single modulations
+    double = linear(d, d, 4 * seq) + linear(d, 2 * h, seq) + linear(h, d, seq)
+    single = linear(d, 3 * d + 2 * h, seq) + linear(d + h, d, seq)
+    parts = {"embed": embed, "double": c["num_layers"] * double, "single": c["num_single_layers"] * single,
+             "attention": (c["num_layers"] + c["num_single_layers"]) * 4 * seq * seq * d,
+             "out": linear(d, 2 * d, 1) + linear(d, channels_out, image), "svdquant": 0}
+    parts = {name: batch * value for name, value in parts.items()}
+    return {**parts, "total": sum(parts.values())}
+
+
+def step_flops(config: dict, target_tokens: int, context_tokens: int = 0, text_tokens: int = 512,
+               batch: int = 1) -> dict[str, int]:
+    """One transformer forward's FLOP by the model its config names: Flux2Transformer2DModel (klein) or FLUX.1's."""
+    model = flux2_flops if config.get("_class_name") == KLEIN_4B["_class_name"] else transformer_flops
+    return model(config, target_tokens, context_tokens, text_tokens, batch)
 
 
 def achieved(flops: float, seconds: float, peak_tflops: float | None) -> dict:

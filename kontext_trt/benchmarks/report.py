@@ -11,8 +11,15 @@ from kontext_trt.core.specs import parse_cache
 
 SCHEMA_PATH = Path(__file__).with_name("bench.schema.json")
 SCHEMA_VERSION: int = json.loads(SCHEMA_PATH.read_text())["properties"]["schema_version"]["const"]
-STAGE_COLUMNS = (("clip", "clip"), ("t5", "t5"), ("vae_encoder", "vae enc"), ("transformer", "step"),
-                 ("vae_decoder", "vae dec"), ("safety_check", "safety"), ("watermark", "mark"))
+STAGE_COLUMNS = (("clip", "clip"), ("t5", "t5"), ("text_encoder", "qwen3"), ("vae_encoder", "vae enc"),
+                 ("transformer", "step"), ("vae_decoder", "vae dec"), ("safety_check", "safety"), ("watermark", "mark"))
+TEXT_STAGES = ("clip", "t5", "text_encoder")  # one family's text encoders: a column only where a run has them
+
+
+def stage_columns(runs: list[dict]) -> list[tuple[str, str]]:
+    """STAGE_COLUMNS less the text encoders of families none of these runs is."""
+    return [(stage, name) for stage, name in STAGE_COLUMNS
+            if stage not in TEXT_STAGES or any(stage in run["stages_ms"] for run in runs)]
 
 
 def validate(results: dict, source: str = "results") -> None:
@@ -61,7 +68,7 @@ def header(results: dict) -> str:
 def label(run: dict, sep: str = " ") -> str:
     """A run's configuration as RunConfig.label writes it: `1024x1024 b1 graphs` (bench serve adds `c16`)."""
     cfg = RunConfig(run["width"], run["height"], run["batch"], run["steps"], run["cuda_graphs"],
-                    parse_cache(cache_spec(run)))
+                    parse_cache(cache_spec(run)), run.get("references", 1))
     load = f" c{run['load']['concurrency']}" if "load" in run else ""
     return cfg.label.replace(" ", sep, 1) + load
 
@@ -91,14 +98,15 @@ def p50(run: dict, stage: str) -> str:
 
 def markdown(results: dict) -> str:
     """A Markdown table: one row per configuration, p50 per stage, e2e percentiles, roofline and memory."""
-    head = (["config", "steps", "e2e p50 ms", "e2e p95 ms", "img/s"] + [f"{c} p50 ms" for _, c in STAGE_COLUMNS]
+    columns = stage_columns(results["runs"])
+    head = (["config", "steps", "e2e p50 ms", "e2e p95 ms", "img/s"] + [f"{c} p50 ms" for _, c in columns]
             + ["step p95 ms", "TFLOP/s", "MFU", "dev peak GiB", "host RSS GiB"])
     rows = [head, ["---"] * len(head)]
     for run in results["runs"]:
         roof, mem = run["roofline"], run["memory"]
         rows.append([label(run), steps_cell(run), f"{run['e2e_ms']['p50']:.1f}", f"{run['e2e_ms']['p95']:.1f}",
                      f"{run['images_per_s']:.2f}"]
-                    + [p50(run, s) for s, _ in STAGE_COLUMNS]
+                    + [p50(run, s) for s, _ in columns]
                     + [f"{run['stages_ms']['transformer']['p95']:.1f}",
                        "-" if roof is None else f"{roof['tflops']:.3f}",
                        "-" if roof is None or roof["mfu"] is None else f"{100 * roof['mfu']:.1f}%",
@@ -124,22 +132,24 @@ def quality_table(runs: list[dict]) -> str:
 
 
 def run_key(run: dict) -> tuple:
-    """What makes two runs comparable: size, batch, steps, CUDA graphs, step cache (and bench serve's concurrency)."""
+    """What makes two runs comparable: size, batch, steps, CUDA graphs, step cache, references (and bench serve's
+    concurrency)."""
     return (run["width"], run["height"], run["batch"], run["steps"], run["cuda_graphs"], cache_spec(run),
-            run.get("load", {}).get("concurrency"))
+            run.get("references", 1), run.get("load", {}).get("concurrency"))
 
 
 def compare(a: dict, b: dict) -> str:
     """Markdown: for each configuration in both, B/A of the p50 per stage and end to end (< 1: B is faster)."""
     runs_a = {run_key(r): r for r in a["runs"]}
     runs_b = {run_key(r): r for r in b["runs"]}
-    head = ["config", "e2e B/A"] + [f"{c} B/A" for _, c in STAGE_COLUMNS] + ["img/s B/A"]
+    columns = stage_columns(a["runs"] + b["runs"])
+    head = ["config", "e2e B/A"] + [f"{c} B/A" for _, c in columns] + ["img/s B/A"]
     rows = [head, ["---"] * len(head)]
     for key in [k for k in runs_a if k in runs_b]:
         ra, rb = runs_a[key], runs_b[key]
         ratios = [rb["e2e_ms"]["p50"] / ra["e2e_ms"]["p50"]]
         ratios += [rb["stages_ms"][s]["p50"] / ra["stages_ms"][s]["p50"] if s in ra["stages_ms"] and
-                   s in rb["stages_ms"] else float("nan") for s, _ in STAGE_COLUMNS]
+                   s in rb["stages_ms"] else float("nan") for s, _ in columns]
         ratios += [rb["images_per_s"] / ra["images_per_s"]]
         rows.append([f"{label(ra)}, {ra['steps']} steps"] + ["-" if r != r else f"{r:.3f}" for r in ratios])
     if len(rows) == 2:
@@ -163,7 +173,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     labels = [label(r, "\n") for r in runs]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(runs) + 2), 4), dpi=100)
     bottom = [0.0] * len(runs)
-    for stage in [s for s, _ in STAGE_COLUMNS] + ["other"]:
+    for stage in [s for s, _ in stage_columns(runs)] + ["other"]:
         heights = [r["breakdown_ms"].get(stage, 0.0) for r in runs]
         ax.bar(labels, heights, bottom=bottom, label=stage)
         bottom = [b + h for b, h in zip(bottom, heights)]

@@ -42,6 +42,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "the input image has the same size")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--batch", type=int_list, default=[1], help="batch sizes, comma-separated")
+    p.add_argument("--references", type=int_list, default=[1], help="reference images per edit, comma-separated "
+                   "(FLUX.2 [klein]: 1 to 4, latency by count; FLUX.1 Kontext: 1)")
     p.add_argument("--warmup", type=int, default=2, help="untimed edits per configuration")
     p.add_argument("--iters", type=int, default=10, help="timed edits per configuration")
     p.add_argument("--cuda-graphs", choices=tuple(GRAPH_MODES), default="off")
@@ -111,7 +113,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     spec = LoadSpec(args.model, backend="tensorrt" if args.engines else args.backend, dtype=args.dtype,
                     device=args.device, onnx=args.onnx, engines=args.engines, precision=args.precision, sku=args.sku,
                     loras=tuple(args.lora), cache=cached[0] if cached else CacheSpec())
-    configs = run_configs(args.sizes, args.batch, args.steps, GRAPH_MODES[args.cuda_graphs], caches)
+    configs = run_configs(args.sizes, args.batch, args.steps, GRAPH_MODES[args.cuda_graphs], caches, args.references)
     policy = OutputPolicy.from_options(args.safety_checker, device=args.device)
     results = run_bench(spec, configs, args.warmup, args.iters, policy, args.quality)
     paths = write_all(results, args.out)

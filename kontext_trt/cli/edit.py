@@ -18,8 +18,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register synth, edit and demo."""
     p = sub.add_parser("synth", help="write a synthetic checkpoint in the real HF (or BFL) layout")
     p.add_argument("out", type=Path)
-    p.add_argument("--preset", choices=("tiny", "slim", "shapes"), default="tiny", help="tiny and slim: random "
-                   "weights; shapes: the trained shapes-task model that ships with the package")
+    p.add_argument("--preset", choices=("tiny", "slim", "shapes", "klein-tiny", "klein-tiny-base"), default="tiny",
+                   help="tiny and slim: random weights; shapes: the trained shapes-task model that ships with the "
+                   "package; klein-tiny (step-distilled) and klein-tiny-base (true CFG): a random FLUX.2 [klein]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", dest="fmt", choices=("diffusers", "bfl"), default="diffusers")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
@@ -82,7 +83,8 @@ def add_engine_selection(p: argparse.ArgumentParser) -> None:
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """Sampling options shared by edit and demo."""
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--guidance", type=float, default=2.5)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="FLUX.1: distilled guidance (default 2.5); FLUX.2 [klein] base: the CFG scale (default 4.0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)

@@ -32,7 +32,8 @@ KLEIN_STAGE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 @dataclass(frozen=True)
 class Family:
     """One model family: its name, the diffusers pipeline class that marks it, its components (model_index.json
-    keys), its stages with their named I/O, and the most reference images one edit takes."""
+    keys), its stages with their named I/O, the most reference images one edit takes, and the guidance a request
+    that gives none runs at (FLUX.1: the distilled guidance embedding's 2.5; klein: diffusers' CFG scale 4.0)."""
 
     name: str
     pipeline_class: str
@@ -41,6 +42,7 @@ class Family:
     stage_names: tuple[str, ...]
     stage_io: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
     max_references: int
+    default_guidance: float
 
     def io(self, stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(input names, output names) of one of this family's stages (or of a transformer part)."""
@@ -50,11 +52,11 @@ class Family:
 FLUX1_KONTEXT = Family(
     "flux1-kontext", "FluxKontextPipeline", "FLUX.1 Kontext",
     ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-    STAGE_NAMES, {name: STAGE_IO[name] for name in STAGE_NAMES}, 1)
+    STAGE_NAMES, {name: STAGE_IO[name] for name in STAGE_NAMES}, 1, 2.5)
 FLUX2_KLEIN = Family(
     "flux2-klein", "Flux2KleinPipeline", "FLUX.2 [klein]",
     ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
-    ("text_encoder", "vae_encoder", "transformer", "vae_decoder"), KLEIN_STAGE_IO, 4)
+    ("text_encoder", "vae_encoder", "transformer", "vae_decoder"), KLEIN_STAGE_IO, 4, 4.0)
 FAMILIES: dict[str, Family] = {family.name: family for family in (FLUX1_KONTEXT, FLUX2_KLEIN)}
 MAX_REFERENCES = max(family.max_references for family in FAMILIES.values())
 

@@ -108,7 +108,7 @@ class EditRequest:
     width: int | None = None
     height: int | None = None
     steps: int = 28
-    guidance: float = 2.5
+    guidance: float | None = None  # None: the family's default_guidance (FLUX.1 2.5, klein 4.0), see with_defaults
     seed: int = 0
     auto_resize: bool = True
     negative_prompt: str | None = None
@@ -212,7 +212,8 @@ def check_request(req: EditRequest) -> None:
                            "missing_argument")
     if req.width is not None:
         im.check_size(req.width, req.height)
-    checks.check_finite("--guidance", req.guidance)
+    if req.guidance is not None:
+        checks.check_finite("--guidance", req.guidance)
     checks.check_finite("--true-cfg", req.true_cfg)
     if req.true_cfg > 1 and req.negative_prompt is None:
         raise KontextError(f"--true-cfg {req.true_cfg} needs a --negative-prompt to push away from: add one, or drop "
@@ -254,14 +255,20 @@ def edit(k: Kontext, req: EditRequest, prompt: Prompt | None = None, context: Co
     return edit_batch(k, [req], [prompt], [context])[0]
 
 
-def batch_key(req: EditRequest) -> tuple:
-    """What requests must share to run as one batch: output size, input image size, steps, the true-CFG pass, the
-    step cache (one policy decides for the whole batch) and the server's LoRA set (one transformer weight set); the
-    further references by their own sizes."""
-    context = None if req.image is None else im.context_size(*req.image.size, auto_resize=req.auto_resize)
-    size = output_size(req, context)
-    cfg = req.true_cfg if req.negative_prompt is not None and req.true_cfg > 1 else None
-    return size, context, req.steps, cfg, req.cache, req.lora, tuple(img.size for img in req.references)
+def with_defaults(k: Kontext, req: EditRequest) -> EditRequest:
+    """The request with what it left to the model family filled in: guidance (Family.default_guidance)."""
+    return req if req.guidance is not None else replace(req, guidance=k.ops.family.default_guidance)
+
+
+def batch_key(k: Kontext, req: EditRequest) -> tuple:
+    """What requests must share to run as one batch on pipeline k: output size, each reference's processed size,
+    steps, the CFG pass and its scale (FLUX.1: --true-cfg with a negative prompt; klein base: the guidance scale),
+    the step cache (one policy decides for the whole batch) and the server's LoRA set (one transformer weight
+    set)."""
+    req = with_defaults(k, req)
+    cfg = k.ops.cfg(k, req)
+    return (k.ops.output_size(k, req), k.ops.reference_sizes(k, req), req.steps, cfg and cfg[1], req.cache,
+            req.lora)
 
 
 def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None] | None = None,
@@ -269,15 +276,16 @@ def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None]
     """Run requests sharing a batch_key through the loop at once, one result per request. Each request keeps its own
     seed (its noise drawn from its own generator, exactly as when it runs alone) and its own guidance. to_images=False
     leaves the decoded pixels for `with_images` to convert later, on another thread."""
+    reqs = [with_defaults(k, req) for req in reqs]
     for req in reqs:
         check_request(req)
         k.ops.check(k, req)
     contexts = [c if c is not None or r.image is None else encode_context(k, r.images, r.auto_resize)
                 for r, c in zip(reqs, contexts or [None] * len(reqs))]
     prompts = [p or encode_prompts(k, r.prompts) for r, p in zip(reqs, prompts or [None] * len(reqs))]
-    if len({batch_key(r) for r in reqs}) != 1 or len({k.ops.output_size(k, r) for r in reqs}) != 1:
-        raise KontextError("requests of one batch must share output size, input image size, steps, true CFG, cache "
-                           "and LoRA set")
+    if len({batch_key(k, r) for r in reqs}) != 1:
+        raise KontextError("requests of one batch must share output size, reference sizes, steps, CFG, cache and "
+                           "LoRA set")
     width, height = k.ops.output_size(k, reqs[0])
     steps, cache_spec = reqs[0].steps, reqs[0].cache
     sizes = [len(r.prompts) for r in reqs]

@@ -1,4 +1,6 @@
-"""Multi-turn editing: each output becomes the next input; prompt encodings and input latents are cached."""
+"""Multi-turn editing: each output becomes the next input; prompt encodings and input latents are cached. With
+several references (FLUX.2 [klein]) the output replaces the first one and the others stay, in order, every turn
+(docs/klein.md)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +9,7 @@ from typing import Callable
 
 from PIL import Image
 
+from kontext_trt.core.errors import KontextError
 from kontext_trt.runtime.flow import (
     Context,
     EditRequest,
@@ -16,6 +19,7 @@ from kontext_trt.runtime.flow import (
     edit,
     encode_context,
     encode_prompts,
+    request,
 )
 
 # What runs one turn: flow.edit, or safety.guard's edit (input check, output check and watermark) around it.
@@ -29,11 +33,17 @@ def image_key(image: Image.Image, auto_resize: bool) -> str:
 
 
 class EditSession:
-    """Refine one image through several instructions; `edit(prompt)` is one call per turn, run by `run_edit`."""
+    """Refine one image through several instructions; `edit(prompt)` is one call per turn, run by `run_edit`.
+    `references` are further reference images after `image` (klein): every turn keeps them, after the current
+    image."""
 
     def __init__(self, k: Kontext, image: Image.Image | None = None, cache_size: int = 32, run_edit: EditFn = edit,
-                 **defaults) -> None:
+                 references: list[Image.Image] = (), **defaults) -> None:
         self.k, self.image, self.run_edit, self.defaults = k, image, run_edit, defaults
+        self.references = list(references)
+        if self.references and image is None:
+            raise KontextError("a session's references need a first image: pass the images as one list", "image",
+                               "missing_argument")
         self.prompts: LruCache = LruCache(cache_size)
         self.contexts: LruCache = LruCache(cache_size)
         self.history: list[tuple[str, Image.Image]] = []
@@ -54,9 +64,11 @@ class EditSession:
         return self.run_edit(self.k, req, self.prompt(req.prompts), context)
 
     def edit(self, prompt: str | list[str], **overrides) -> EditResult:
-        """Edit the current image (text-to-image on the first turn if none), then make the output current."""
+        """Edit the current image and the kept references (text-to-image on the first turn if none), then make the
+        output current."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        req = replace(EditRequest(prompts=prompts, image=self.image), **{**self.defaults, **overrides})
+        images = [] if self.image is None else [self.image, *self.references]
+        req = replace(request(prompts, images), **{**self.defaults, **overrides})
         result = self.run(req)
         self.image = result.images[0]
         self.history.append((prompts[0], self.image))

@@ -23,13 +23,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from kontext_trt.core.errors import KontextError
+from kontext_trt.core.family import MAX_REFERENCES
 from kontext_trt.core.specs import CacheSpec
 from kontext_trt.runtime.flow import EditRequest, EditResult
 from kontext_trt.safety.checker import ContentFlagged
 from kontext_trt.serve import openai_api
 from kontext_trt.serve.access import LOOPBACK_HOSTS, Access, Guard
 from kontext_trt.serve.batcher import QueueFull
-from kontext_trt.serve.forms import MAX_FIELD_BYTES, MAX_PARTS, read_form
+from kontext_trt.serve.forms import MAX_FIELD_BYTES, MAX_PARTS, Form, read_form, read_json_edit
 from kontext_trt.serve.metrics import Metrics
 from kontext_trt.serve.openai_api import ApiError, Limits, bad_request
 from kontext_trt.serve.service import Served
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
 EDITS = "/v1/images/edits"
 DEFAULT_MODEL_ID = "flux.1-kontext"
+IMAGE_FIELDS = ("image", "image[]")  # one image, or a list as the openai SDK sends it (image[] once per image)
 
 
 class Runner(Protocol):
@@ -152,26 +154,43 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
     async def edits(request: Request) -> JSONResponse:
         start = time.perf_counter()
         try:
-            form = await read_form(request.headers.get("content-type"), request.stream(), limits.max_upload_bytes)
+            form = await read_edit(request)
         except ClientDisconnect:
             raise bad_request("the client disconnected before sending the whole form", code="invalid_body") from None
-        files = [data for key, data in form.files if key in ("image", "image[]")]
+        files = [data for key, data in form.files if key in IMAGE_FIELDS]
         names = {key for key, _ in form.fields} | {key for key, _ in form.files}
         if "mask" in names:
             raise bad_request("mask is not supported: Kontext edits from the instruction alone", "mask",
                               "unsupported_parameter")
-        if {key for key, _ in form.fields} & {"image", "image[]"}:
+        if {key for key, _ in form.fields} & set(IMAGE_FIELDS):
             raise bad_request("image must be a file: send it as a file part (curl -F image=@in.png)", "image",
                               "invalid_type")
-        if len(files) != 1 or len(form.files) != 1:
-            raise bad_request("send exactly one image file in the `image` field (Kontext edits one image)", "image",
-                              "invalid_value" if form.files else "missing_argument")
+        other = sorted({key for key, _ in form.files} - set(IMAGE_FIELDS))
+        if other:
+            raise bad_request(f"unrecognized file field {openai_api.shown(other[0])}: send images as `image` (one) or "
+                              "`image[]` (several, in order)", other[0], "unknown_parameter")
+        if sum(key == "image" for key, _ in form.files) > 1:
+            raise bad_request("send one image in the `image` field, or several as `image[]` parts (in order)",
+                              "image", "invalid_value")
+        if not files:
+            raise bad_request("send an image file in the `image` field (several as `image[]`)", "image",
+                              "missing_argument")
+        if len(files) > MAX_REFERENCES:
+            raise bad_request(f"{len(files)} images were sent: at most {MAX_REFERENCES} are taken (FLUX.2 [klein]; "
+                              "FLUX.1 Kontext edits one)", "image", "out_of_range")
         fields = dict(form.fields)
         output = openai_api.parse_output(fields)
-        openai_api.parse_request(fields, None, limits, defaults())  # refuse bad fields before decoding the image
-        image = await run_in_threadpool(openai_api.read_image, files[0], limits.max_pixels)
-        return await answer(openai_api.parse_request(fields, image, limits, defaults()), output, start,
+        openai_api.parse_request(fields, None, limits, defaults())  # refuse bad fields before decoding the images
+        images = [await run_in_threadpool(openai_api.read_image, data, limits.max_pixels) for data in files]
+        return await answer(openai_api.parse_request(fields, images, limits, defaults()), output, start,
                             request)
+
+    async def read_edit(request: Request) -> Form:
+        """An edit's body: multipart/form-data (or urlencoded), or JSON with data-URL images."""
+        content_type = request.headers.get("content-type")
+        if (content_type or "").split(";")[0].strip().lower() == "application/json":
+            return read_json_edit(await request.body(), limits.max_upload_bytes)
+        return await read_form(content_type, request.stream(), limits.max_upload_bytes)
 
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> JSONResponse:
@@ -217,7 +236,7 @@ def create_app(runner: Runner, metrics: Metrics, settings: Settings | None = Non
         except ContentFlagged as exc:
             metrics.observe_flagged(exc)
             raise openai_api.content_policy_violation(str(exc)) from None
-        except KontextError as exc:  # a request the model cannot run (engine geometry, LoRA): its field and code
+        except KontextError as exc:  # a request the model cannot run (family, engine geometry, LoRA): its field and code
             raise bad_request(exc.message, exc.param, exc.code) from None
         except Exception as exc:  # noqa: BLE001 - one failed request, never a dead server
             log.exception("request failed")  # the traceback stays in the log; the body names no path (hide_paths)

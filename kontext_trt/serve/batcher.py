@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from kontext_trt.core.errors import Cancelled
-from kontext_trt.runtime.flow import EditRequest, EditResult, batch_key
+from kontext_trt.runtime.flow import EditRequest, EditResult
 from kontext_trt.serve.metrics import Metrics
 from kontext_trt.serve.service import BatchRun, EditService, Served, serve_request
 
@@ -109,7 +109,7 @@ class MicroBatcher:
     async def enqueue(self, req: EditRequest) -> Served:
         """Queue an admitted request (checked again: others were admitted meanwhile) and await its model result."""
         self.check_room()
-        job = Job(req, batch_key(req), asyncio.get_running_loop().create_future(), len(req.prompts))
+        job = Job(req, self.service.batch_key(req), asyncio.get_running_loop().create_future(), len(req.prompts))
         self.queue.append(job)
         self.metrics.queue_depth.set(len(self.queue))
         self.arrived.set()

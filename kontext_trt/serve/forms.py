@@ -1,9 +1,13 @@
-"""Reading an edit's multipart/form-data body as it streams in: every part capped while it is read (a file over the
-cap is refused with 413 before the rest arrives), nothing spooled to disk, field names and values strict UTF-8."""
+"""Reading an edit's body: multipart/form-data as it streams in (every part capped while it is read: a file over the
+cap is refused with 413 before the rest arrives; nothing spooled to disk; field names and values strict UTF-8), or
+a JSON object whose images are base64 data URLs, as OpenAI's JSON edits send them."""
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 from urllib.parse import parse_qsl
 
 from python_multipart.exceptions import FormParserError
@@ -17,9 +21,9 @@ MAX_PARTS = 32
 
 @dataclass
 class Form:
-    """A parsed form: text fields in order, and files as (field name, bytes)."""
+    """A parsed form: fields in order (text; JSON values from a JSON body), and files as (field name, bytes)."""
 
-    fields: list[tuple[str, str]] = field(default_factory=list)
+    fields: list[tuple[str, Any]] = field(default_factory=list)
     files: list[tuple[str, bytes | bytearray]] = field(default_factory=list)
 
 
@@ -149,3 +153,48 @@ async def read_urlencoded(stream: AsyncIterator[bytes]) -> Form:
             raise bad_request(f"{name} is over {MAX_FIELD_BYTES} bytes: send a shorter value", name,
                               "string_above_max_length")
     return Form(pairs)
+
+
+def read_json_edit(body: bytes, max_file_bytes: int) -> Form:
+    """A JSON edit, {"prompt": ..., "images": [{"image_url": "data:image/png;base64,..."}, ...]} as OpenAI's JSON
+    edits send it (or "image": one such item; an item may also be the data URL or bare base64 text): its images as
+    `image[]` files in order, each at most max_file_bytes (else 413), its other members as fields. URLs other than
+    data URLs are refused: this server fetches nothing."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise bad_request("the body is not JSON: send {\"prompt\": \"...\", \"images\": [{\"image_url\": "
+                          "\"data:image/png;base64,...\"}]}", code="invalid_body") from None
+    if not isinstance(data, dict):
+        raise bad_request("the body must be a JSON object like {\"prompt\": \"...\", \"images\": [...]}",
+                          code="invalid_body")
+    items = [data.pop("image")] if "image" in data else []
+    if "images" in data:
+        if not isinstance(data["images"], list):
+            raise bad_request("images must be a list of {\"image_url\": \"data:image/png;base64,...\"}", "images",
+                              "invalid_type")
+        items += data.pop("images")
+    return Form(list(data.items()), [("image[]", image_bytes(item, max_file_bytes)) for item in items])
+
+
+def image_bytes(item: Any, max_file_bytes: int) -> bytes:
+    """One JSON image, {"image_url": URL} or the URL itself: a data URL or bare base64, decoded (at most
+    max_file_bytes, else 413)."""
+    url = item.get("image_url") if isinstance(item, dict) else item
+    if isinstance(url, dict):  # {"image_url": {"url": ...}}, as chat messages nest it
+        url = url.get("url")
+    if not isinstance(url, str):
+        raise bad_request("an image must be {\"image_url\": \"data:image/png;base64,...\"} or that data URL",
+                          "images", "invalid_type")
+    if url.startswith(("http://", "https://", "file:")):
+        raise bad_request("images: this server fetches no URLs: send each image inline as a data URL "
+                          "(data:image/png;base64,...)", "images", "unsupported_value")
+    payload = url.split(",", 1)[1] if url.startswith("data:") and "," in url else url
+    if len(payload) // 4 * 3 > max_file_bytes:
+        raise ApiError(413, f"an image is over {size_text(max_file_bytes)}: send a smaller file (this server's upload "
+                       "limit)", code="file_too_large", param="images")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request("an image is not valid base64: send data:image/png;base64,... with the file's bytes",
+                          "images", "invalid_value") from None

@@ -153,7 +153,7 @@ def lora_names(value: Any) -> str:
 OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "seed": (integer, "an integer like 42"),
     "steps": (integer, "an integer like 28"),
-    "guidance": (number, "a number like 2.5"),
+    "guidance": (number, "a number like 2.5 (FLUX.1's default; klein's CFG scale defaults to 4)"),
     "negative_prompt": (text, "text"),
     "true_cfg": (number, "a number like 4.0 (above 1 with negative_prompt)"),
     "auto_resize": (boolean, "true or false"),
@@ -214,11 +214,12 @@ def check_text_size(name: str, value: str, max_bytes: int) -> None:
                           "tokens at most)", name, "string_above_max_length")
 
 
-def parse_request(fields: Mapping[str, Any], image: Image.Image | None, limits: Limits | None = None,
-                  defaults: Mapping[str, Any] | None = None) -> EditRequest:
-    """An EditRequest (n prompts) from OpenAI fields plus extensions (`defaults`, the server's, for extensions not
-    sent), or ApiError(400) naming the field at fault (param) with a code (missing_argument, invalid_value,
-    out_of_range, unknown_parameter, string_above_max_length, ...)."""
+def parse_request(fields: Mapping[str, Any], images: Image.Image | list[Image.Image] | None,
+                  limits: Limits | None = None, defaults: Mapping[str, Any] | None = None) -> EditRequest:
+    """An EditRequest (n prompts) on the reference images (one, a list in order, or none) from OpenAI fields plus
+    extensions (`defaults`, the server's, for extensions not sent), or ApiError(400) naming the field at fault
+    (param) with a code (missing_argument, invalid_value, out_of_range, unknown_parameter, string_above_max_length,
+    ...)."""
     limits = limits or Limits()
     unknown = set(fields) - {"prompt", "n", "size", "response_format", "output_format", "output_compression",
                              *OPTIONS, *IGNORED}
@@ -256,7 +257,8 @@ def parse_request(fields: Mapping[str, Any], image: Image.Image | None, limits: 
     if options.get("negative_prompt") is not None:
         check_text_size("negative_prompt", options["negative_prompt"], limits.max_prompt_bytes)
     size = parse_size(fields.get("size"))
-    req = EditRequest(prompts=[prompt] * n, image=image, width=size and size[0], height=size and size[1], **options)
+    images = [images] if isinstance(images, Image.Image) else list(images or [])
+    req = flow.request([prompt] * n, images, width=size and size[0], height=size and size[1], **options)
     try:
         flow.check_request(req)
     except KontextError as exc:
@@ -272,7 +274,7 @@ def check_ranges(req: EditRequest, limits: Limits) -> None:
                           "out_of_range")
     for name, (low, high) in RANGES.items():
         value = getattr(req, name)
-        if not low <= value <= high:
+        if value is not None and not low <= value <= high:
             raise bad_request(f"{name} {value:g} is out of range: send a number from {low:g} to {high:g}", name,
                               "out_of_range")
 

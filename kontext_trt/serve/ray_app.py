@@ -16,7 +16,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from kontext_trt.core.errors import Cancelled
-from kontext_trt.runtime.flow import EditRequest, EditResult, batch_key
+from kontext_trt.runtime.flow import EditRequest, EditResult
 from kontext_trt.serve.app import create_app
 from kontext_trt.serve.batcher import QueueFull, worker_pool
 from kontext_trt.serve.metrics import Metrics
@@ -82,7 +82,7 @@ class KontextDeployment:
         whose requests were all cancelled is skipped (or stops between steps if it runs)."""
         loop = asyncio.get_running_loop()
         outcomes: list[Served | BaseException | None] = [None] * len(reqs)
-        for group in key_groups(reqs, self.max_batch):
+        for group in key_groups(reqs, self.max_batch, self.service.batch_key):
             if all(reqs[i].cancel is not None and reqs[i].cancel.is_set() for i in group):
                 for i in group:
                     outcomes[i] = Cancelled()
@@ -101,11 +101,12 @@ class KontextDeployment:
         return outcomes
 
 
-def key_groups(reqs: list[EditRequest], max_images: int) -> list[list[int]]:
-    """Indices of reqs grouped by batch key, in arrival order, each group at most max_images images."""
+def key_groups(reqs: list[EditRequest], max_images: int, key: Callable[[EditRequest], tuple]) -> list[list[int]]:
+    """Indices of reqs grouped by batch key (`key`: EditService.batch_key), in arrival order, each group at most
+    max_images images."""
     groups: dict[tuple, list[list[int]]] = {}
     for i, req in enumerate(reqs):
-        chunks = groups.setdefault(batch_key(req), [[]])
+        chunks = groups.setdefault(key(req), [[]])
         if chunks[-1] and sum(len(reqs[j].prompts) for j in chunks[-1]) + len(req.prompts) > max_images:
             chunks.append([])
         chunks[-1].append(i)

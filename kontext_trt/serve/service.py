@@ -22,6 +22,7 @@ from kontext_trt.runtime.flow import EditRequest, EditResult, Kontext
 from kontext_trt.runtime.session import EditSession
 from kontext_trt.safety import guard
 from kontext_trt.safety.checker import ContentFlagged, Verdict
+from kontext_trt.serve.openai_api import field_names
 
 if TYPE_CHECKING:
     from kontext_trt.serve.metrics import Metrics
@@ -120,8 +121,13 @@ class EditService:
         log.info("model loaded and warmed in %.2fs (%s)", time.perf_counter() - start, self.k.info)
 
     def admit(self, req: EditRequest, times: StageTimes) -> Verdict | None:
-        """The input safety check of a request, before it is queued (any thread): its verdict (None: no image or no
-        checker), or ContentFlagged, and then the request reaches no stage."""
+        """The family's checks (KontextError) and the input safety check of a request, before it is queued (any
+        thread): its verdict (None: no image or no checker), or ContentFlagged, and then the request reaches no
+        stage."""
+        try:  # what this model family refuses, before queueing, in the API's field names
+            self.k.ops.check(self.k, flow.with_defaults(self.k, req))
+        except KontextError as exc:
+            raise KontextError(field_names(exc.message), exc.param, exc.code) from None
         with self.checking:
             [verdict] = guard.input_verdicts(self.policy, [req], times)
         if verdict is not None and verdict.flagged:
@@ -135,6 +141,10 @@ class EditService:
         with self.checking:
             verdicts = guard.check(self.policy, result.images, times)
         return guard.finish_checked(self.policy, req, result, times, verdict, verdicts)
+
+    def batch_key(self, req: EditRequest) -> tuple:
+        """flow.batch_key on the loaded pipeline: requests of equal keys may run as one batch."""
+        return flow.batch_key(self.k, req)
 
     def run(self, reqs: list[EditRequest]) -> BatchRun:
         """Run requests sharing a batch key as one batch (the model thread); should the batch fail, each request

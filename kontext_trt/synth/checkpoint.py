@@ -20,6 +20,7 @@ from kontext_trt.core.files import remove_stale_temps, replace_dir, temp_dir
 from kontext_trt.core.flux_constants import SCHEDULER_CONFIG, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 from kontext_trt.core.text import T5_MAX_LEN
 from kontext_trt.core.timing import note
+from kontext_trt.synth.klein import KLEIN_PRESETS, write_klein
 from kontext_trt.synth.tokenizers import CLIP_BOS, CLIP_EOS, write_clip_tokenizer, write_t5_tokenizer
 from kontext_trt.synth.trained import TRAINED, TrainedPreset, load_trained, prompt_ids_digest
 from kontext_trt.synth.weights import random_weights, write_json, write_safetensors, write_sharded
@@ -74,15 +75,19 @@ def write_synthetic_checkpoint(
     transformer: dict | None = None, text_length: int = T5_MAX_LEN, untrained: bool = False,
 ) -> Path:
     """Write a FLUX.1 Kontext [dev] checkpoint ("diffusers" folder or "bfl" single files) atomically to `out`: random
-    weights, or for a trained preset (shapes) its shipped weights unless `untrained` (training starts from those).
+    weights, or for a trained preset (shapes) its shipped weights unless `untrained` (training starts from those);
+    the klein presets (synth.klein.KLEIN_PRESETS) write a FLUX.2 [klein] checkpoint in diffusers layout.
 
     `transformer` overrides entries of the preset's transformer config (e.g. odd widths for tests); `text_length` is
     the T5 prompt length its tokenizer_2 records (model_max_length; a trained preset's own length wins)."""
     out = Path(out)
-    if preset not in PRESETS:
-        raise KontextError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset not in PRESETS and preset not in KLEIN_PRESETS:
+        names = ", ".join([*PRESETS, *KLEIN_PRESETS])
+        raise KontextError(f"unknown synthetic preset {preset!r}; choose one of {names}")
     if fmt not in ("diffusers", "bfl"):
         raise KontextError(f"unknown checkpoint format {fmt!r}; choose diffusers or bfl")
+    if preset in KLEIN_PRESETS and fmt != "diffusers":
+        raise KontextError(f"--preset {preset} is FLUX.2 [klein], which ships in diffusers layout only: drop --format")
     check_output_folder(out, "output folder")
     check_seed(seed)
     if isinstance(text_length, bool) or not isinstance(text_length, int) or not 1 <= text_length <= T5_MAX_LEN:
@@ -94,12 +99,16 @@ def write_synthetic_checkpoint(
     remove_stale_temps(out.parent, out.name)
     tmp = temp_dir(out)
     try:
-        sizes, trained = PRESETS[preset], None
-        if preset in TRAINED and not untrained:
-            trained = load_trained(preset)
-            sizes, text_length = trained.sizes, trained.text_length
-        _write_all(tmp, {**sizes, "transformer": {**sizes["transformer"], **(transformer or {})}}, seed, fmt,
-                   text_length, trained)
+        if preset in KLEIN_PRESETS:
+            sizes, distilled = KLEIN_PRESETS[preset]
+            write_klein(tmp, {**sizes, "transformer": {**sizes["transformer"], **(transformer or {})}}, distilled, seed)
+        else:
+            sizes, trained = PRESETS[preset], None
+            if preset in TRAINED and not untrained:
+                trained = load_trained(preset)
+                sizes, text_length = trained.sizes, trained.text_length
+            _write_all(tmp, {**sizes, "transformer": {**sizes["transformer"], **(transformer or {})}}, seed, fmt,
+                       text_length, trained)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -141,3 +141,25 @@ def test_cuda_events_graphs_and_device_memory(capsys, tiny_ckpt, tmp_path):
     assert [run["cuda_graphs"] for run in results["runs"]] == [False, True] and results["system"]["gpu"]["name"]
     for run in results["runs"]:
         assert run["memory"]["device_peak_allocated_bytes"] > 0 and run["stages_ms"]["transformer"]["n"] == 4
+
+
+def test_klein_latency_by_reference_count(capsys, klein_tiny_ckpt, tmp_path):
+    """bench run --references 1,2,3,4 on synth's klein-tiny (CPU): one run per count, its JSON naming the count and
+    the context tokens, the roofline from the klein FLOP model, the Qwen3 text encoder timed."""
+    from kontext_trt.benchmarks.flops import step_flops
+
+    code, stdout, _ = bench(capsys, klein_tiny_ckpt, tmp_path, "--sizes", "64x64", "--references", "1,2,3,4",
+                            "--steps", "1", "--warmup", "0", "--iters", "1", "--dtype", "fp32", "--device", "cpu",
+                            "--safety-checker", "none")
+    assert code == 0
+    results = load_results(tmp_path / "results.json")
+    config = results["target"]["transformer_config"]
+    assert config["_class_name"] == "Flux2Transformer2DModel"
+    runs = results["runs"]
+    assert [r["references"] for r in runs] == [1, 2, 3, 4]
+    assert [r["tokens"]["context"] for r in runs] == [16, 32, 48, 64] and runs[0]["tokens"]["text"] == 512
+    assert all(r["stages_ms"]["vae_encoder"]["n"] == r["references"] for r in runs)  # each reference encoded alone
+    assert all("text_encoder" in r["stages_ms"] and "t5" not in r["stages_ms"] for r in runs)
+    assert [r["roofline"]["flops_per_step"] for r in runs] == [step_flops(config, 16, 16 * n, 512)["total"]
+                                                                for n in (1, 2, 3, 4)]
+    assert "64x64 b1 r4" in stdout and "qwen3 p50 ms" in stdout and "t5 p50 ms" not in stdout

@@ -62,3 +62,25 @@ def test_full_size_matches_the_reference_estimate():
     assert flops["attention"] == pytest.approx(5.3e13, rel=0.01)
     assert flops["total"] - flops["attention"] == pytest.approx(1.12e14, rel=0.01)
     assert flops["total"] == pytest.approx(1.65e14, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["KLEIN_4B", "KLEIN_9B"])
+def test_klein_real_widths_on_meta_match_torch_counter(name):
+    """FLUX.2 [klein] 4B and 9B (published widths) on the meta device: the model has 3.9e9 and 9.1e9 parameters, and
+    the FLOP model equals torch's count (target 64 + two references' 48 tokens, 32 text tokens)."""
+    from diffusers import Flux2Transformer2DModel
+
+    from kontext_trt.benchmarks import flops
+
+    config = getattr(flops, name)
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+        inputs = dict(hidden_states=torch.zeros(1, 112, 128), timestep=torch.ones(1), img_ids=torch.zeros(112, 4),
+                      encoder_hidden_states=torch.zeros(1, 32, config["joint_attention_dim"]),
+                      txt_ids=torch.zeros(32, 4))
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
+            model(**inputs, return_dict=False)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e8) == {"KLEIN_4B": 39, "KLEIN_9B": 91}[name]
+    assert flops.step_flops(config, 64, 48, 32)["total"] == counter.get_total_flops()
+    assert flops.step_flops(config, 64, 48, 32) == flops.flux2_flops(config, 64, 48, 32)

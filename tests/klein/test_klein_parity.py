@@ -34,7 +34,7 @@ def base(klein_base):
 
 def reference_uint8(pipe, req) -> np.ndarray:
     images = pipe(prompt=req.prompts, image=req.images or None, height=req.height, width=req.width,
-                  num_inference_steps=req.steps, guidance_scale=req.guidance,
+                  num_inference_steps=req.steps, **({} if req.guidance is None else {"guidance_scale": req.guidance}),
                   generator=torch.Generator("cpu").manual_seed(req.seed), output_type="np").images
     return (images * 255).round().astype(np.uint8)
 
@@ -81,6 +81,14 @@ def test_base_true_cfg_matches_diffusers(base, count):
     with_cfg = assert_parity(base, req)
     without = assert_parity(base, request(req.prompts, REFS[:count], steps=2, seed=9, guidance=1.0, **size))
     assert np.abs(with_cfg.astype(int) - without.astype(int)).max() > 8  # CFG ran
+
+
+def test_base_default_guidance_is_diffusers_default(base):
+    """No guidance given: ours runs the family's default (4.0), diffusers its own default; the same image."""
+    req = request(["add snow"], REFS[:1], steps=2, seed=6)
+    assert req.guidance is None
+    assert_parity(base, req)
+    assert edit(base[1], req).metadata["guidance"] == 4.0
 
 
 def test_large_reference_is_resized_then_cropped_as_diffusers(distilled):

@@ -25,7 +25,7 @@ def request():
     from kontext_trt.runtime.flow import EditRequest
 
     return EditRequest(prompts=["make it a watercolor"], image=im.sample_image(64, 64, seed=2), width=64, height=64, steps=2, seed=5,
-                       auto_resize=False)
+                       guidance=2.5, auto_resize=False)
 
 
 def random_lora(shapes: dict[str, tuple[int, ...]], seed: int, std: float = 0.15) -> dict[str, torch.Tensor]:

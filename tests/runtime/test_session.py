@@ -28,3 +28,22 @@ def test_caches_skip_repeated_encoding(tiny_ckpt):
     assert len(k.times.seconds["t5"]) == 1 and len(k.times.seconds["vae_encoder"]) == 1
     assert len(k.times.seconds["transformer"]) == 2
     assert not np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+
+
+def test_klein_session_keeps_every_reference_the_output_first(klein_tiny_ckpt):
+    """FLUX.2 [klein]: each turn's output replaces the first reference and the other references stay, in order."""
+    from kontext_trt.pipeline import KontextPipeline
+    from kontext_trt.runtime.flow import request
+    from kontext_trt.safety.guard import OutputPolicy
+
+    k = build_pipeline(LoadSpec(klein_tiny_ckpt, dtype="fp32"))
+    refs = [im.sample_image(64, 64, seed=1), im.sample_image(96, 64, seed=2), im.sample_image(80, 112, seed=3)]
+    session = KontextPipeline(k, OutputPolicy(None, "none", watermark=False)).session(
+        images=refs, num_inference_steps=2, generator_seed=4)
+    first = session.edit("make it night")
+    second = session.edit("add stars")
+    assert first.metadata["references"] == second.metadata["references"] == 3
+    assert session.image is second.images[0] and session.references == refs[1:]
+    direct = edit(k, request(["add stars"], [first.images[0], *refs[1:]], steps=2, seed=4))
+    assert torch.equal(direct.latents, second.latents)
+    assert first.metadata["guidance"] == 4.0  # klein's default

@@ -65,12 +65,16 @@ def test_healthz_is_503_until_the_model_is_loaded_and_warmed(tiny_pipeline):
         thread.join(30)
 
 
-def test_ray_batches_split_by_key_and_size():
+def test_ray_batches_split_by_key_and_size(tiny_pipeline):
+    from kontext_trt.runtime.flow import batch_key
     from kontext_trt.serve.ray_app import key_groups
+
+    def key(req):
+        return batch_key(tiny_pipeline, req)
 
     image = im.sample_image(96, 64)
     reqs = [EditRequest(["a"], image, auto_resize=False), EditRequest(["b"], steps=4, width=64, height=64),
             EditRequest(["c", "c"], image, auto_resize=False), EditRequest(["d"], image, auto_resize=False),
             EditRequest(["e"], image, auto_resize=False)]
-    assert key_groups(reqs, max_images=4) == [[0, 2, 3], [4], [1]]
-    assert key_groups(reqs, max_images=1) == [[0], [2], [3], [4], [1]]
+    assert key_groups(reqs, 4, key) == [[0, 2, 3], [4], [1]]
+    assert key_groups(reqs, 1, key) == [[0], [2], [3], [4], [1]]

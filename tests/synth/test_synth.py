@@ -228,3 +228,35 @@ def test_vae_to_ldm_is_inverted_by_diffusers_converter(tiny_ckpt):
     config = json.loads((tiny_ckpt / "vae/config.json").read_text())
     back = convert_ldm_vae_checkpoint(vae_to_ldm(vae), config)
     assert back.keys() == vae.keys() and all(torch.equal(back[k], vae[k]) for k in vae)
+
+
+def test_klein_tiny_preset_loads_without_flags_and_edits(tmp_path, capsys):
+    """synth --preset klein-tiny: a diffusers-layout FLUX.2 [klein] (Qwen2 tokenizer built offline) that the CLI
+    detects from model_index.json and edits with two references; its widths are not the parity tests'."""
+    import sys
+
+    from kontext_trt.cli.main import main
+    from kontext_trt.core import image as im
+    from kontext_trt.synth.klein import KLEIN_TINY
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "klein"))
+    from tiny_klein import PARITY_SIZES
+
+    assert all(KLEIN_TINY[part] != PARITY_SIZES[part] for part in KLEIN_TINY)
+    out = tmp_path / "klein"
+    assert main(["synth", str(out), "--preset", "klein-tiny"]) == 0
+    index = json.loads((out / "model_index.json").read_text())
+    assert (index["_class_name"], index["is_distilled"]) == ("Flux2KleinPipeline", True)
+    assert json.loads((out / "transformer" / "config.json").read_text())["in_channels"] == 16
+    assert {"tokenizer/tokenizer.json", "text_encoder/config.json", "vae/config.json"} <= files(out)
+    refs = []
+    for i, size in enumerate([(64, 64), (96, 80)]):
+        refs.append(tmp_path / f"ref{i}.png")
+        im.sample_image(*size, seed=i).save(refs[-1])
+    result = tmp_path / "out.png"
+    assert main(["edit", "--model", str(out), "--dtype", "fp32", "--image", str(refs[0]), "--image", str(refs[1]),
+                 "--prompt", "add snow", "--steps", "2", "--safety-checker", "none", "--out", str(result)]) == 0
+    meta = json.loads(Image.open(result).text["kontext-trt"])
+    assert Image.open(result).size == (64, 64) and (meta["references"], meta["guidance"]) == (2, 4.0)
+    with pytest.raises(KontextError, match="diffusers layout only"):
+        write_synthetic_checkpoint(tmp_path / "bfl", preset="klein-tiny", fmt="bfl")
