@@ -102,7 +102,7 @@ def test_concurrent_requests_batch_and_keep_their_seeds(served, sample_png):
     ({"prompt": "x", "steps": "0"}, True, "steps must be at least 1"),
     ({"prompt": "x", "n": "11"}, True, "n '11' must be an integer from 1 to 10"),
     ({"prompt": "x", "colour": "red"}, True, "unrecognized field 'colour'"),
-    ({"prompt": "x"}, False, "exactly one image"),
+    ({"prompt": "x"}, False, "send an image file in the `image` field"),
     ({"prompt": "x"}, b"not an image", "not a readable PNG"),
 ])
 def test_bad_requests_answer_400_in_openai_shape(served, sample_png, fields, image, message):
