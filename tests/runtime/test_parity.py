@@ -7,7 +7,7 @@ from diffusers import FluxKontextPipeline
 from kontext_trt.assemble import build_pipeline
 from kontext_trt.core import image as im
 from kontext_trt.core.specs import LoadSpec
-from kontext_trt.runtime.flow import EditRequest, edit
+from kontext_trt.runtime.flow import EditRequest, edit, with_defaults
 
 LATENT_TOL = 1e-4
 
@@ -35,6 +35,7 @@ def run_reference(pipe, req: EditRequest, output_type: str):
 
 
 def assert_parity(reference, ours, req):
+    req = with_defaults(ours, req)  # the family default guidance (2.5), which diffusers gets explicitly
     result = edit(ours, req)
     ref_latents = run_reference(reference, req, "latent")
     assert result.latents.shape == ref_latents.shape

@@ -216,7 +216,7 @@ def test_malformed_bodies_are_400s_never_500s(guarded, png):
                                  headers={"Content-Type": "application/json"})
         error_of(response, 400, None, "invalid_body", elapsed=elapsed)
     cases = [  # (request kwargs, param, code)
-        (dict(json={"prompt": "x"}), None, "invalid_body"),  # an edit needs a form
+        (dict(json={"prompt": "x"}), "image", "missing_argument"),  # a JSON edit without images
         (dict(content=b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx",
               headers={"Content-Type": "multipart/form-data"}), None, "invalid_body"),  # no boundary
         (dict(content=b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx",
