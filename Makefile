@@ -25,11 +25,13 @@ chromium:
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	# one resolution for torch (unless this venv has one: a GPU host keeps its CUDA build) and the package;
-	# --no-compile: no bytecode for the ~100k installed files now, Python writes it for what is imported
+	# one resolution for torch (unless this venv has one: a GPU host keeps its CUDA build) and the package
 	$(PY) -m pip install -q --no-compile $$($(PY) -c "import torch" 2>/dev/null || echo "$(TORCH_SPEC)") -e ".[dev]"
 	# no-deps: see safety/no-deps.txt; invisible-watermark is the tests' reference watermark decoder
 	$(PY) -m pip install -q --no-compile --no-deps -r kontext_trt/safety/no-deps.txt "invisible-watermark==0.2.0"
+	# bytecode for all of it on every core (pip compiles one file at a time; where PYTHONDONTWRITEBYTECODE is set, as
+	# here, nothing would be cached later). Like pip, skip the few py2-only files some packages ship: hence || true
+	$(PY) -m compileall -qq -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true
 	touch $@
 
 demo: setup
