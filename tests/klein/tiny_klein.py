@@ -68,3 +68,16 @@ def write_tiny_klein(root: Path, distilled: bool, seed: int = 0) -> Path:
                               transformer=transformer, is_distilled=distilled)
     pipe.save_pretrained(root, safe_serialization=True)
     return root
+
+
+def transformer_case(batch: int, refs: list[tuple[int, int]], text: int, seed: int) -> dict:
+    """Inputs of a tiny klein transformer (32 channels, 72-wide text): a target of 4x4 cells, then references of
+    (rows, cols) cells at t = 10, 20, ..., with the ids the loop builds."""
+    from kontext_trt.runtime import klein
+
+    ids = torch.cat([klein.grid_ids(0, 4, 4), *(klein.grid_ids(10 * (i + 1), *r) for i, r in enumerate(refs))])
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, len(ids), 32, generator=g),
+            "encoder_hidden_states": torch.randn(batch, text, 72, generator=g),
+            "timestep": torch.rand(batch, generator=g), "img_ids": ids,
+            "txt_ids": klein.Flux2Klein().text_ids(None, text)}
