@@ -121,7 +121,7 @@ def load_onnx(folder: str | Path, device: torch.device, cuda_graphs: bool = Fals
     if manifest is None:
         raise KontextError(f"{folder}: no manifest.json, so not an export folder; "
                            f"run `kontext-trt export --model CHECKPOINT --out {folder}`")
-    missing = [name for name in STAGE_NAMES if name not in manifest.stages]
+    missing = [name for name in manifest.family.stage_names if name not in manifest.stages]
     if missing:  # before hashing: a user who forgot a stage hears that, not minutes of sha256 first
         raise KontextError(f"{folder}: stage {missing[0]} was not exported; run "
                            f"`kontext-trt export --model CHECKPOINT --out {folder} --stages {missing[0]}`")
@@ -167,10 +167,11 @@ def load_engines(engines: Path, precision: str | None = None, sku: str = "auto",
 
 
 def export_tokenizers(folder: Path, manifest: ExportManifest) -> Tokenizers:
-    """The CLIP and T5 tokenizers an export folder copied from its checkpoint."""
-    from kontext_trt.core.checkpoint import load_tokenizer_folders
+    """The tokenizers an export folder copied from its checkpoint (FLUX.1: CLIP's and T5's; klein: Qwen's and None)."""
+    from kontext_trt.core.checkpoint import load_family_tokenizers
 
-    return load_tokenizer_folders(manifest.tokenizer_folder(folder, "clip"), manifest.tokenizer_folder(folder, "t5"))
+    return load_family_tokenizers(manifest.family.name, {role: manifest.tokenizer_folder(folder, role)
+                                                         for role in manifest.tokenizers})
 
 
 def engine_tokenizers_and_config(manifest: EngineManifest, onnx: Path | None,

@@ -42,6 +42,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def run_quantize(args: argparse.Namespace) -> int:
     """kontext-trt quantize: prints the quality report (Markdown) at the end."""
+    from kontext_trt.core.checkpoint import open_checkpoint
+    from kontext_trt.core.family import family_named
     from kontext_trt.quant.quantize import QuantizeRequest, quantize
     from kontext_trt.quant.report import markdown
 
@@ -51,9 +53,10 @@ def run_quantize(args: argparse.Namespace) -> int:
         auto_resize=args.auto_resize, device=args.device, loras=tuple(args.lora), svd_rank=args.svd_rank,
         svd_alpha=args.svd_alpha))
     print(markdown(report))
+    family = family_named(open_checkpoint(args.model).family)
+    others = ",".join(stage for stage in family.stage_names if stage != "transformer")
     print(f"{args.out / 'manifest.json'}: add the other stages with `kontext-trt export --model {args.model} --out "
-          f"{args.out} --stages clip,t5,vae_encoder,vae_decoder`, then `kontext-trt build --onnx {args.out} "
-          f"--precision {args.precision}`")
+          f"{args.out} --stages {others}`, then `kontext-trt build --onnx {args.out} --precision {args.precision}`")
     return 0
 
 

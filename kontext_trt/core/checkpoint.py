@@ -23,7 +23,7 @@ from kontext_trt.core.bfl_checkpoint import (
     vae_config_from_shapes,
 )
 from kontext_trt.core.errors import KontextError
-from kontext_trt.core.family import FLUX1_KONTEXT, detect_family
+from kontext_trt.core.family import FLUX1_KONTEXT, FLUX2_KLEIN, detect_family, family_named
 from kontext_trt.core.files import read_json
 from kontext_trt.core.flux_constants import HUB_ID, LATENT_CHANNELS, REFETCH, SCHEDULER_CONFIG, TRANSFORMER_IN_CHANNELS
 from kontext_trt.core.text import T5_MAX_LEN
@@ -175,10 +175,18 @@ def load_t5(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16) -> T5EncoderM
 def load_tokenizers(ckpt: Checkpoint) -> tuple[CLIPTokenizer | CLIPTokenizerFast, T5TokenizerFast]:
     """CLIP's and T5's tokenizers from the checkpoint's tokenizer/ and tokenizer_2/ folders; a FLUX.2 [klein]
     checkpoint's Qwen tokenizer (tokenizer/) and None."""
-    if ckpt.family != FLUX1_KONTEXT.name:
-        from kontext_trt.core.klein_checkpoint import load_qwen_tokenizer
-        return load_qwen_tokenizer(ckpt.root / "tokenizer"), None
-    return load_tokenizer_folders(ckpt.root / "tokenizer", ckpt.root / "tokenizer_2")
+    family = family_named(ckpt.family)
+    return load_family_tokenizers(family.name, {role: ckpt.root / name for role, name in family.tokenizers.items()})
+
+
+def load_family_tokenizers(family: str, folders: dict[str, Path]) -> tuple:
+    """A family's tokenizers from their folders ({role: folder}, core.family.Family.tokenizers): FLUX.1's CLIP and T5,
+    or klein's Qwen tokenizer and None."""
+    from kontext_trt.core.klein_checkpoint import load_qwen_tokenizer
+
+    loaders = {FLUX1_KONTEXT.name: lambda: load_tokenizer_folders(folders["clip"], folders["t5"]),
+               FLUX2_KLEIN.name: lambda: (load_qwen_tokenizer(folders["qwen"]), None)}
+    return loaders[family]()
 
 
 def load_tokenizer_folders(clip_folder: Path, t5_folder: Path) -> tuple[CLIPTokenizer | CLIPTokenizerFast,

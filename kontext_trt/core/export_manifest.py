@@ -4,9 +4,11 @@ Fields (plain JSON; every path is relative to DIR):
 
     format_version   int, FORMAT_VERSION; bumped on incompatible changes
     checkpoint       {"path": the checkpoint folder exported, "fingerprint": runtime.checkpoint.checkpoint_fingerprint}
-    kontext          runtime.flow.KontextConfig.to_dict(): latent channels, VAE scale/shift, guidance, shift line,
-                     T5 text length (absent in older manifests: 512)
-    tokenizers       {"clip": "tokenizer", "t5": "tokenizer_2"}: folders copied from the checkpoint
+    kontext          runtime.flow.KontextConfig.to_dict(): the model family (core.family: "flux1-kontext" or
+                     "flux2-klein"; absent in older manifests: flux1-kontext), latent channels, VAE scale/shift,
+                     guidance, shift line, T5 text length (absent in older manifests: 512)
+    tokenizers       the family's {role: folder} (FLUX.1: {"clip": "tokenizer", "t5": "tokenizer_2"}, klein:
+                     {"qwen": "tokenizer"}): folders copied from the checkpoint
     tools            versions of torch, onnx, onnxslim, diffusers, transformers and kontext-trt that exported
     stages           {stage name: entry}, only the stages exported so far, each entry:
         file           "transformer/model.onnx"
@@ -34,11 +36,12 @@ from pathlib import Path
 
 from kontext_trt.core import files
 from kontext_trt.core.errors import KontextError
-from kontext_trt.core.stages import STAGE_IO, DimRange, eval_dim
+from kontext_trt.core.family import FLUX1_KONTEXT, Family, family_named, known_stage_io
+from kontext_trt.core.stages import DimRange, eval_dim
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-TOKENIZERS = {"clip": "tokenizer", "t5": "tokenizer_2"}
+TOKENIZERS = FLUX1_KONTEXT.tokenizers  # manifests from before families
 TOOLS = ("torch", "onnx", "onnxslim", "diffusers", "transformers", "kontext-trt")
 FIX = "re-export with `kontext-trt export --force` (or delete manifest.json to scan the graphs)"
 
@@ -53,6 +56,11 @@ class ExportManifest:
     tools: dict[str, str] = field(default_factory=dict)
     stages: dict[str, dict] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def family(self) -> Family:
+        """The model family exported (core.family), from the loop config it recorded."""
+        return family_named(self.kontext.get("family", FLUX1_KONTEXT.name))
 
     @property
     def fingerprint(self) -> str:
@@ -76,11 +84,11 @@ def read_export_manifest(folder: Path) -> ExportManifest | None:
     data = files.read_json(path, fix=FIX)
     if data is None:
         return None
-    stages = data.get("stages")
+    stages, known = data.get("stages"), dict(known_stage_io())
     if not isinstance(stages, dict) or not all(
-            name in STAGE_IO and isinstance(entry, dict) and isinstance(entry.get("file"), str)
+            name in known and isinstance(entry, dict) and isinstance(entry.get("file"), str)
             for name, entry in stages.items()):
-        raise KontextError(f"{path} is malformed: 'stages' must map stage names ({', '.join(STAGE_IO)}) to entries "
+        raise KontextError(f"{path} is malformed: 'stages' must map stage names ({', '.join(known)}) to entries "
                            f"with a 'file'; {FIX}", code="invalid_manifest")
     if data.get("format_version") != FORMAT_VERSION:
         raise KontextError(f"{path}: format_version {data.get('format_version')!r} is not {FORMAT_VERSION}; {FIX}",
@@ -119,9 +127,10 @@ def verify_files(folder: Path, manifest: ExportManifest) -> None:
 
 
 def new_manifest(checkpoint_path: Path, fingerprint: str, kontext: dict) -> ExportManifest:
-    """A manifest with no stages yet."""
+    """A manifest with no stages yet; its tokenizer folders are those of the family `kontext` names."""
+    family = family_named(kontext.get("family", FLUX1_KONTEXT.name))
     return ExportManifest({"path": str(Path(checkpoint_path).resolve()), "fingerprint": fingerprint}, kontext,
-                          tools=tool_versions())
+                          dict(family.tokenizers), tools=tool_versions())
 
 
 def stage_entry(stage: str, external: bool, weight_bytes: int, dtype: str, opset: int, inputs: list[dict],

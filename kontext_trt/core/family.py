@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.files import read_json
-from kontext_trt.core.stages import STAGE_IO, STAGE_NAMES
+from kontext_trt.core.stages import STAGE_IO, STAGE_NAMES, TRANSFORMER_PARTS
 
 KLEIN_STAGE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "text_encoder": (("input_ids", "attention_mask"), ("text_embeddings",)),
@@ -43,6 +43,8 @@ class Family:
     stage_io: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
     max_references: int
     default_guidance: float
+    tokenizers: dict[str, str]  # role -> folder, in the checkpoint and in an export folder alike
+    parts: tuple[str, ...] = ()  # the transformer split in parts for step caching (core.stages.TRANSFORMER_PARTS)
 
     def io(self, stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(input names, output names) of one of this family's stages (or of a transformer part)."""
@@ -52,13 +54,21 @@ class Family:
 FLUX1_KONTEXT = Family(
     "flux1-kontext", "FluxKontextPipeline", "FLUX.1 Kontext",
     ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-    STAGE_NAMES, {name: STAGE_IO[name] for name in STAGE_NAMES}, 1, 2.5)
+    STAGE_NAMES, {name: STAGE_IO[name] for name in STAGE_NAMES}, 1, 2.5, {"clip": "tokenizer", "t5": "tokenizer_2"},
+    TRANSFORMER_PARTS)
 FLUX2_KLEIN = Family(
     "flux2-klein", "Flux2KleinPipeline", "FLUX.2 [klein]",
     ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
-    ("text_encoder", "vae_encoder", "transformer", "vae_decoder"), KLEIN_STAGE_IO, 4, 4.0)
+    ("text_encoder", "vae_encoder", "transformer", "vae_decoder"), KLEIN_STAGE_IO, 4, 4.0, {"qwen": "tokenizer"})
 FAMILIES: dict[str, Family] = {family.name: family for family in (FLUX1_KONTEXT, FLUX2_KLEIN)}
 MAX_REFERENCES = max(family.max_references for family in FAMILIES.values())
+
+
+def known_stage_io() -> list[tuple[str, tuple[tuple[str, ...], tuple[str, ...]]]]:
+    """(stage name, (inputs, outputs)) of every family's stages and FLUX.1's transformer parts, FLUX.1's first: what an
+    ONNX graph's I/O is matched against."""
+    pairs = [*STAGE_IO.items(), *(pair for family in FAMILIES.values() for pair in family.stage_io.items())]
+    return list(dict.fromkeys(pairs))
 
 
 def family_named(name: str) -> Family:

@@ -12,6 +12,7 @@ import onnx
 from kontext_trt.core import files
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.export_manifest import MANIFEST, ExportManifest, read_export_manifest
+from kontext_trt.core.family import known_stage_io
 from kontext_trt.core.stages import STAGE_IO, STAGE_NAMES
 from kontext_trt.core.timing import progress
 
@@ -79,9 +80,9 @@ class OnnxDir:
 
 
 def stage_of(inputs: list[str], outputs: list[str]) -> str | None:
-    """The stage whose contract has these inputs (guidance optional) and whose outputs they include (the first
-    stage wins: clip, whose outputs include t5's, is tried before t5)."""
-    for name, (ins, outs) in STAGE_IO.items():
+    """The stage whose contract (any family's, FLUX.1's first) has these inputs (guidance optional) and whose outputs
+    they include (the first stage wins: clip, whose outputs include t5's, is tried before t5)."""
+    for name, (ins, outs) in known_stage_io():
         if set(ins) - {"guidance"} <= set(inputs) <= set(ins) and set(outs) <= set(outputs):
             return name
     return None

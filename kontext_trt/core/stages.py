@@ -46,9 +46,11 @@ SPLIT_STAGE_NAMES = ("clip", "t5", "vae_encoder", *TRANSFORMER_PARTS, "vae_decod
 
 def stage_list(values: list[str], flag: str = "--stages") -> tuple[str, ...]:
     """--stages as export and build both take it: names separated by commas or spaces (`clip,t5` or `clip t5`),
-    each a stage or a transformer part, in the order given, duplicates dropped; one line names an unknown one."""
+    each a stage of a family (core.family) or a transformer part, in the order given, duplicates dropped; one line names an unknown one."""
+    from kontext_trt.core.family import known_stage_io
+
     names = tuple(dict.fromkeys(name.strip() for value in values for name in value.split(",") if name.strip()))
-    known = (*STAGE_NAMES, *TRANSFORMER_PARTS)
+    known = tuple(dict.fromkeys([*STAGE_NAMES, *TRANSFORMER_PARTS, *(name for name, _ in known_stage_io())]))
     for name in names:
         if name not in known:
             raise KontextError(f"{flag}: unknown stage {name!r}: use any of {','.join(known)}")

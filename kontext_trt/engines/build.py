@@ -11,8 +11,9 @@ from pathlib import Path
 from kontext_trt.core import files
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.export_manifest import ExportManifest
+from kontext_trt.core.family import FLUX1_KONTEXT, Family
 from kontext_trt.core.onnx_dir import OnnxStage, read_onnx_dir
-from kontext_trt.core.stages import STAGE_NAMES, TRANSFORMER_PARTS
+from kontext_trt.core.stages import TRANSFORMER_PARTS
 from kontext_trt.core.timing import note, progress
 from kontext_trt.engines import cache, profiles, refit, trt_api
 from kontext_trt.engines.skus import PRECISION_FALLBACK, Sku, precision_refusal
@@ -92,9 +93,11 @@ def check_precision(stage: OnnxStage, sms: tuple[int, ...]) -> None:
                                f"drop sm{sm} from --target")
 
 
-def stage_key(stage: OnnxStage, profile: profiles.Profile, target: Target, flags: BuildFlags, version: str) -> str:
-    """The identity of a plan: same key, same plan (the build is skipped)."""
-    ident = {"onnx": stage.sha256, "precision": stage.precision, "profile": profile, "flavor": target.flavor,
+def stage_key(stage: OnnxStage, profile: profiles.Profile, target: Target, flags: BuildFlags, version: str,
+              family: str = FLUX1_KONTEXT.name) -> str:
+    """The identity of a plan (the model family's included): same key, same plan (the build is skipped)."""
+    ident = {"family": family, "onnx": stage.sha256, "precision": stage.precision, "profile": profile,
+             "flavor": target.flavor,
              "version": version, "targets": sorted(target.sms), "opt_level": flags.opt_level, "refit": flags.refit,
              "weight_streaming": flags.weight_streaming}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
@@ -116,7 +119,9 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
     api = trt_api.load_api(req.target.flavor)
     trt_api.check_targets(api, req.target.sms, req.target.device_sm)
     onnx = read_onnx_dir(req.onnx_dir)
-    stages = req.stages or tuple(s for s in (*STAGE_NAMES, *TRANSFORMER_PARTS) if s in onnx.stages)
+    family = onnx.manifest.family if onnx.manifest else FLUX1_KONTEXT  # BFL's ONNX (no manifest) is FLUX.1
+    stages = req.stages or tuple(s for s in (*family.stage_names, *family.parts) if s in onnx.stages)
+    check_stages(stages, family, req.onnx_dir)
     picks = {s: onnx.pick(s, req.precision) for s in stages}
     for stage in picks.values():
         check_precision(stage, req.target.sms)
@@ -135,21 +140,22 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
     old = cache.read_engine_manifest(folder)
     manifest = cache.EngineManifest(
         sku=req.sku.name, tag=req.sku.tag, flavor=api.flavor, version=api.version, precision=precision,
+        family=family.name,
         targets=build["targets"], build=build, command=cache.build_command(build),
         checkpoint_fingerprint=onnx.fingerprint,
         onnx=json.loads(json.dumps({"dir": build["onnx"], "manifest_sha256": onnx.manifest_sha256,
                                     "kontext": onnx.manifest and onnx.manifest.kontext,
                                     **({"graphs": onnx.describe()} if onnx.manifest is None else {})})),
-        tokens=json.loads(json.dumps(profiles.token_ranges(req.shapes))),  # as JSON keeps them (lists, str keys)
+        tokens=json.loads(json.dumps(profiles.token_ranges(req.shapes, family))),  # as JSON keeps them
         caches={"runtime": cache.RUNTIME_CACHE if api.is_rtx else None,
                 "timing": None if api.is_rtx else str(flags.timing_cache)},
         stages=dict(old.stages) if old else {})
-    axes, built = profiles.axis_ranges(req.shapes, text_length(onnx.manifest)), []
+    axes, built = profiles.axis_ranges(req.shapes, text_length(onnx.manifest), family), []
     for stage, pick in picks.items():
-        profile = profiles.stage_profile(stage, pick.shapes, axes)
+        profile = profiles.stage_profile(stage, pick.shapes, axes, family)
         stage_flags = flags if stage in profiles.STREAMED_STAGES else replace(flags, weight_streaming=False)
         stage_flags = stage_flags if stage in REFIT_STAGES else replace(stage_flags, refit=False)
-        key = stage_key(pick, profile, req.target, stage_flags, api.version)
+        key = stage_key(pick, profile, req.target, stage_flags, api.version, family.name)
         entry, plan_path = manifest.stages.get(stage, {}), folder / f"{stage}.plan"
         if entry.get("key") == key and cache.plan_problem(plan_path, entry) is None:
             note(f"{stage}: up to date ({plan_path}, sha256 checked)")
@@ -170,11 +176,20 @@ def build_set(req: BuildRequest) -> tuple[Path, list[str]]:
             _check_header(inspected["header"], api.version, build["targets"], stage)
             files.write_atomic(plan_path, plan)
         manifest.stages[stage] = _stage_entry(pick, plan_path, key, profile, axes, stage_flags, seconds, plan,
-                                                 inspected)
+                                              inspected, family)
         built.append(stage)
         _record(folder, manifest, {s: manifest.stages[s] for s in built})
     _record(folder, manifest, {s: manifest.stages[s] for s in built})
     return folder, built
+
+
+def check_stages(stages: tuple[str, ...], family: Family, onnx_dir: Path) -> None:
+    """Refuse, in one line, a --stages name the export's family does not have."""
+    for stage in stages:
+        if stage not in (*family.stage_names, *family.parts):
+            raise KontextError(f"--stages {stage}: {onnx_dir} is a {family.label} export, whose stages are "
+                               f"{','.join((*family.stage_names, *family.parts))}: build those", "stages",
+                               "invalid_value")
 
 
 def text_length(manifest: ExportManifest | None) -> int | None:
@@ -198,9 +213,11 @@ def _record(folder: Path, manifest: cache.EngineManifest, built: dict[str, dict]
 
 
 def _stage_entry(pick: OnnxStage, plan_path: Path, key: str, profile: profiles.Profile, axes: dict,
-                 flags: BuildFlags, seconds: float, plan: memoryview, inspected: dict) -> dict:
+                 flags: BuildFlags, seconds: float, plan: memoryview, inspected: dict,
+                 family: Family = FLUX1_KONTEXT) -> dict:
     """One stage's manifest entry: its source, shapes, flags, build time, size and what the build host could check."""
-    used = {a for rule in profiles.STAGE_AXES[pick.stage].values() for a in rule if isinstance(a, str)}
+    rules = profiles.FAMILY_AXES[family.name].stage_axes[pick.stage]
+    used = {a for rule in rules.values() for a in rule if isinstance(a, str)}
     return {
         "file": plan_path.name, "key": key, "sha256": hashlib.sha256(plan).hexdigest(), "onnx_file": str(pick.path),
         "onnx_sha256": pick.sha256,

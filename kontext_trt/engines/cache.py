@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kontext_trt.core import files
 from kontext_trt.core.errors import KontextError
+from kontext_trt.core.family import FLUX1_KONTEXT
 from kontext_trt.core.stages import STAGE_NAMES, TRANSFORMER_PARTS
 from kontext_trt.core.timing import progress
 from kontext_trt.engines import profiles
@@ -24,7 +25,7 @@ TIMING_CACHE = "timing.cache"  # TensorRT tactic timings, per <sku>/<flavor>-<ve
 @dataclass
 class EngineManifest:
     """An engine folder's manifest.json as a value: what was built (SKU, TensorRT flavour and version, precision,
-    targets), from what (`onnx`: the export folder, its manifest's sha256 and loop config; `checkpoint_fingerprint`),
+    targets) for which model family, from what (`onnx`: the export folder, its manifest's sha256 and loop config; `checkpoint_fingerprint`),
     how (`build`: the build's arguments, `command`: the line that rebuilds it, `tokens`, `caches`) and, per stage, its
     plan entry (file, key, sha256, profile, axes, flags, sizes and what the build host checked)."""
 
@@ -37,6 +38,7 @@ class EngineManifest:
     build: dict
     command: str
     checkpoint_fingerprint: str | None = None
+    family: str = FLUX1_KONTEXT.name  # core.family: the model family the engines run (older manifests: FLUX.1)
     onnx: dict = field(default_factory=dict)
     tokens: dict = field(default_factory=dict)
     caches: dict = field(default_factory=dict)

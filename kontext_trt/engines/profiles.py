@@ -1,7 +1,8 @@
 """Optimization profiles from the Kontext resolution buckets: one (min, opt, max) range per named axis, then per input.
 
-Axes: B batch, L transformer image tokens (target N + context M), H/W pixels, h/w latent (pixels / 8), S the T5 text
-tokens (fixed: the export manifest's KontextConfig.text_length, 512 for FLUX.1 Kontext [dev]). A WxH image
+Axes: B batch, L transformer image tokens (target N + context M), H/W pixels, h/w latent (pixels / 8; FLUX.2 [klein]:
+/ 16), S the text tokens (fixed: the export manifest's KontextConfig.text_length, 512 for FLUX.1 Kontext [dev] and
+klein). Klein's L covers the target and up to 4 references, each at most the largest size. A WxH image
 has (H/16)*(W/16) tokens. The VAE encoder's batch is always 1: the one context image is encoded once per edit, whatever
 the batch of prompts. The transformer range runs from text-to-image at the smallest size (no context) to an edit
 at the largest size with the largest context; opt is a 1024x1024 edit of a 1024x1024 image (batch: its smallest).
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from kontext_trt.core import image
 from kontext_trt.core.errors import KontextError
+from kontext_trt.core.family import FLUX1_KONTEXT, FLUX2_KLEIN, Family
 from kontext_trt.core.image import KONTEXT_BUCKETS, MULTIPLE
 from kontext_trt.core.text import CLIP_LEN
 
@@ -43,6 +45,29 @@ STAGE_AXES["transformer_body"] = {
     "temb": ("B", None), "img_ids": ("L", 3), "txt_ids": ("S", 3),
 }
 STAGE_AXES["transformer_tail"] = {"final_hidden_states": ("B", "L", None), "temb": ("B", None)}
+# FLUX.2 [klein] (core.family): Qwen3 ids and mask, 4-axis ids, each reference VAE-encoded on its own (batch 1), the
+# decoder's latent cells 16 pixels (the stages patchify), its channels (4C) from the ONNX.
+KLEIN_STAGE_AXES: dict[str, dict[str, tuple[str | int | None, ...]]] = {
+    "text_encoder": {"input_ids": ("B", "S"), "attention_mask": ("B", "S")},
+    "vae_encoder": {"images": (1, 3, "H", "W")},
+    "vae_decoder": {"latent": ("B", None, "h", "w")},
+    "transformer": {"hidden_states": ("B", "L", None), "encoder_hidden_states": ("B", "S", None), "timestep": ("B",),
+                    "img_ids": ("L", 4), "txt_ids": ("S", 4)},
+}
+
+
+@dataclass(frozen=True)
+class FamilyAxes:
+    """What a family's profiles are made of: each stage's input axes, pixels per decoder latent cell (the h/w axes),
+    and how many reference images an edit adds to the transformer's tokens (the L axis)."""
+
+    stage_axes: dict[str, dict[str, tuple[str | int | None, ...]]]
+    latent_cell: int
+    max_references: int
+
+
+FAMILY_AXES = {FLUX1_KONTEXT.name: FamilyAxes(STAGE_AXES, 8, FLUX1_KONTEXT.max_references),
+               FLUX2_KLEIN.name: FamilyAxes(KLEIN_STAGE_AXES, 16, FLUX2_KLEIN.max_references)}
 
 
 @dataclass(frozen=True)
@@ -88,28 +113,32 @@ def opt_size(sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
     return OPT_SIZE if OPT_SIZE in sizes else min(sizes, key=lambda s: (abs(tokens(*s) - tokens(*OPT_SIZE)), s))
 
 
-def token_ranges(shapes: Shapes) -> dict[str, Range]:
-    """(min, opt, max) tokens for the target, the context (0: text-to-image) and both together (the L axis)."""
+def token_ranges(shapes: Shapes, family: Family = FLUX1_KONTEXT) -> dict[str, Range]:
+    """(min, opt, max) tokens for the target, the context (0: text-to-image; up to the family's most references, each
+    at most the largest size) and both together (the L axis); opt is an edit from one reference of the opt size."""
     counts = [tokens(*s) for s in shapes.sizes]
-    opt = tokens(*opt_size(shapes.sizes))
+    opt, refs = tokens(*opt_size(shapes.sizes)), FAMILY_AXES[family.name].max_references
     if shapes.static:
-        return {"target": (opt, opt, opt), "context": (opt, opt, opt), "total": (2 * opt, 2 * opt, 2 * opt)}
-    return {"target": (min(counts), opt, max(counts)), "context": (0, opt, max(counts)),
-            "total": (min(counts), 2 * opt, 2 * max(counts))}
+        return {"target": (opt, opt, opt), "context": (opt, opt, refs * opt),
+                "total": (2 * opt, 2 * opt, (1 + refs) * opt)}
+    return {"target": (min(counts), opt, max(counts)), "context": (0, opt, refs * max(counts)),
+            "total": (min(counts), 2 * opt, (1 + refs) * max(counts))}
 
 
-def axis_ranges(shapes: Shapes, text_length: int | None = None) -> dict[str, Range]:
-    """(min, opt, max) of every axis letter for these shapes; S (T5 tokens) only with a text_length, the export
-    manifest's (without one, the ONNX's own static text size is the profile's)."""
+def axis_ranges(shapes: Shapes, text_length: int | None = None, family: Family = FLUX1_KONTEXT) -> dict[str, Range]:
+    """(min, opt, max) of every axis letter for these shapes and this family; S (text tokens) only with a
+    text_length, the export manifest's (without one, the ONNX's own static text size is the profile's)."""
+    cell = FAMILY_AXES[family.name].latent_cell
     widths, heights = [w for w, _ in shapes.sizes], [h for _, h in shapes.sizes]
     ow, oh = opt_size(shapes.sizes)
     if shapes.static:
         widths, heights = [ow], [oh]
     lo, hi = shapes.batch
     return {
-        "B": (lo, lo, hi), "L": token_ranges(shapes)["total"],
+        "B": (lo, lo, hi), "L": token_ranges(shapes, family)["total"],
         "W": (min(widths), ow, max(widths)), "H": (min(heights), oh, max(heights)),
-        "w": (min(widths) // 8, ow // 8, max(widths) // 8), "h": (min(heights) // 8, oh // 8, max(heights) // 8),
+        "w": (min(widths) // cell, ow // cell, max(widths) // cell),
+        "h": (min(heights) // cell, oh // cell, max(heights) // cell),
         **({"S": (text_length, text_length, text_length)} if text_length is not None else {}),
     }
 
@@ -127,9 +156,11 @@ def request_axes(width: int, height: int, context: tuple[int, int] | None, batch
     return axes
 
 
-def stage_profile(stage: str, onnx_shapes: dict[str, tuple[int | str, ...]], axes: dict[str, Range]) -> Profile:
-    """min/opt/max shape of each ONNX input of a stage: ONNX static sizes, else contract sizes, else axis ranges."""
-    rules, profile = STAGE_AXES[stage], {}
+def stage_profile(stage: str, onnx_shapes: dict[str, tuple[int | str, ...]], axes: dict[str, Range],
+                  family: Family = FLUX1_KONTEXT) -> Profile:
+    """min/opt/max shape of each ONNX input of a family's stage: ONNX static sizes, else contract sizes, else axis
+    ranges."""
+    rules, profile = FAMILY_AXES[family.name].stage_axes[stage], {}
     for name, dims in onnx_shapes.items():
         rule = rules.get(name)
         if rule is None or len(rule) != len(dims):

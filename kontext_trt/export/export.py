@@ -22,7 +22,6 @@ from kontext_trt.core.checks import check_output_folder
 from kontext_trt.core.dtypes import DTYPES
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.export_manifest import (
-    TOKENIZERS,
     new_manifest,
     read_export_manifest,
     record_stage,
@@ -30,13 +29,20 @@ from kontext_trt.core.export_manifest import (
     tool_versions,
     write_manifest,
 )
+from kontext_trt.core.family import FLUX1_KONTEXT, FLUX2_KLEIN, Family, family_named
 from kontext_trt.core.onnx_dir import file_identity
-from kontext_trt.core.stages import STAGE_NAMES, TRANSFORMER_PARTS
+from kontext_trt.core.stages import TRANSFORMER_PARTS
 from kontext_trt.core.timing import bar, progress
 from kontext_trt.core.weight_map import param_signatures, weight_map
 from kontext_trt.export import onnx_file
 from kontext_trt.export.rope import fp32_rope
 from kontext_trt.export.specs import stage_dims
+from kontext_trt.runtime.klein_stages import (
+    Flux2TransformerModule,
+    KleinVaeDecoderModule,
+    KleinVaeEncoderModule,
+    Qwen3TextModule,
+)
 from kontext_trt.runtime.lora import LoraSpec, fuse_into
 from kontext_trt.runtime.torch_stages import ClipModule, T5Module, TransformerModule, VaeDecoderModule, VaeEncoderModule
 
@@ -45,21 +51,24 @@ MIN_OPSET, MAX_OPSET = 18, 23  # torch.export emits opset >= 18; TensorRT(-RTX) 
 EXTERNAL_THRESHOLD = 2 * 1024 ** 3  # protobuf's 2 GiB limit: heavier stages keep weights in model.onnx.data
 
 
-def export_checkpoint(model: str | Path, out: str | Path, stages: tuple[str, ...] = STAGE_NAMES, dtype: str = "bf16",
+def export_checkpoint(model: str | Path, out: str | Path, stages: tuple[str, ...] | None = None, dtype: str = "bf16",
                       opset: int = DEFAULT_OPSET, force: bool = False,
                       external_threshold: int = EXTERNAL_THRESHOLD, loras: Sequence[LoraSpec] = ()) -> Path:
-    """Export `stages` of the checkpoint at `model` into `out` (one folder per stage) and return the manifest path;
-    `loras` [(file or folder, scale), ...] are fused into the transformer's weights for good."""
+    """Export `stages` (default: every stage of the checkpoint's family) of the checkpoint at `model` into `out` (one
+    folder per stage) and return the manifest path; `loras` [(file or folder, scale), ...] are fused into the
+    transformer's weights for good."""
     from kontext_trt.core import checkpoint as ck
     from kontext_trt.runtime.flow import KontextConfig
 
-    check_request(stages, dtype, opset)
+    ckpt = ck.open_checkpoint(model)
+    family = family_named(ckpt.family)
+    stages = stages or family.stage_names
+    check_request(stages, dtype, opset, family)
     if loras and set(stages) & set(TRANSFORMER_PARTS):
         raise KontextError("--lora is fused into the single transformer only: export the step-cache parts "
                            f"({','.join(TRANSFORMER_PARTS)}) without --lora and pass the LoRA at run time (edit "
                            "--lora), which reaches the parts too")
     out = prepare_folder(Path(out))
-    ckpt = ck.open_checkpoint(model)
     fingerprint = ck.checkpoint_fingerprint(ckpt)
     fresh = new_manifest(ckpt.root, fingerprint, KontextConfig.from_checkpoint(ckpt).to_dict())
     with files.folder_lock(out):  # a sibling export into `out` reads and writes the manifest under the same lock
@@ -76,24 +85,24 @@ def export_checkpoint(model: str | Path, out: str | Path, stages: tuple[str, ...
         copy_tokenizers(ckpt, out)
     for stage in bar(stages, "export", unit="stage"):
         with progress(f"exporting {stage} ({dtype}, opset {opset}) to {out / stage}"):
-            entry = export_stage(ckpt, stage, dtype, opset, out, external_threshold, loras)
+            entry = export_stage(ckpt, stage, dtype, opset, out, external_threshold, loras, family)
         record_stage(out, stage, entry, fresh)
     return out / "manifest.json"
 
 
 def export_stage(ckpt, stage: str, dtype: str, opset: int, out: Path, external_threshold: int,
-                 loras: Sequence[LoraSpec] = ()) -> dict:
+                 loras: Sequence[LoraSpec] = (), family: Family = FLUX1_KONTEXT) -> dict:
     """Load one stage (the transformer with `loras` fused), trace, free it, clean and check the graph, then swap
     out/stage in; its manifest entry (the transformer's with its weight map, export.weight_map)."""
     tmp = temp_folder(out, stage)
     try:
-        module = load_stage(ckpt, stage, DTYPES[dtype])
+        module = STAGE_LOADERS[family.name](ckpt, stage, DTYPES[dtype])
         baked = fuse_into(module.model, loras) if stage == "transformer" else []
         signatures, kept = stage_signatures(stage, module)
-        onnx_file.trace(module, stage, ckpt.transformer_config, DTYPES[dtype], opset, tmp, ckpt.text_length)
+        onnx_file.trace(module, stage, ckpt.transformer_config, DTYPES[dtype], opset, tmp, ckpt.text_length, family)
         del module
         gc.collect()
-        entry = finish_stage(tmp, out, stage, dtype, opset, external_threshold)
+        entry = finish_stage(tmp, out, stage, dtype, opset, external_threshold, family=family)
         if signatures:
             entry["weights"] = weight_map(signatures, out / entry["file"], kept)
         if baked:
@@ -120,12 +129,13 @@ def stage_signatures(stage: str, module: nn.Module) -> tuple[dict, dict[str, str
 
 
 def finish_stage(tmp: Path, out: Path, stage: str, dtype: str, opset: int, external_threshold: int,
-                 precision: str | None = None) -> dict:
+                 precision: str | None = None, family: Family = FLUX1_KONTEXT) -> dict:
     """Clean and check the graph traced into tmp, swap it in as out/stage; its manifest entry."""
-    model, external = onnx_file.clean(tmp, stage, external_threshold)
+    model, external = onnx_file.clean(tmp, stage, external_threshold, family)
     onnx_file.save(model, tmp, external)
     entry = stage_entry(stage, external, onnx_file.weight_bytes(model), dtype, opset,
-                        onnx_file.describe(model.graph.input), onnx_file.describe(model.graph.output), stage_dims(stage))
+                        onnx_file.describe(model.graph.input), onnx_file.describe(model.graph.output),
+                        stage_dims(stage, family))
     if precision is not None:
         entry["precision"] = precision
     entry["sha256"] = file_identity(tmp / "model.onnx")
@@ -156,12 +166,33 @@ def load_stage(ckpt, stage: str, dtype: torch.dtype) -> nn.Module:
     return VaeDecoderModule(vae)
 
 
-def check_request(stages: tuple[str, ...], dtype: str, opset: int) -> None:
-    """Refuse unknown stages, dtypes and opsets, and fp16 for T5, with one line each."""
-    unknown = [s for s in stages if s not in (*STAGE_NAMES, *TRANSFORMER_PARTS)]
+def load_klein_stage(ckpt, stage: str, dtype: torch.dtype) -> nn.Module:
+    """One FLUX.2 [klein] stage's module (runtime.klein_stages), in dtype; the transformer with fp32 RoPE."""
+    from kontext_trt.core import klein_checkpoint as kc
+    from kontext_trt.runtime.inputs import KLEIN_TEXT_LAYERS
+
+    if stage == "text_encoder":
+        return Qwen3TextModule(kc.load_qwen3(ckpt, dtype), KLEIN_TEXT_LAYERS)
+    if stage == "transformer":
+        return Flux2TransformerModule(fp32_rope(kc.load_klein_transformer(ckpt, dtype)))
+    vae = kc.load_klein_vae(ckpt, dtype)
+    if stage == "vae_encoder":
+        vae.decoder = vae.post_quant_conv = None
+        return KleinVaeEncoderModule(vae)
+    vae.encoder = vae.quant_conv = None
+    return KleinVaeDecoderModule(vae)
+
+
+STAGE_LOADERS = {FLUX1_KONTEXT.name: load_stage, FLUX2_KLEIN.name: load_klein_stage}
+
+
+def check_request(stages: tuple[str, ...], dtype: str, opset: int, family: Family = FLUX1_KONTEXT) -> None:
+    """Refuse stages the family does not have, unknown dtypes and opsets, and fp16 for T5, with one line each."""
+    unknown = [s for s in stages if s not in (*family.stage_names, *family.parts)]
     if unknown or not stages:
-        raise KontextError(f"unknown stage {unknown[0] if unknown else '(none)'!r}: choose from "
-                           f"{','.join(STAGE_NAMES)} (and {','.join(TRANSFORMER_PARTS)} for step caching)")
+        also = f" (and {','.join(family.parts)} for step caching)" if family.parts else ""
+        raise KontextError(f"unknown stage {unknown[0] if unknown else '(none)'!r} for a {family.label} checkpoint: "
+                           f"choose from {','.join(family.stage_names)}{also}")
     if dtype not in DTYPES:
         raise KontextError(f"unknown dtype {dtype!r}: use {' or '.join(DTYPES)}")
     if dtype == "fp16" and "t5" in stages:
@@ -183,9 +214,10 @@ def prepare_folder(out: Path) -> Path:
 
 
 def copy_tokenizers(ckpt, out: Path) -> None:
-    """Save the checkpoint's two tokenizers into out/tokenizer and out/tokenizer_2, atomically."""
+    """Save the checkpoint's tokenizers into the family's folders (FLUX.1: out/tokenizer and out/tokenizer_2; klein:
+    out/tokenizer), atomically."""
     from kontext_trt.core import checkpoint as ck
-    for tokenizer, name in zip(ck.load_tokenizers(ckpt), (TOKENIZERS["clip"], TOKENIZERS["t5"])):
+    for tokenizer, name in zip(ck.load_tokenizers(ckpt), family_named(ckpt.family).tokenizers.values()):
         tmp = temp_folder(out, name)
         try:
             tokenizer.save_pretrained(tmp)

@@ -21,8 +21,8 @@ from onnx import TensorProto, helper
 from onnx.external_data_helper import load_external_data_for_tensor
 
 from kontext_trt.core.errors import KontextError
-from kontext_trt.core.stages import STAGE_IO
-from kontext_trt.export.specs import SHAPES, dynamic_shapes, sample_inputs
+from kontext_trt.core.family import FLUX1_KONTEXT, Family
+from kontext_trt.export.specs import SPECS, dynamic_shapes, sample_inputs
 
 MODEL, DATA = "model.onnx", "model.onnx.data"
 RAW, SLIM = "raw.onnx", "slim.onnx"  # the exporter's graph (weights in raw.onnx.data) and the cleaned one
@@ -32,18 +32,18 @@ DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", Ten
 
 
 def trace(module: torch.nn.Module, stage: str, transformer_config: dict, dtype: torch.dtype, opset: int,
-          folder: Path, text_length: int) -> None:
-    """torch.export `module` with the stage's dynamic dims (T5 text static at text_length tokens) and write
-    folder/raw.onnx + raw.onnx.data."""
-    inputs, outputs = STAGE_IO[stage]
+          folder: Path, text_length: int, family: Family = FLUX1_KONTEXT) -> None:
+    """torch.export `module` with the family's I/O names and the stage's dynamic dims (FLUX.1's T5 text static at
+    text_length tokens) and write folder/raw.onnx + raw.onnx.data."""
+    inputs, outputs = family.io(stage)
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # "no torchvision"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch internals' deprecation chatter
         warnings.filterwarnings("ignore", message="# The axis name")  # our Dims are shared across inputs on purpose
         program = torch.onnx.export(
-            module.eval(), (), kwargs=sample_inputs(stage, transformer_config, dtype, text_length), dynamo=True,
-            opset_version=opset, input_names=list(inputs), output_names=list(outputs),
-            dynamic_shapes=dynamic_shapes(stage), optimize=True, verbose=False)
+            module.eval(), (), kwargs=sample_inputs(stage, transformer_config, dtype, text_length, family),
+            dynamo=True, opset_version=opset, input_names=list(inputs), output_names=list(outputs),
+            dynamic_shapes=dynamic_shapes(stage, family), optimize=True, verbose=False)
     program.save(folder / RAW, external_data=True)
     del program
     forget_last_graph()
@@ -65,14 +65,16 @@ def forget_last_graph() -> None:
     gc.collect()
 
 
-def clean(folder: Path, stage: str, external_threshold: int) -> tuple[onnx.ModelProto, bool]:
-    """Name the I/O dims as specs.SHAPES, slim the graph (folding, shape inference), refuse float64 anywhere.
+def clean(folder: Path, stage: str, external_threshold: int,
+          family: Family = FLUX1_KONTEXT) -> tuple[onnx.ModelProto, bool]:
+    """Name the I/O dims as the family's specs.SPECS shapes, slim the graph (folding, shape inference), refuse float64
+    anywhere.
 
     Returns the cleaned model and whether its weights stay external (over external_threshold bytes).
     """
     model = onnx.load(folder / RAW, load_external_data=False)
     external = weight_bytes(model) > external_threshold
-    name_dims(model, stage)
+    name_dims(model, stage, family)
     before = weight_dtypes(model)
     del model.graph.value_info[:]  # re-inferred by onnxslim, with our dim names
     for tensor in weights(model):
@@ -132,10 +134,11 @@ def write_inline(model: onnx.ModelProto, folder: Path) -> None:
                 f.write(one.SerializeToString())
 
 
-def name_dims(model: onnx.ModelProto, stage: str) -> None:
-    """Give every dynamic I/O dim its specs.SHAPES name; refuse a dim that tracing made static."""
+def name_dims(model: onnx.ModelProto, stage: str, family: Family = FLUX1_KONTEXT) -> None:
+    """Give every dynamic I/O dim its name in the family's specs.SPECS shapes; refuse a dim that tracing made static."""
+    shapes = SPECS[family.name].shapes[stage]
     for value in [*model.graph.input, *model.graph.output]:
-        for dim, want in zip(value.type.tensor_type.shape.dim, SHAPES[stage][value.name]):
+        for dim, want in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
             if isinstance(want, str):
                 if dim.HasField("dim_value"):
                     raise KontextError(f"{stage}: {value.name} was traced with a static {dim.dim_value} where "

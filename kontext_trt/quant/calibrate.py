@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from kontext_trt.core.errors import KontextError
+from kontext_trt.core.family import family_named
 from kontext_trt.core.timing import bar, is_quiet, progress
 from kontext_trt.quant import svdquant
 from kontext_trt.quant.calib_data import Pair
+from kontext_trt.quant.export import transformer_stage
 from kontext_trt.quant.recipe import Recipe, modelopt_config, svd_layers
 from kontext_trt.runtime import flow
-from kontext_trt.runtime.torch_stages import TorchStage, TransformerModule
 
 
 def calibrate(k: flow.Kontext, transformer: nn.Module, recipe: Recipe, pairs: list[Pair], steps: int,
@@ -29,7 +30,7 @@ def calibrate(k: flow.Kontext, transformer: nn.Module, recipe: Recipe, pairs: li
     stats, names = svdquant.ActivationStats(), svd_layers(recipe)
 
     def forward_loop(model: nn.Module) -> None:
-        stage = TorchStage("transformer", TransformerModule(model), k.device, next(model.parameters()).dtype)
+        stage = transformer_stage(model, k.device, next(model.parameters()).dtype, family_named(k.config.family))
         calibrating = k.with_stages(transformer=stage)
         hooks = stats.attach(model, names)
         try:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
+from kontext_trt.core import checkpoint as ck
+from kontext_trt.core import klein_checkpoint as kc
 from kontext_trt.core.dtypes import DTYPES
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.export_manifest import new_manifest, read_export_manifest, record_stage
-from kontext_trt.core.stages import STAGE_IO
+from kontext_trt.core.family import FLUX1_KONTEXT, FLUX2_KLEIN, Family, family_named
 from kontext_trt.core.timing import progress
 from kontext_trt.export import onnx_file
 from kontext_trt.export.export import DEFAULT_OPSET, EXTERNAL_THRESHOLD, copy_tokenizers, finish_stage, temp_folder
@@ -25,15 +27,18 @@ from kontext_trt.quant import ops
 from kontext_trt.quant.qmodel import quantize_transformer
 from kontext_trt.quant.state import load_state
 from kontext_trt.runtime.flow import KontextConfig
-from kontext_trt.runtime.torch_stages import TransformerModule
+from kontext_trt.runtime.klein_stages import Flux2TransformerModule
+from kontext_trt.runtime.torch_stages import TorchStage, TransformerModule
 
 STAGE = "transformer"
+# Per family: the checkpoint's transformer loader and the stage module with the family's engine I/O names.
+TRANSFORMERS = {FLUX1_KONTEXT.name: (ck.load_transformer, TransformerModule),
+                FLUX2_KLEIN.name: (kc.load_klein_transformer, Flux2TransformerModule)}
 
 
 def export_quantized(model: str | Path, out: str | Path, dtype: str = "bf16", opset: int = DEFAULT_OPSET,
                      external_threshold: int = EXTERNAL_THRESHOLD) -> Path:
     """Trace the transformer of checkpoint `model` quantized as out/quant says into out/transformer; the manifest."""
-    from kontext_trt.core import checkpoint as ck
     out = Path(out)
     if dtype not in ("bf16", "fp32"):
         raise KontextError(f"quantized export dtype {dtype!r}: use bf16 (TensorRT) or fp32 (ONNX Runtime)")
@@ -64,10 +69,11 @@ def export_stage(ckpt, recipe, amax: dict, dtype: str, opset: int, out: Path, ex
     try:
         quantized = quantize_transformer(fused_transformer(ckpt, DTYPES[dtype], recipe.loras), recipe, amax,
                                          DTYPES[dtype])
-        trace(TransformerModule(fp32_rope(quantized)), ckpt.transformer_config, DTYPES[dtype], opset, tmp,
-              ckpt.text_length)
+        family = family_named(ckpt.family)
+        trace(TRANSFORMERS[family.name][1](fp32_rope(quantized)), ckpt.transformer_config, DTYPES[dtype], opset, tmp,
+              ckpt.text_length, family)
         del quantized
-        entry = finish_stage(tmp, out, STAGE, dtype, opset, external_threshold, recipe.precision)
+        entry = finish_stage(tmp, out, STAGE, dtype, opset, external_threshold, recipe.precision, family)
         if recipe.loras:
             entry["loras"] = [{"file": Path(path).name, "scale": scale} for path, scale in recipe.loras]
         return entry
@@ -78,24 +84,29 @@ def export_stage(ckpt, recipe, amax: dict, dtype: str, opset: int, out: Path, ex
 
 
 def fused_transformer(ckpt, dtype: torch.dtype, loras: list) -> torch.nn.Module:
-    """The checkpoint's transformer with LoRAs [[file, scale]] fused into its weights for good."""
-    from kontext_trt.core import checkpoint as ck
+    """The checkpoint's transformer (its family's model) with LoRAs [[file, scale]] fused into its weights for good."""
     from kontext_trt.runtime.lora import fuse_into
 
-    model = ck.load_transformer(ckpt, dtype)
+    model = TRANSFORMERS[ckpt.family][0](ckpt, dtype)
     fuse_into(model, [tuple(lora) for lora in loras])
     return model
 
 
+def transformer_stage(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, family: Family) -> TorchStage:
+    """A transformer stage of the torch backend over `model`, with its family's module and I/O names."""
+    return TorchStage(STAGE, TRANSFORMERS[family.name][1](model).to(device), device, dtype, io=family.io(STAGE))
+
+
 def trace(module: torch.nn.Module, transformer_config: dict, dtype: torch.dtype, opset: int, folder: Path,
-          text_length: int) -> None:
+          text_length: int, family: Family = FLUX1_KONTEXT) -> None:
     """onnx_file.trace with the Q/DQ ops' ONNX translations: folder/raw.onnx + raw.onnx.data."""
     ops.register_trt_schema()
-    inputs, outputs = STAGE_IO[STAGE]
+    inputs, outputs = family.io(STAGE)
     program = torch.onnx.export(
-        module.eval(), (), kwargs=sample_inputs(STAGE, transformer_config, dtype, text_length), dynamo=True,
-        opset_version=opset, input_names=list(inputs), output_names=list(outputs), dynamic_shapes=dynamic_shapes(STAGE),
-        custom_translation_table=ops.TRANSLATIONS, optimize=True, verbose=False)
+        module.eval(), (), kwargs=sample_inputs(STAGE, transformer_config, dtype, text_length, family), dynamo=True,
+        opset_version=opset, input_names=list(inputs), output_names=list(outputs),
+        dynamic_shapes=dynamic_shapes(STAGE, family), custom_translation_table=ops.TRANSLATIONS, optimize=True,
+        verbose=False)
     program.save(folder / onnx_file.RAW, external_data=True)
     del program
     onnx_file.forget_last_graph()

@@ -13,20 +13,22 @@ import torch
 from kontext_trt.core.checks import resolve_device
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.export_manifest import read_export_manifest
+from kontext_trt.core.family import FLUX1_KONTEXT, FLUX2_KLEIN, family_named
 from kontext_trt.core.timing import note
 from kontext_trt.export.export import prepare_folder
 from kontext_trt.quant import calib_data, state, svdquant
 from kontext_trt.quant import recipe as rc
 from kontext_trt.quant.calibrate import calibrate
 from kontext_trt.quant.export import export_quantized, fused_transformer
+from kontext_trt.quant.export import transformer_stage as family_transformer_stage
 from kontext_trt.quant.qmodel import quantize_transformer
 from kontext_trt.quant.report import quality_report, write_report
 from kontext_trt.runtime.flow import Kontext, KontextConfig, PipelineInfo
+from kontext_trt.runtime.klein_stages import KleinVaeDecoderModule, KleinVaeEncoderModule, Qwen3TextModule
 from kontext_trt.runtime.torch_stages import (
     ClipModule,
     T5Module,
     TorchStage,
-    TransformerModule,
     VaeDecoderModule,
     VaeEncoderModule,
 )
@@ -66,11 +68,11 @@ def quantize(req: QuantizeRequest) -> dict:
     recipe.loras = loras
     prepare_folder(req.out)
     if not ensure_calibration(k, transformer, recipe, pairs, req):  # calibration instrumented k's transformer
-        k = k.with_stages(transformer=transformer_stage(fused_transformer(ckpt, REFERENCE, loras), device))
+        k = k.with_stages(transformer=transformer_stage(fused_transformer(ckpt, REFERENCE, loras), device, ckpt))
     del transformer
     recipe, amax = state.load_state(req.out)
     quantized = transformer_stage(quantize_transformer(fused_transformer(ckpt, REFERENCE, loras), recipe, amax,
-                                                       REFERENCE), device)
+                                                       REFERENCE), device, ckpt)
     info = {"precision": recipe.precision, "attention": recipe.attention,
             "quantized_layers": sum(fmt is not None for fmt in recipe.layers.values()),
             "linear_layers": len(recipe.layers), "calibration": describe_calibration(recipe),
@@ -89,7 +91,8 @@ def quantize(req: QuantizeRequest) -> dict:
 def check_request(req: QuantizeRequest) -> tuple[object, str, list[calib_data.Pair]]:
     """Refuse a bad request in one line before anything is written: (checkpoint, attention format, pairs)."""
     from kontext_trt.core import checkpoint as ck
-    attention = rc.check_precision(req.precision, req.attention)
+    ckpt = ck.open_checkpoint(req.model)
+    attention = rc.check_precision(req.precision, req.attention, ckpt.family, family_named(ckpt.family).label)
     rc.check_svd(req.precision, req.svd_rank, req.svd_alpha)
     for name in ("calib_size", "calib_steps", "report_size"):
         if getattr(req, name) < 1:
@@ -97,7 +100,6 @@ def check_request(req: QuantizeRequest) -> tuple[object, str, list[calib_data.Pa
     if req.dtype not in ("bf16", "fp32"):
         raise KontextError(f"--dtype {req.dtype!r}: use bf16 (TensorRT) or fp32 (ONNX Runtime)")
     resolve_device(req.device)
-    ckpt = ck.open_checkpoint(req.model)
     pairs = calib_data.calibration_pairs(req.calib, req.calib_size, small=not req.auto_resize)
     check_out(req.out, ck.checkpoint_fingerprint(ckpt))
     return ckpt, attention, pairs
@@ -108,7 +110,7 @@ def recipe_for(transformer: torch.nn.Module, ckpt, req: QuantizeRequest, attenti
     """The recipe of this transformer, with the checkpoint and the calibration settings it is valid for."""
     from kontext_trt.core import checkpoint as ck
     recipe = rc.make_recipe(transformer, req.precision, attention,
-                            rc.check_svd(req.precision, req.svd_rank, req.svd_alpha), req.svd_alpha)
+                            rc.check_svd(req.precision, req.svd_rank, req.svd_alpha), req.svd_alpha, ckpt.family)
     recipe.checkpoint = {"path": str(Path(ckpt.root).resolve()), "fingerprint": ck.checkpoint_fingerprint(ckpt)}
     recipe.calibration = {"source": str(req.calib) if req.calib else "shipped drawn set", "size": len(pairs),
                           "steps": req.calib_steps, "auto_resize": req.auto_resize,
@@ -145,21 +147,39 @@ def describe_calibration(recipe: rc.Recipe) -> str:
     return f"{c['size']} edits of {c['source']}, {c['steps']} steps, auto-resize {'on' if c['auto_resize'] else 'off'}"
 
 
-def transformer_stage(model: torch.nn.Module, device: torch.device) -> TorchStage:
-    """A bf16 transformer stage of the torch backend."""
-    return TorchStage("transformer", TransformerModule(model).to(device), device, REFERENCE)
+def transformer_stage(model: torch.nn.Module, device: torch.device, ckpt) -> TorchStage:
+    """A bf16 transformer stage of the torch backend, with the module and I/O names of the checkpoint's family."""
+    return family_transformer_stage(model, device, REFERENCE, family_named(ckpt.family))
+
+
+def flux1_aux_modules(ckpt, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """FLUX.1 Kontext's stages but the transformer: CLIP, T5 and the VAE's halves."""
+    from kontext_trt.core import checkpoint as ck
+    vae = ck.load_vae(ckpt, dtype)
+    return {"clip": ClipModule(ck.load_clip(ckpt, dtype)), "t5": T5Module(ck.load_t5(ckpt, dtype)),
+            "vae_encoder": VaeEncoderModule(vae), "vae_decoder": VaeDecoderModule(vae)}
+
+
+def klein_aux_modules(ckpt, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """FLUX.2 [klein]'s stages but the transformer: the Qwen3 text encoder and the VAE's halves."""
+    from kontext_trt.core import klein_checkpoint as kc
+    from kontext_trt.runtime.inputs import KLEIN_TEXT_LAYERS
+    vae = kc.load_klein_vae(ckpt, dtype)
+    return {"text_encoder": Qwen3TextModule(kc.load_qwen3(ckpt, dtype), KLEIN_TEXT_LAYERS),
+            "vae_encoder": KleinVaeEncoderModule(vae), "vae_decoder": KleinVaeDecoderModule(vae)}
+
+
+AUX_MODULES = {FLUX1_KONTEXT.name: flux1_aux_modules, FLUX2_KLEIN.name: klein_aux_modules}
 
 
 def reference_kontext(ckpt, device: torch.device, transformer: torch.nn.Module) -> Kontext:
     """The torch pipeline of the report over this bf16 transformer; the other stages in bf16 on CUDA, fp32 on the CPU
     (where bf16 convolutions are slow); they are shared by both sides of every comparison."""
     from kontext_trt.core import checkpoint as ck
-    aux = torch.bfloat16 if device.type == "cuda" else torch.float32
-    vae = ck.load_vae(ckpt, aux)
-    modules = {"clip": ClipModule(ck.load_clip(ckpt, aux)), "t5": T5Module(ck.load_t5(ckpt, aux)),
-               "vae_encoder": VaeEncoderModule(vae), "vae_decoder": VaeDecoderModule(vae)}
-    stages = {name: TorchStage(name, module.to(device), device, aux) for name, module in modules.items()}
-    stages["transformer"] = transformer_stage(transformer, device)
+    aux, family = torch.bfloat16 if device.type == "cuda" else torch.float32, family_named(ckpt.family)
+    stages = {name: TorchStage(name, module.to(device), device, aux, io=family.io(name))
+              for name, module in AUX_MODULES[family.name](ckpt, aux).items()}
+    stages["transformer"] = transformer_stage(transformer, device, ckpt)
     info = PipelineInfo("torch", "bf16" if aux == torch.bfloat16 else "fp32", "bf16",
                         ck.checkpoint_fingerprint(ckpt)[:16], str(ckpt.root))
     return Kontext(stages, *ck.load_tokenizers(ckpt), KontextConfig.from_checkpoint(ckpt), device, info)

@@ -51,6 +51,22 @@ EXCLUSIONS: tuple[tuple[str, str | None, str], ...] = (
                                                        "per image, so 4-bit buys no speed, while its 4-bit error lands "
                                                        "on every token's scale and gate; FP8 keeps its memory halved"),
 )
+# FLUX.2 [klein]'s Flux2Transformer2DModel, the same reasoning on its names: its AdaLN modulation is shared by all
+# double (image, text) and all single blocks, its embedders are bias-free linears.
+KLEIN_EXCLUSIONS: tuple[tuple[str, str | None, str], ...] = (
+    (r"x_embedder", None, "first layer (the packed latent channels in): its error reaches every image token"),
+    (r"context_embedder", None, "stacked Qwen3 features in: its error reaches every text token"),
+    (r"time_guidance_embed\..+", None, "timestep embedder: one row per image that conditions every block"),
+    (r"norm_out\.linear", None, "final AdaLN modulation: scales the output directly"),
+    (r"proj_out", None, "final projection to the latent channels, its error is the velocity error"),
+    (r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.linear", "fp8",
+     "AdaLN modulation shared by every block: one row per image, so 4-bit buys no speed, while its error lands on "
+     "every token's scale and gate; FP8 keeps its memory halved"),
+)
+FAMILY_EXCLUSIONS = {"flux1-kontext": EXCLUSIONS, "flux2-klein": KLEIN_EXCLUSIONS}
+# The families FP8 attention (qmodel.Fp8AttnProcessor, over FLUX.1's FluxAttention) runs on; the others quantize their
+# linears only (--attention bf16).
+FP8_ATTENTION = ("flux1-kontext",)
 
 
 @dataclass
@@ -80,11 +96,15 @@ class Recipe:
         return cls(**data)
 
 
-def check_precision(precision: str, attention: str | None) -> str:
-    """Refuse unknown precision or attention names in one line; the attention format to use."""
+def check_precision(precision: str, attention: str | None, family: str = "flux1-kontext", label: str = "") -> str:
+    """Refuse unknown precision or attention names, and FP8 attention for a family without it, in one line; the
+    attention format to use (the family's default when none is asked)."""
     if precision not in PRECISIONS:
         raise KontextError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
-    attention = attention or DEFAULT_ATTENTION[precision]
+    if attention == "fp8" and family not in FP8_ATTENTION:
+        raise KontextError(f"--attention fp8: FP8 attention is FLUX.1 Kontext's (FluxAttention); a {label or family} "
+                           "transformer quantizes its linear layers only: use --attention bf16 (the default)")
+    attention = attention or (DEFAULT_ATTENTION[precision] if family in FP8_ATTENTION else "bf16")
     if attention not in ATTENTIONS:
         raise KontextError(f"unknown attention precision {attention!r}: use {' or '.join(ATTENTIONS)}")
     return attention
@@ -103,9 +123,9 @@ def check_svd(precision: str, svd_rank: int | None, svd_alpha: float | None) -> 
     return svd_rank
 
 
-def layer_format(name: str, precision: str) -> str | None:
+def layer_format(name: str, precision: str, exclusions: tuple = EXCLUSIONS) -> str | None:
     """The format of one linear layer: the first exclusion that matches its full name, else the precision."""
-    for pattern, kept, _ in EXCLUSIONS:
+    for pattern, kept, _ in exclusions:
         if re.fullmatch(pattern, name):
             return None if kept is None else kept if precision == "nvfp4" else precision
     return precision
@@ -123,19 +143,21 @@ def fit_width(fmt: str | None, in_features: int) -> tuple[str | None, str]:
 
 
 def make_recipe(transformer: nn.Module, precision: str, attention: str, svd_rank: int = 0,
-                svd_alpha: float | None = None) -> Recipe:
-    """Every linear layer's format and the attention modules to quantize, for a FluxTransformer2DModel."""
+                svd_alpha: float | None = None, family: str = "flux1-kontext") -> Recipe:
+    """Every linear layer's format (the family's exclusions) and the attention modules to quantize, for a
+    FluxTransformer2DModel or a Flux2Transformer2DModel."""
     from diffusers.models.transformers.transformer_flux import FluxAttention
 
-    modules = list(transformer.named_modules())
+    modules, exclusions = list(transformer.named_modules()), FAMILY_EXCLUSIONS[family]
     layers, narrowed = {}, {}
     for name, m in modules:
         if isinstance(m, nn.Linear):
-            layers[name], why = fit_width(layer_format(name, precision), m.in_features)
+            layers[name], why = fit_width(layer_format(name, precision, exclusions), m.in_features)
             if why:
                 narrowed[name] = why
     attn = [name for name, m in modules if isinstance(m, FluxAttention)] if attention == "fp8" else []
-    return Recipe(precision, attention, layers, attn, narrowed=narrowed, svd_rank=svd_rank, svd_alpha=svd_alpha)
+    return Recipe(precision, attention, layers, attn, exclusions=[list(e) for e in exclusions], narrowed=narrowed,
+                  svd_rank=svd_rank, svd_alpha=svd_alpha)
 
 
 def svd_layers(recipe: Recipe) -> list[str]:

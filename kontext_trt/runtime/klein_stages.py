@@ -16,8 +16,11 @@ class Qwen3TextModule(nn.Module):
         self.model, self.layers = model, tuple(layers)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor]:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                         use_cache=False)
+        # Qwen3's own default (0..L-1), given per batch row: the exported graph's fused RotaryEmbedding then gets cos/sin
+        # of the input's batch, which ONNX Runtime requires (a (1, L) default fails it at batch 2).
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         output_hidden_states=True, use_cache=False)
         stacked = torch.stack([out.hidden_states[i] for i in self.layers], dim=1)  # (B, K, L, D)
         b, n, length, d = stacked.shape
         return (stacked.permute(0, 2, 1, 3).reshape(b, length, n * d),)

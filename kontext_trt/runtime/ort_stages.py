@@ -14,7 +14,7 @@ import torch
 
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.export_manifest import ExportManifest
-from kontext_trt.core.stages import STAGE_IO, STAGE_NAMES, TRANSFORMER_PARTS
+from kontext_trt.core.stages import STAGE_IO, TRANSFORMER_PARTS
 from kontext_trt.core.weight_map import OnnxWeights
 
 TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
@@ -39,12 +39,13 @@ def ort_session(path: str | Path, device: torch.device = torch.device("cpu"),
 class OrtStage:
     """Adapter: named torch tensors in, named torch tensors out, over one ONNX file in an InferenceSession."""
 
-    def __init__(self, name: str, path: str | Path, device: torch.device | str = "cpu", entry: dict | None = None) -> None:
+    def __init__(self, name: str, path: str | Path, device: torch.device | str = "cpu", entry: dict | None = None,
+                 io: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> None:
         self.name, self.device, self.path = name, torch.device(device), Path(path)
         self.entry = entry or {}  # the export manifest's entry: its weight map and baked LoRAs
         self.onnx_weights: OnnxWeights | None = None
         self.overrides: dict[str, ort.OrtValue] = {}  # initializers set_weights replaced, alive as long as the session
-        self.input_names, self.output_names = STAGE_IO[name]
+        self.input_names, self.output_names = io or STAGE_IO[name]  # io: the family's names (core.family)
         try:
             self.session = ort_session(path, self.device)
         except Exception as error:  # onnxruntime raises its own pybind11 types
@@ -57,7 +58,8 @@ class OrtStage:
                                f"onnxruntime backend runs fp32 exports (--dtype fp32), bf16 is for TensorRT")
         names = tuple(v.name for v in self.session.get_inputs()), tuple(v.name for v in self.session.get_outputs())
         if set(names[0]) != set(self.input_names) or set(names[1]) != set(self.output_names):
-            raise KontextError(f"{path}: I/O {names} is not the {name} stage's {STAGE_IO[name]}; re-export it")
+            raise KontextError(f"{path}: I/O {names} is not the {name} stage's "
+                               f"{(self.input_names, self.output_names)}; re-export it")
         self.dtypes = {name: TORCH_DTYPES[t] for name, t in types.items()}
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -133,12 +135,12 @@ def _wrap_cuda(value: ort.OrtValue, dtype: torch.dtype, device: torch.device) ->
 
 
 def ort_stages(folder: str | Path, manifest: ExportManifest, device: str = "cpu") -> dict[str, OrtStage]:
-    """All five stages of an export folder as OrtStage adapters (the caller has checked they are all in the manifest),
-    and the transformer's parts where exported."""
-    stages = {}
-    for name in [*STAGE_NAMES, *(part for part in TRANSFORMER_PARTS if part in manifest.stages)]:
+    """Every stage of the export's family as OrtStage adapters with the family's I/O names (the caller has checked they
+    are all in the manifest), and the transformer's parts where exported."""
+    family, stages = manifest.family, {}
+    for name in [*family.stage_names, *(part for part in TRANSFORMER_PARTS if part in manifest.stages)]:
         path = Path(folder) / manifest.stages[name]["file"]
         if not path.is_file():
             raise KontextError(f"{path}: missing; re-export with `kontext-trt export --out {folder} --stages {name}`")
-        stages[name] = OrtStage(name, path, device, manifest.stages[name])
+        stages[name] = OrtStage(name, path, device, manifest.stages[name], family.io(name))
     return stages

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from kontext_trt.synth.klein import KLEIN_TINY, write_klein
 
 PARITY_SIZES = {
@@ -19,3 +21,16 @@ assert PARITY_SIZES != KLEIN_TINY  # the issue asks for parity on shapes other t
 def write_tiny_klein(root: Path, distilled: bool, seed: int = 0) -> Path:
     """A random klein checkpoint (distilled: no CFG; base: true CFG) in diffusers layout under root."""
     return write_klein(root, PARITY_SIZES, distilled, seed)
+
+
+def transformer_case(batch: int, refs: list[tuple[int, int]], text: int, seed: int) -> dict:
+    """Inputs of a tiny klein transformer (32 channels, 72-wide text): a target of 4x4 cells, then references of
+    (rows, cols) cells at t = 10, 20, ..., with the ids the loop builds."""
+    from kontext_trt.runtime import klein
+
+    ids = torch.cat([klein.grid_ids(0, 4, 4), *(klein.grid_ids(10 * (i + 1), *r) for i, r in enumerate(refs))])
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, len(ids), 32, generator=g),
+            "encoder_hidden_states": torch.randn(batch, text, 72, generator=g),
+            "timestep": torch.rand(batch, generator=g), "img_ids": ids,
+            "txt_ids": klein.Flux2Klein().text_ids(None, text)}
