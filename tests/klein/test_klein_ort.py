@@ -27,7 +27,7 @@ def pair(klein_distilled, klein_onnx):
 
 def diffusers_uint8(pipe, req) -> np.ndarray:
     images = pipe(prompt=req.prompts, image=req.images or None, height=req.height, width=req.width,
-                  num_inference_steps=req.steps, guidance_scale=req.guidance,
+                  num_inference_steps=req.steps, **({} if req.guidance is None else {"guidance_scale": req.guidance}),
                   generator=torch.Generator("cpu").manual_seed(req.seed), output_type="np").images
     return (images * 255).round().astype(np.uint8)
 
