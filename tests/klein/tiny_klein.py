@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kontext_trt.synth.klein import KLEIN_TINY, write_klein
@@ -34,3 +35,24 @@ def transformer_case(batch: int, refs: list[tuple[int, int]], text: int, seed: i
             "encoder_hidden_states": torch.randn(batch, text, 72, generator=g),
             "timestep": torch.rand(batch, generator=g), "img_ids": ids,
             "txt_ids": klein.Flux2Klein().text_ids(None, text)}
+
+
+def diffusers_uint8(pipe, req) -> np.ndarray:
+    """Flux2KleinPipeline's output for an EditRequest (its own default guidance when the request gives none), uint8."""
+    images = pipe(prompt=req.prompts, image=req.images or None, height=req.height, width=req.width,
+                  num_inference_steps=req.steps, **({} if req.guidance is None else {"guidance_scale": req.guidance}),
+                  generator=torch.Generator("cpu").manual_seed(req.seed), output_type="np").images
+    return (images * 255).round().astype(np.uint8)
+
+
+def assert_parity(pair, req, levels: int) -> np.ndarray:
+    """Our edit of req on pair[1] within `levels` uint8 levels of diffusers' (pair[0]); our uint8 images."""
+    from kontext_trt.runtime.flow import edit
+
+    pipe, ours = pair
+    got = np.stack([np.asarray(img) for img in edit(ours, req).images])
+    ref = diffusers_uint8(pipe, req)
+    assert got.shape == ref.shape
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= levels
+    assert got.std() > 10  # a real picture, not a flat one that would match anything
+    return got
