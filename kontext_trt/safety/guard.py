@@ -62,10 +62,22 @@ def check(policy: OutputPolicy, images: list[Image.Image], times: StageTimes) ->
 
 
 def input_verdicts(policy: OutputPolicy, reqs: list[EditRequest], times: StageTimes) -> list[Verdict | None]:
-    """One checker call over the input images of requests (None: no image, or the checker is off)."""
-    images = [req.image for req in reqs if req.image is not None]
-    verdicts = iter(check(policy, images, times) or [None] * len(images))
-    return [None if req.image is None else next(verdicts) for req in reqs]
+    """One checker call over every input image of the requests, each reference included; a request's verdict holds
+    each label at its highest score over its images (None: no image, or the checker is off)."""
+    verdicts = check(policy, [img for req in reqs for img in req.images], times)
+    if verdicts is None:
+        return [None] * len(reqs)
+    each = iter(verdicts)
+    return [worst([next(each) for _ in req.images]) if req.images else None for req in reqs]
+
+
+def worst(verdicts: list[Verdict]) -> Verdict:
+    """One verdict for several images: every label any of them has, at its highest score."""
+    labels: dict[str, float] = {}
+    for verdict in verdicts:
+        for label, score in verdict.labels.items():
+            labels[label] = max(score, labels.get(label, score))
+    return Verdict(labels, verdicts[0].checker)
 
 
 def mark(policy: OutputPolicy, images: list[Image.Image], times: StageTimes) -> tuple[list[Image.Image], str | None]:

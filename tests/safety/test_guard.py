@@ -9,9 +9,9 @@ from kontext_trt.assemble import build_pipeline
 from kontext_trt.cli.main import main
 from kontext_trt.core import image as im
 from kontext_trt.core.specs import LoadSpec
-from kontext_trt.runtime.flow import EditRequest
+from kontext_trt.runtime.flow import EditRequest, request
 from kontext_trt.safety import guard
-from kontext_trt.safety.checker import ContentFlagged, load_checker
+from kontext_trt.safety.checker import ContentFlagged, Verdict, load_checker
 
 
 @pytest.fixture
@@ -83,3 +83,26 @@ def test_safety_checker_none_warns_and_writes(capsys, tiny_ckpt, sample, tmp_pat
     meta = json.loads(Image.open(out).text["kontext-trt"])
     assert meta["safety"] == {"checker": "none", "input": None, "outputs": None}
     assert meta["watermark"] is None  # 96x64 is under the mark's 256x256 minimum
+
+
+class FlagSize:
+    """Flags the images of one size: a stand-in for content that only one reference holds."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = size
+
+    def __call__(self, images):
+        return [Verdict({"TEST_LABEL": 0.8} if img.size == self.size else {}, "flag-size") for img in images]
+
+
+def test_every_reference_is_checked_before_any_stage(klein_tiny_ckpt):
+    k = build_pipeline(LoadSpec(klein_tiny_ckpt, dtype="fp32"))
+    policy = guard.OutputPolicy(FlagSize((96, 64)), "flag-size")
+    refs = [im.sample_image(64, 64), im.sample_image(96, 64), im.sample_image(64, 64)]  # the second is flagged
+    with pytest.raises(ContentFlagged, match=r"input image flagged by the safety checker \(TEST_LABEL\)") as info:
+        guard.edit(k, request(["x"], refs, steps=1), policy)
+    assert info.value.verdicts[0].labels == {"TEST_LABEL": 0.8}
+    assert list(k.times.seconds) == [guard.CHECK_STAGE]  # no encoder, transformer or decoder call
+    verdicts = guard.input_verdicts(policy, [request(["x"], refs[:1]), request(["y"], refs[1:]), request(["z"])],
+                                    k.times)
+    assert verdicts == [Verdict({}, "flag-size"), Verdict({"TEST_LABEL": 0.8}, "flag-size"), None]
