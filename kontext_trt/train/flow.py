@@ -20,6 +20,7 @@ from kontext_trt.core.timing import bar
 from kontext_trt.runtime.latents import latent_ids, pack_latents, text_ids
 from kontext_trt.runtime.schedule import ShiftConfig, shift_mu
 from kontext_trt.shapes.scenes import EDITS, Edit, make_edit, render
+from kontext_trt.train.optim import take_step
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,7 @@ def train_transformer(model: nn.Module, data: EncodedEdits, prompt_table: Callab
                     guidance=guidance)[0][:, :n]
         weight = token_weights(x0, data.context[pick], recipe.edit_weight if context else 1.0)
         loss = ((out - (noise - x0)).pow(2).mean(-1) * weight).sum() / weight.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+        take_step(loss, params, opt, sched)
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == recipe.steps:
             log(f"transformer step {step + 1}/{recipe.steps}: loss {np.mean(losses[-100:]):.4f}")

@@ -15,6 +15,7 @@ from torch import nn
 
 from kontext_trt.core.timing import bar
 from kontext_trt.shapes.scenes import EDITS, make_edit, render
+from kontext_trt.train.optim import take_step
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ def train_vae(vae: nn.Module, recipe: VaeRecipe, seed: int, losses: list[float],
     logs the mean of every 100."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=0.0)
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 *
                                               (1 + math.cos(math.pi * s / recipe.steps)))
     vae.train()
@@ -57,11 +59,7 @@ def train_vae(vae: nn.Module, recipe: VaeRecipe, seed: int, losses: list[float],
         recon = vae.decode(z_in).sample
         mse = (recon - x).pow(2).mean()
         kl = posterior.kl().mean() / x[0].numel()
-        (mse + recipe.kl_weight * kl).backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+        take_step(mse + recipe.kl_weight * kl, params, opt, sched)
         losses.append(mse.item())
         if (step + 1) % 100 == 0 or step + 1 == recipe.steps:
             log(f"vae step {step + 1}/{recipe.steps}: mse {np.mean(losses[-100:]):.5f}")
