@@ -64,6 +64,8 @@ def test_changed_tokenizers_refuse_the_trained_weights(tmp_path, monkeypatch):
     (["--steps", "0"], "--steps 0: use 1 or more"),
     (["--lr", "-1"], "--lr -1.0: use a positive learning rate"),
     (["--lr", "nan"], "--lr nan: use a positive learning rate"),
+    (["--edit-weight", "0.5"], "--edit-weight 0.5: use a finite weight of 1 or more"),
+    (["--edit-weight", "nan"], "--edit-weight nan: use a finite weight of 1 or more"),
     (["--resume", "."], "no shapes.json and shapes.safetensors there"),
 ])
 def test_bad_training_flags_fail_in_one_line_before_writing(flags, message, tmp_path, capsys):
@@ -73,3 +75,16 @@ def test_bad_training_flags_fail_in_one_line_before_writing(flags, message, tmp_
     err = capsys.readouterr().err
     assert message in err and err.strip().count("\n") == 0
     assert not (tmp_path / "run").exists()
+
+
+def test_edit_weight_counts_the_changed_tokens_only():
+    import torch
+
+    from kontext_trt.train.flow import CHANGED_TOKEN_MSE, token_weights
+
+    context = torch.zeros(2, 4, 64)
+    target = context.clone()
+    target[0, 1] += 1.0  # changed: mean square 1
+    target[1, 2] += (CHANGED_TOKEN_MSE / 2) ** 0.5  # under the threshold: unchanged
+    assert token_weights(target, context, 4.0).tolist() == [[1, 4, 1, 1], [1, 1, 1, 1]]
+    assert token_weights(target, context, 1.0).tolist() == [[1, 1, 1, 1]] * 2  # weight 1: the plain mean
