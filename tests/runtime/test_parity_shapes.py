@@ -23,8 +23,9 @@ def reference(shapes_ckpt):
 def test_trained_edit_matches_diffusers(reference, shapes_ckpt, with_image):
     ours = build_pipeline(LoadSpec(shapes_ckpt, backend="torch", dtype="fp32"))
     assert ours.config.text_length == 32
-    prompt = demo_edit().prompt if with_image else "a green triangle"
-    image = render(demo_edit().source) if with_image else None
+    demo = demo_edit()
+    prompt = demo.prompt if with_image else "a green triangle"
+    image = render(demo.source) if with_image else None
     req = EditRequest(prompts=[prompt], image=image, width=128, height=128, steps=28, guidance=2.5, seed=5,
                       auto_resize=False)
     result = edit(ours, req)
