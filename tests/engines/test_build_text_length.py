@@ -30,6 +30,7 @@ def copy_without_text_length(onnx_dir, out, text_length=None):
     return out
 
 
+@pytest.mark.slow  # makes tiny_onnx_t32 (~20 s): early, so that its other users find it made instead of waiting
 def test_a_32_token_export_builds_32_token_profiles(tiny_onnx_t32, tmp_path):
     manifest = build_text_stages(tiny_onnx_t32, tmp_path / "engines")
     t5, tr = manifest.stages["t5"], manifest.stages["transformer"]

@@ -22,6 +22,7 @@ from kontext_trt.runtime.klein_stages import klein_stage_modules
 TOL = 1e-4  # max abs difference relative to the output's max abs value
 
 
+@pytest.mark.slow  # makes klein_onnx (~60 s): early, so that its other users find it made instead of waiting
 def test_manifest_records_the_family_its_names_and_dims(klein_onnx):
     manifest = read_export_manifest(klein_onnx)
     assert manifest.family is FLUX2_KLEIN and manifest.kontext["family"] == "flux2-klein"
