@@ -2,6 +2,7 @@
 four stages, each with the family's I/O), a request's references are checked against the built profiles (target and
 every reference in the transformer's tokens, each reference in the VAE encoder's), and the whole loop runs through
 TrtStage on contexts that compute with the stages' ONNX in onnxruntime (kontext_trt/engines/fake_trt.py)."""
+import shutil
 from dataclasses import replace
 from functools import partial
 
@@ -83,6 +84,19 @@ def test_load_engines_makes_the_klein_stages(klein_engines, klein_set, klein_fak
         assert set(stage.specs) == {*FLUX2_KLEIN.io(name)[0], *FLUX2_KLEIN.io(name)[1]}
     with pytest.raises(KontextError, match="is not the transformer stage's"):  # FLUX.1's contract: not klein's
         trt_io.check_io("transformer", trt_io.engine_io(klein_fakes["transformer"]), "transformer.plan")
+
+
+def test_tokenizers_and_config_of_another_family_are_refused(klein_engines, klein_distilled, tiny_ckpt, klein_fakes,
+                                                             tmp_path):
+    root = tmp_path / "engines"
+    shutil.copytree(klein_engines, root)
+    folder = root / "rtx4090-sm89" / API.folder / "fp32"
+    manifest = cache.read_engine_manifest(folder)
+    cache.write_manifest(folder, replace(manifest, onnx={"dir": str(tmp_path / "moved")}))  # the export is gone
+    assert load_engines(root, "fp32", model=klein_distilled, low_vram=True).config.family == "flux2-klein"
+    with pytest.raises(KontextError, match=r"run FLUX.2 \[klein\] and the tokenizers and loop config given are "
+                                           r"FLUX.1 Kontext's: pass the export or checkpoint they were built from"):
+        load_engines(root, "fp32", model=tiny_ckpt, low_vram=True)
 
 
 def test_step_caching_is_refused_in_one_line(klein_engines, rtx4090):
