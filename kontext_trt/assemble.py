@@ -13,32 +13,36 @@ from typing import Any
 
 import torch
 
-from kontext_trt.core import image as im
 from kontext_trt.core.checks import resolve_device
 from kontext_trt.core.dtypes import DTYPES, TORCH_BACKEND_DTYPES
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.export_manifest import ExportManifest
+from kontext_trt.core.family import FLUX1_KONTEXT, Family, family_named
 from kontext_trt.core.specs import LoadSpec
-from kontext_trt.core.stages import SPLIT_STAGE_NAMES, STAGE_NAMES, Stage
+from kontext_trt.core.stages import Stage
 from kontext_trt.engines.cache import EngineManifest
-from kontext_trt.engines.select import Geometry, select_engines
+from kontext_trt.engines.select import Geometry, GeometryOf, select_engines
 from kontext_trt.runtime.cudagraphs import GRAPHED_STAGES, graphed
-from kontext_trt.runtime.flow import EditRequest, Kontext, KontextConfig, PipelineInfo, output_size
+from kontext_trt.runtime.flow import EditRequest, Kontext, KontextConfig, PipelineInfo, ops_of
 
 log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 Tokenizers = tuple[Any, Any]  # (CLIPTokenizer, T5TokenizerFast)
 
 
-def request_geometry(req: EditRequest) -> Geometry:
-    """What a request needs of the engines: the sizes flow.edit will use and the batch."""
-    context = im.context_size(*req.image.size, auto_resize=req.auto_resize) if req.image is not None else None
-    return Geometry(*output_size(req, context), len(req.prompts), context)
+def request_geometry(req: EditRequest, family: Family = FLUX1_KONTEXT) -> Geometry:
+    """What a request needs of a family's engines: the sizes flow.edit will use (the family's output size and each
+    reference's size as its VAE encoder takes it) and the batch. The engine profiles count 16-pixel tokens
+    (engines.profiles.tokens, the published VAEs'), so the family's default loop config sizes the references."""
+    config, ops = KontextConfig(family=family.name), ops_of(family.name)
+    sizes = ops.reference_sizes(config, req)
+    return Geometry(*ops.output_size(config, req), len(req.prompts), sizes[0] if sizes else None, sizes[1:])
 
 
-def build_pipeline(spec: LoadSpec, geometry: Geometry | None = None) -> Kontext:
+def build_pipeline(spec: LoadSpec, geometry: Geometry | GeometryOf | None = None) -> Kontext:
     """The one place a pipeline is built, for edit, generate, serve, bench and the Python API: the stages LoadSpec
-    names (engines: the set that runs here and covers `geometry`), tokenizers, loop config, CUDA graphs, LoRAs.
+    names (engines: the set that runs here and covers `geometry`, a Geometry or a function of the set's family such
+    as partial(request_geometry, req)), tokenizers, loop config, CUDA graphs, LoRAs.
     Logs its load time (INFO: -v)."""
     start = time.perf_counter()
     k = _build_stages(spec, geometry)
@@ -49,7 +53,7 @@ def build_pipeline(spec: LoadSpec, geometry: Geometry | None = None) -> Kontext:
     return k
 
 
-def _build_stages(spec: LoadSpec, geometry: Geometry | None) -> Kontext:
+def _build_stages(spec: LoadSpec, geometry: Geometry | GeometryOf | None) -> Kontext:
     """build_pipeline without the LoRAs."""
     if spec.backend not in BACKENDS:
         raise KontextError(f"unknown backend {spec.backend!r}: use torch or onnxruntime (TensorRT: pass --engines DIR)",
@@ -134,11 +138,13 @@ def load_onnx(folder: str | Path, device: torch.device, cuda_graphs: bool = Fals
                     KontextConfig.from_dict(manifest.kontext), device, info, cuda_graphs)
 
 
-def load_engines(engines: Path, precision: str | None = None, sku: str = "auto", geometry: Geometry | None = None,
-                 onnx: Path | None = None, model: Path | None = None, low_vram: bool = False,
-                 weight_budget: int | str | None = None, cuda_graphs: bool = False, split: bool = False) -> Kontext:
+def load_engines(engines: Path, precision: str | None = None, sku: str = "auto",
+                 geometry: Geometry | GeometryOf | None = None, onnx: Path | None = None, model: Path | None = None,
+                 low_vram: bool = False, weight_budget: int | str | None = None, cuda_graphs: bool = False,
+                 split: bool = False) -> Kontext:
     """The TensorRT backend over the engine set of `engines` that runs here and covers `geometry` (see
-    runtime.engine_select); tokenizers and config from the export it was built from (or `onnx`, or `model`).
+    engines.select): the stages of the model family its manifest records, each with that family's I/O; tokenizers
+    and config from the export it was built from (or `onnx`, or `model`).
     Resident mode loads every engine now, the transformer last (an auto weight-streaming budget then sees what the
     others took); low_vram loads each when its stage is first called. `split` (step caching) loads the transformer's
     three parts instead of the single transformer (one or the other, never both)."""
@@ -148,16 +154,19 @@ def load_engines(engines: Path, precision: str | None = None, sku: str = "auto",
     if split and low_vram:
         raise KontextError("--low-vram keeps one engine on the GPU and a cached step runs three transformer engines: "
                            "drop --low-vram or --cache (use --weight-streaming-budget to save memory)")
-    names = SPLIT_STAGE_NAMES if split else STAGE_NAMES
-    chosen = select_engines(engines, precision, sku, geometry, names)
-    found = chosen.found
+    chosen = select_engines(engines, precision, sku, geometry, split)
+    found, family = chosen.found, chosen.family
     tokenizers, config = engine_tokenizers_and_config(found.manifest, onnx, model)
+    if config.family != family.name:
+        raise KontextError(f"the engines in {found.folder} run {family.label} and the tokenizers and loop config given "
+                           f"are {family_named(config.family).label}'s: pass the export or checkpoint they were "
+                           "built from (--onnx or --model)", "model", "model_mismatch")
     device = torch.device("cuda", chosen.gpu.cuda_index)  # the device whose SKU was detected
     pool = EnginePool(chosen.api, device, low_vram, weight_budget is not None, found.runtime_cache)
     rebuild = found.manifest.command
     stages = {name: TrtStage(name, found.plans[name], pool, weight_budget if name in STREAMED_STAGES else None,
-                             cuda_graphs and name in GRAPHED_STAGES, rebuild, onnx)
-              for name in names if name in found.plans}
+                             cuda_graphs and name in GRAPHED_STAGES, rebuild, onnx, family.io(name))
+              for name in chosen.stages if name in found.plans}
     if not low_vram:
         for name in sorted(stages, key=lambda name: name in STREAMED_STAGES):
             pool.admit(stages[name])

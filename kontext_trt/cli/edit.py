@@ -160,9 +160,12 @@ def load_spec(args: argparse.Namespace) -> LoadSpec:
 
 def load_edit_pipeline(args: argparse.Namespace, request: EditRequest) -> Kontext:
     """The pipeline `edit` runs on: a checkpoint, an export folder, or the engines for this GPU and this request."""
+    from functools import partial
+
     from kontext_trt.assemble import build_pipeline, request_geometry
 
-    return build_pipeline(load_spec(args), request_geometry(request) if args.engines is not None else None)
+    geometry = partial(request_geometry, request) if args.engines is not None else None  # of the set's family
+    return build_pipeline(load_spec(args), geometry)
 
 
 def run_demo(args: argparse.Namespace) -> int:

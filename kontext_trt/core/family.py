@@ -50,6 +50,16 @@ class Family:
         """(input names, output names) of one of this family's stages (or of a transformer part)."""
         return self.stage_io.get(stage) or STAGE_IO[stage]
 
+    def engine_stages(self, split: bool = False) -> tuple[str, ...]:
+        """The stages an engine set of this family runs, in order; `split` (step caching): the transformer's parts in
+        place of the transformer, or one line if this family has none."""
+        if not split:
+            return self.stage_names
+        if not self.parts:
+            raise KontextError(f"step caching (--cache) runs the transformer in parts, which {self.label} engines do "
+                               "not have: use --cache off", "cache", "invalid_value")
+        return tuple(part for name in self.stage_names for part in (self.parts if name == "transformer" else (name,)))
+
 
 FLUX1_KONTEXT = Family(
     "flux1-kontext", "FluxKontextPipeline", "FLUX.1 Kontext",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kontext_trt.core import files
 from kontext_trt.core.errors import KontextError
-from kontext_trt.core.family import FLUX1_KONTEXT
+from kontext_trt.core.family import FLUX1_KONTEXT, Family, family_named
 from kontext_trt.core.stages import STAGE_NAMES, TRANSFORMER_PARTS
 from kontext_trt.core.timing import progress
 from kontext_trt.engines import profiles
@@ -163,8 +163,16 @@ def _rebuild(root: Path, sku: Sku, flavor_version: str, precision: str, sizes: l
     return build_command({**old, "out": str(root), "static": None,
                           "sizes": profiles.format_sizes(tuple(dict.fromkeys([*keep, *sizes]))),
                           "batch": f"{lo}-{hi}" if hi > lo else str(lo),
-                          "stages": [s for s in (*STAGE_NAMES, *TRANSFORMER_PARTS)
+                          "stages": [s for s in dict.fromkeys((*set_family(near).stage_names, *STAGE_NAMES,
+                                                               *TRANSFORMER_PARTS))
                                      if s in {*old.get("stages", ()), *stages}]})
+
+
+def reference_count_refusal(family: Family, count: int) -> list[str]:
+    """[why] when a request has more reference images than the family's engines are built for, else []."""
+    most = profiles.FAMILY_AXES[family.name].max_references
+    return [f"{count} reference images, {family.label} engines take at most {most} (pass fewer --image)"] \
+        if count > most else []
 
 
 def built_precisions(base: Path) -> list[str]:
@@ -184,21 +192,30 @@ def pick_precision(base: Path, precision: str | None) -> str:
     return built[0] if built else "bf16"
 
 
+def set_family(manifest: EngineManifest | None) -> Family:
+    """The model family an engine set runs (core.family; FLUX.1 Kontext when there is no set)."""
+    return family_named(manifest.family) if manifest else FLUX1_KONTEXT
+
+
 def find_engines(engines_dir: Path, sku: Sku | str, flavor_version: str, precision: str, width: int, height: int,
                  batch: int = 1, context: tuple[int, int] | None = None,
-                 stages: tuple[str, ...] = STAGE_NAMES) -> Engines:
+                 stages: tuple[str, ...] = STAGE_NAMES, references: tuple[tuple[int, int], ...] = ()) -> Engines:
     """The engine set for this GPU SKU, library (<flavor>-<version>) and precision that covers a WxH output from a
-    context image of size `context` (None: text-to-image) at this batch, or one line saying why not and how to fix.
-    Its plans are every stage the set has (the ones this request needs checked)."""
+    context image of size `context` (None: text-to-image) and the further `references` (FLUX.2 [klein]) at this
+    batch, or one line saying why not and how to fix. Its plans are every stage the set has (the ones this request
+    needs checked)."""
     sku = SKUS[sku] if isinstance(sku, str) else sku
     root = Path(engines_dir)
     folder = engine_folder(root, sku, flavor_version, precision)
     found = open_set(folder)
     manifest = found.manifest if found else None
-    want = (f"{sku.tag}/{flavor_version}/{precision} for {width}x{height}"
-            + (f" from a {context[0]}x{context[1]} image" if context else " (text-to-image)") + f", batch {batch}")
+    images = [context, *references] if context else []
+    source = (f" from a {context[0]}x{context[1]} image" if len(images) == 1 else
+              f" from {len(images)} images ({', '.join(f'{w}x{h}' for w, h in images)})" if images else
+              " (text-to-image)")
+    want = f"{sku.tag}/{flavor_version}/{precision} for {width}x{height}{source}, batch {batch}"
     needed = [s for s in stages if s != "vae_encoder" or context]
-    sizes = [(width, height), *([context] if context else [])]
+    sizes = [(width, height), *images]
 
     def fail(reason: str, near: EngineManifest | None = None, param: str = "engines", code: str = "not_found") -> KontextError:
         return KontextError(f"no engines for {want}: {reason}; built here: {_summary(root)}; rebuild: "
@@ -210,8 +227,10 @@ def find_engines(engines_dir: Path, sku: Sku | str, flavor_version: str, precisi
     missing = [s for s in needed if s not in manifest.stages]
     if missing:
         raise fail(f"stage {', '.join(missing)} not built in {folder}", manifest)
-    outside, batch_only = [], True
-    for stage, axes in profiles.request_axes(width, height, context, batch).items():
+    family = set_family(manifest)
+    outside = reference_count_refusal(family, len(images))
+    param, batch_only = "image" if outside else "size", not outside
+    for stage, axes in profiles.request_axes(width, height, context, batch, references, family):
         if stage not in needed:
             continue
         entry = manifest.stages[stage]
@@ -220,8 +239,8 @@ def find_engines(engines_dir: Path, sku: Sku | str, flavor_version: str, precisi
             if not lo <= value <= hi:
                 outside.append(f"{stage} {axis}={value} outside {lo}..{hi}")
                 batch_only = batch_only and axis == "B"
-    if outside:  # the request's field at fault: n (the batch) or size (output or input image)
-        raise fail(", ".join(outside), manifest, "n" if batch_only else "size", "out_of_range")
+    if outside:  # the request's field at fault: n (the batch), size (output or input image) or image (how many)
+        raise fail(", ".join(outside), manifest, "n" if batch_only else param, "out_of_range")
     with progress(f"hashing the {len(needed)} plans in {folder} (sha256, checked once against the manifest)"):
         for stage in needed:
             problem = plan_problem(found.plans[stage], manifest.stages[stage])

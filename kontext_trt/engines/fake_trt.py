@@ -10,12 +10,15 @@ The fakes' own records (what was set, how often it ran) live under names startin
 - fake_tensorrt(version): a stand-in datacenter `tensorrt` module (10.x or 11.x) with the builder surface engines/
   uses (recording what a build asks of it in `_calls`) and the runtime enums, Refitter and Weights.
 - FakeStream: torch.cuda.Stream's ordering surface (checked against torch.cuda.Stream).
+- network_engine(onnx, entry): a FakeEngine with the I/O TensorRT-RTX parses from a stage's ONNX and the profile an
+  engine manifest records; OnnxContext: a FakeRtxContext that really computes, with the stage's ONNX in onnxruntime.
 """
 from __future__ import annotations
 
 import ctypes
 import enum
 import types
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -118,6 +121,53 @@ class FakeRtxContext(FakeContext):
     def is_stream_capturable(self, stream: int) -> bool:
         capturable = self._engine._capturable
         return self._runs > 0 if capturable == "after_run" else bool(capturable)
+
+
+class OnnxContext(FakeRtxContext):
+    """A context that computes, on host memory: when its outputs are bound (TrtStage binds them after the inputs,
+    right before each run) it runs the engine's `_session` (onnxruntime over the stage's ONNX) on the tensors bound
+    as inputs, read at their addresses with the engine's dtypes and shapes set; a run writes those outputs at the
+    addresses bound for them."""
+
+    def __init__(self, engine: FakeEngine, native_graphs: bool = False) -> None:
+        super().__init__(engine, native_graphs)
+        self._outputs: dict[str, torch.Tensor] | None = None
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        self._outputs = self._outputs or self._compute()
+        return tuple(self._outputs[name].shape)
+
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        outputs, self._outputs = self._outputs or self._compute(), None
+        for name, value in outputs.items():
+            ctypes.memmove(self._addresses[name], value.data_ptr(), value.numel() * value.element_size())
+        return super().execute_async_v3(stream_handle)
+
+    def _compute(self) -> dict[str, torch.Tensor]:
+        from kontext_trt.engines.trt_io import TORCH_DTYPES
+        from kontext_trt.runtime.ort_stages import TORCH_DTYPES as ORT_DTYPES
+
+        session, feeds = self._engine._session, {}
+        for arg in session.get_inputs():
+            dtype, shape = TORCH_DTYPES[self._engine._io[arg.name][1].name], self._shapes[arg.name]
+            size = torch.Size(shape).numel() * dtype.itemsize
+            held = torch.frombuffer((ctypes.c_byte * size).from_address(self._addresses[arg.name]), dtype=dtype)
+            feeds[arg.name] = held.reshape(shape).to(ORT_DTYPES[arg.type]).numpy()
+        names = [arg.name for arg in session.get_outputs()]
+        return {name: torch.from_numpy(value).to(TORCH_DTYPES[self._engine._io[name][1].name]).contiguous()
+                for name, value in zip(names, session.run(names, feeds))}
+
+
+def network_engine(onnx_path: Path, entry: dict, scratch: int = 4096, streamable: int = 0) -> FakeEngine:
+    """A FakeEngine with the I/O of a stage's TensorRT-RTX network (names, dtypes, dynamic axes, parsed from its
+    ONNX) and the profile its engine manifest entry records."""
+    from kontext_trt.engines import trt_api
+
+    api = trt_api.load_api("tensorrt-rtx")
+    net = trt_api.parse_onnx(api, onnx_path).network
+    tensors = [*map(net.get_input, range(net.num_inputs)), *map(net.get_output, range(net.num_outputs))]
+    io = {t.name: (t.is_network_input, t.dtype, tuple(t.shape)) for t in tensors}
+    return FakeEngine(api.trt, io, entry["profile"], scratch, streamable)
 
 
 class FakeWeights:

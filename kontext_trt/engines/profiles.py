@@ -143,17 +143,21 @@ def axis_ranges(shapes: Shapes, text_length: int | None = None, family: Family =
     }
 
 
-def request_axes(width: int, height: int, context: tuple[int, int] | None, batch: int) -> dict[str, dict[str, int]]:
-    """The axis values one request needs, per stage (the VAE encoder sees the context image, once, at batch 1; the
-    decoder the output)."""
-    n, m = tokens(width, height), tokens(*context) if context else 0
-    out = {"B": batch, "W": width, "H": height, "w": width // 8, "h": height // 8}
-    axes = {"clip": {"B": batch}, "t5": {"B": batch}, "transformer": {"B": batch, "L": n + m}, "vae_decoder": out}
-    axes.update({part: axes["transformer"] for part in ("transformer_head", "transformer_body", "transformer_tail")})
-    if context:
-        cw, ch = context
-        axes["vae_encoder"] = {"B": 1, "W": cw, "H": ch, "w": cw // 8, "h": ch // 8}
-    return axes
+def request_axes(width: int, height: int, context: tuple[int, int] | None, batch: int,
+                 references: tuple[tuple[int, int], ...] = (),
+                 family: Family = FLUX1_KONTEXT) -> list[tuple[str, dict[str, int]]]:
+    """The axis values one request needs, per stage of the family: the transformer's L its target and every
+    reference, the VAE encoder each reference (`context` the first, `references` the others), once, at batch 1; the
+    decoder the output."""
+    rules, cell = FAMILY_AXES[family.name].stage_axes, FAMILY_AXES[family.name].latent_cell
+    images = [context, *references] if context else []
+    n = tokens(width, height) + sum(tokens(*size) for size in images)
+    axes = {stage: {"B": batch} for stage in rules if not stage.startswith(("vae_", "transformer"))}
+    axes["transformer"] = {"B": batch, "L": n}
+    axes["vae_decoder"] = {"B": batch, "W": width, "H": height, "w": width // cell, "h": height // cell}
+    axes.update({part: axes["transformer"] for part in rules if part.startswith("transformer_")})
+    return [*axes.items(), *(("vae_encoder", {"B": 1, "W": w, "H": h, "w": w // cell, "h": h // cell})
+                             for w, h in images)]
 
 
 def stage_profile(stage: str, onnx_shapes: dict[str, tuple[int | str, ...]], axes: dict[str, Range],

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from kontext_trt.core.errors import KontextError
-from kontext_trt.core.stages import STAGE_NAMES
+from kontext_trt.core.family import Family
 from kontext_trt.engines import cache, profiles, trt_api
 from kontext_trt.engines import device as gpus
 from kontext_trt.engines.skus import PRECISION_FALLBACK, Sku, precision_refusal
@@ -16,23 +17,30 @@ from kontext_trt.engines.skus import PRECISION_FALLBACK, Sku, precision_refusal
 
 @dataclass(frozen=True)
 class Geometry:
-    """What a request needs of the engines: output size, batch and the context image size (None: text-to-image)."""
+    """What a request needs of the engines: output size, batch, the context image size (None: text-to-image) and
+    the further references' sizes (FLUX.2 [klein]), each as its VAE encoder sees it."""
 
     width: int
     height: int
     batch: int = 1
     context: tuple[int, int] | None = None
+    references: tuple[tuple[int, int], ...] = ()
+
+
+GeometryOf = Callable[[Family], Geometry]  # a request's geometry for the family of the engine set found
 
 
 @dataclass(frozen=True)
 class EngineSet:
-    """The engine set chosen: the GPU it runs on, the TensorRT flavour that runs it, its precision and what
-    cache.find_engines found."""
+    """The engine set chosen: the GPU it runs on, the TensorRT flavour that runs it, its precision, what
+    cache.find_engines found, its model family and the stages it runs."""
 
     gpu: gpus.Gpu
     api: trt_api.TrtApi
     precision: str
     found: cache.Engines
+    family: Family
+    stages: tuple[str, ...]
 
 
 def cuda_gpu() -> gpus.Gpu:
@@ -92,9 +100,10 @@ def default_geometry(folder: Path) -> Geometry:
 
 
 def select_engines(engines: Path, precision: str | None = None, sku: str = "auto",
-                   geometry: Geometry | None = None, stages: tuple[str, ...] = STAGE_NAMES) -> EngineSet:
+                   geometry: Geometry | GeometryOf | None = None, split: bool = False) -> EngineSet:
     """The engine set in `engines` for this GPU (or the SKU named), the installed TensorRT and `precision` (default:
-    the only one built) that covers `geometry` (default: the set's own opt size)."""
+    the only one built) that covers `geometry` (a Geometry, or a function of the set's model family; default: the
+    set's own opt size); its stages are its family's (`split`: with the transformer's parts, for step caching)."""
     gpu = cuda_gpu()
     chosen = gpu_sku(sku, gpu)
     api = pick_api(engines, chosen)
@@ -104,6 +113,10 @@ def select_engines(engines: Path, precision: str | None = None, sku: str = "auto
         fallback = PRECISION_FALLBACK.get(precision, "fp32")
         raise KontextError(f"{gpu.name} cannot run {precision} engines: {refusal}: run {fallback} engines instead "
                            f"(--precision {fallback.split()[0]})", "precision", "gpu_mismatch")
-    g = geometry or default_geometry(cache.engine_folder(engines, chosen, api.folder, precision))
-    found = cache.find_engines(engines, chosen, api.folder, precision, g.width, g.height, g.batch, g.context, stages)
-    return EngineSet(gpu, api, precision, found)
+    folder = cache.engine_folder(engines, chosen, api.folder, precision)
+    family = cache.set_family(cache.read_engine_manifest(folder))
+    stages = family.engine_stages(split)
+    g = (geometry(family) if callable(geometry) else geometry) or default_geometry(folder)
+    found = cache.find_engines(engines, chosen, api.folder, precision, g.width, g.height, g.batch, g.context, stages,
+                               g.references)
+    return EngineSet(gpu, api, precision, found, family, stages)

@@ -45,9 +45,13 @@ def engine_io(engine: Any) -> dict[str, TensorSpec]:
     return specs
 
 
-def check_io(stage: str, specs: dict[str, TensorSpec], where: str | Path) -> None:
-    """Refuse an engine whose I/O is not the stage contract (guidance may be absent: no guidance embedding)."""
-    ins, outs = STAGE_IO[stage]
+StageIO = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def check_io(stage: str, specs: dict[str, TensorSpec], where: str | Path, io: StageIO | None = None) -> None:
+    """Refuse an engine whose I/O is not the stage contract: `io` (a family's, core.family.Family.io), else FLUX.1's
+    (guidance may be absent: no guidance embedding)."""
+    ins, outs = io or STAGE_IO[stage]
     inputs = {n for n, s in specs.items() if s.is_input}
     outputs = {n for n, s in specs.items() if not s.is_input}
     if not set(ins) - {"guidance"} <= inputs <= set(ins) or not set(outs) <= outputs:

@@ -25,7 +25,7 @@ from kontext_trt.core.errors import KontextError
 from kontext_trt.core.lru import LruCache
 from kontext_trt.core.stages import STAGE_IO
 from kontext_trt.engines import trt_api
-from kontext_trt.engines.trt_io import TensorSpec, check_io, engine_io, plan_inputs
+from kontext_trt.engines.trt_io import StageIO, TensorSpec, check_io, engine_io, plan_inputs
 from kontext_trt.engines.trt_pool import EnginePool, device_memory
 
 if TYPE_CHECKING:
@@ -66,12 +66,13 @@ class TrtStage:
     """
 
     def __init__(self, name: str, plan: Path, pool: EnginePool, weight_budget: int | str | None = None,
-                 cuda_graphs: bool = False, rebuild: str = "kontext-trt build", onnx_dir: Path | None = None) -> None:
+                 cuda_graphs: bool = False, rebuild: str = "kontext-trt build", onnx_dir: Path | None = None,
+                 io: StageIO | None = None) -> None:
         self.name, self.plan, self.pool, self.rebuild = name, Path(plan), pool, rebuild
         self.onnx_dir = onnx_dir  # --onnx: the export the engine was built from (LoRA swaps read its weights)
         self.weights_target: RefitWeights | None = None  # engines.trt_refit: its LoRA set, set again on each load
         self.weight_budget, self.cuda_graphs = weight_budget, cuda_graphs
-        self.input_names, self.output_names = STAGE_IO[name]
+        self.input_names, self.output_names = io or STAGE_IO[name]  # the family's (core.family.Family.io)
         self.engine: Any = None
         self.exec_ctxs = LruCache(MAX_CONTEXTS, on_evict=self.drop_context)
         self.specs: dict[str, TensorSpec] = {}
@@ -180,7 +181,7 @@ class TrtStage:
             self.user_memory = takes_user_memory(api, engine)
             self.set_weight_budget(engine)
             specs = engine_io(engine)
-            check_io(self.name, specs, self.plan)
+            check_io(self.name, specs, self.plan, (self.input_names, self.output_names))
             self.scratch_need = int(engine.device_memory_size_v2)  # after the budget: streaming scratch included
             if self.user_memory:
                 self.pool.grow_scratch(self.scratch_need)

@@ -13,7 +13,7 @@ from kontext_trt.core import image as im
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.family import FLUX1_KONTEXT, Family
 from kontext_trt.core.text import CLIP_LEN, tokenize
-from kontext_trt.runtime.inputs import Context, Prompt
+from kontext_trt.runtime.inputs import Context, KontextConfig, Prompt
 from kontext_trt.runtime.latents import draw_noise, latent_ids, pack_latents, text_ids, unpack_latents
 from kontext_trt.runtime.schedule import flow_schedule
 
@@ -34,15 +34,15 @@ class Flux1Kontext:
             raise KontextError(f"{self.family.label} edits from one image, {len(req.images)} were given: pass one "
                                "--image (FLUX.2 [klein] checkpoints take up to 4)", "image", "out_of_range")
 
-    def reference_sizes(self, k: Kontext, req: EditRequest) -> tuple[tuple[int, int], ...]:
+    def reference_sizes(self, config: KontextConfig, req: EditRequest) -> tuple[tuple[int, int], ...]:
         """The size each reference is resized to (bucket or own size, floored to 16)."""
         return tuple(im.context_size(*img.size, auto_resize=req.auto_resize) for img in req.images)
 
-    def output_size(self, k: Kontext, req: EditRequest) -> tuple[int, int]:
+    def output_size(self, config: KontextConfig, req: EditRequest) -> tuple[int, int]:
         """Explicit size if given; else the resized input size (BFL's behaviour); else 1024x1024."""
         if req.width is not None:
             return req.width, req.height
-        sizes = self.reference_sizes(k, req)
+        sizes = self.reference_sizes(config, req)
         return sizes[0] if sizes else (1024, 1024)
 
     def encode_prompts(self, k: Kontext, prompts: list[str]) -> Prompt:

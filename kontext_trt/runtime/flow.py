@@ -233,13 +233,6 @@ def check_request(req: EditRequest) -> None:
         im.check_context_size(*req.image.size, req.auto_resize)
 
 
-def output_size(req: EditRequest, context_size: tuple[int, int] | None) -> tuple[int, int]:
-    """Explicit size if given; else the resized input size (BFL's behaviour); else 1024x1024."""
-    if req.width is not None:
-        return req.width, req.height
-    return context_size or (1024, 1024)
-
-
 def stopper(reqs: list[EditRequest]) -> Callable[[], bool] | None:
     """The batch's cancellation check: True once every request's `cancel` event is set (None when a request has
     none). A batch with only some requests cancelled runs on for the others; the server drops the cancelled ones'
@@ -267,8 +260,8 @@ def batch_key(k: Kontext, req: EditRequest) -> tuple:
     set)."""
     req = with_defaults(k, req)
     cfg = k.ops.cfg(k, req)
-    return (k.ops.output_size(k, req), k.ops.reference_sizes(k, req), req.steps, cfg and cfg[1], req.cache,
-            req.lora)
+    return (k.ops.output_size(k.config, req), k.ops.reference_sizes(k.config, req), req.steps, cfg and cfg[1],
+            req.cache, req.lora)
 
 
 def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None] | None = None,
@@ -286,7 +279,7 @@ def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None]
     if len({batch_key(k, r) for r in reqs}) != 1:
         raise KontextError("requests of one batch must share output size, reference sizes, steps, CFG, cache and "
                            "LoRA set")
-    width, height = k.ops.output_size(k, reqs[0])
+    width, height = k.ops.output_size(k.config, reqs[0])
     steps, cache_spec = reqs[0].steps, reqs[0].cache
     sizes = [len(r.prompts) for r in reqs]
     prompt = concat_prompts(prompts)

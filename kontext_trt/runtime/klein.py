@@ -16,7 +16,7 @@ from kontext_trt.core import image as im
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.family import FLUX2_KLEIN, Family
 from kontext_trt.core.text import cut
-from kontext_trt.runtime.inputs import Context, Prompt
+from kontext_trt.runtime.inputs import Context, KontextConfig, Prompt
 from kontext_trt.runtime.schedule import klein_schedule
 
 if TYPE_CHECKING:
@@ -49,6 +49,11 @@ def reference_pixels(image: Image.Image, multiple: int) -> torch.Tensor:
     return im.image_to_tensor(image.crop((left, top, left + width, top + height)), width, height)
 
 
+def token_side(config: KontextConfig) -> int:
+    """Pixels per packed token side: two latent cells (the VAE stage patchifies 2x2)."""
+    return 2 * config.vae_scale_factor
+
+
 def grid_ids(t: int, rows: int, cols: int) -> torch.Tensor:
     """(rows * cols, 4) float32 ids [t, row, col, 0], row-major."""
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
@@ -68,7 +73,7 @@ class Flux2Klein:
 
     def multiple(self, k: Kontext) -> int:
         """Pixels per packed token side (16 for the real VAE)."""
-        return 2 * k.config.vae_scale_factor
+        return token_side(k.config)
 
     def check(self, k: Kontext, req: EditRequest) -> None:
         """Refuse what klein cannot run, one line each."""
@@ -91,15 +96,15 @@ class Flux2Klein:
             raise KontextError(f"--cache {req.cache}: step caching is not available for {self.family.label} yet; use "
                                "--cache off", "cache", "invalid_value")
 
-    def reference_sizes(self, k: Kontext, req: EditRequest) -> tuple[tuple[int, int], ...]:
+    def reference_sizes(self, config: KontextConfig, req: EditRequest) -> tuple[tuple[int, int], ...]:
         """The size each reference is cropped to."""
-        return tuple(reference_size(*img.size, self.multiple(k))[1] for img in req.images)
+        return tuple(reference_size(*img.size, token_side(config))[1] for img in req.images)
 
-    def output_size(self, k: Kontext, req: EditRequest) -> tuple[int, int]:
+    def output_size(self, config: KontextConfig, req: EditRequest) -> tuple[int, int]:
         """Explicit size if given; else the first reference's cropped size; else 1024x1024."""
         if req.width is not None:
             return req.width, req.height
-        sizes = self.reference_sizes(k, req)
+        sizes = self.reference_sizes(config, req)
         return sizes[0] if sizes else (DEFAULT_SIZE, DEFAULT_SIZE)
 
     def encode_prompts(self, k: Kontext, prompts: list[str]) -> Prompt:

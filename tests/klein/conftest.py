@@ -1,4 +1,5 @@
-"""Tiny FLUX.2 [klein] checkpoints (distilled and base), made once per run (tests/klein/tiny_klein.py)."""
+"""Tiny FLUX.2 [klein] checkpoints (distilled and base), made once per run (tests/klein/tiny_klein.py), the
+distilled one's export and its TensorRT-RTX engines."""
 from __future__ import annotations
 
 import sys
@@ -28,3 +29,21 @@ def klein_onnx(once, klein_distilled, tmp_path_factory) -> Path:
 
     return once("klein_onnx", lambda: export_checkpoint(klein_distilled, tmp_path_factory.mktemp("onnx") / "klein",
                                                         dtype="fp32").parent)
+
+
+@pytest.fixture(scope="session")
+def klein_engines(once, klein_onnx, tmp_path_factory) -> Path:
+    """ENGINES root with klein_onnx's four stages built once on this CPU host for the RTX 4090 (sm89), fp32, sizes
+    64x64 and 96x64 (16 and 24 tokens), batch 1-2: `kontext-trt build` as a user runs it."""
+    pytest.importorskip("tensorrt_rtx")
+    from kontext_trt.cli.main import main
+    from kontext_trt.engines import device
+
+    def make() -> Path:
+        root = tmp_path_factory.mktemp("klein-engines")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(device, "detect_gpu", lambda cuda_index=None: (None, "built ahead of time for the tests"))
+            assert main(["build", "--onnx", str(klein_onnx), "--out", str(root), "--sku", "rtx4090", "--sizes",
+                         "64x64,96x64", "--batch", "1-2"]) == 0
+        return root
+    return once("klein_engines", make)

@@ -3,27 +3,14 @@ axes (the transformer's tokens cover a target and 1 to 4 references at the sizes
 and in each plan's key. Deserializing a plan needs CUDA, which this host lacks: its header is checked instead."""
 import pytest
 
-from kontext_trt.cli.main import main
 from kontext_trt.core.errors import KontextError
 from kontext_trt.core.family import FLUX1_KONTEXT, FLUX2_KLEIN
 from kontext_trt.core.onnx_dir import read_onnx_dir
-from kontext_trt.engines import build, cache, device, profiles, trt_api
+from kontext_trt.engines import build, cache, profiles, trt_api
 from kontext_trt.engines.skus import SKUS
 
 trt_rtx = pytest.importorskip("tensorrt_rtx")
 SIZES = ((64, 64), (96, 64))  # 16 and 24 tokens
-
-
-@pytest.fixture(scope="module")
-def klein_engines(once, klein_onnx, tmp_path_factory):
-    def make():
-        root = tmp_path_factory.mktemp("klein-engines")
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(device, "detect_gpu", lambda cuda_index=None: (None, "built ahead of time for the tests"))
-            assert main(["build", "--onnx", str(klein_onnx), "--out", str(root), "--sku", "rtx4090", "--sizes",
-                         "64x64,96x64", "--batch", "1-2"]) == 0
-        return root
-    return once("klein_engines", make)
 
 
 def test_klein_profiles_cover_one_to_four_references():

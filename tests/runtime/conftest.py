@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kontext_trt.engines.fake_trt import FakeContext, FakeEngine, FakeRtxContext, FakeStream
+from kontext_trt.engines.fake_trt import FakeContext, FakeRtxContext, FakeStream
+from kontext_trt.engines.fake_trt import network_engine as rtx_engine
 
 # diffusers module names the test LoRAs adapt, each with its kohya (BFL-named) key; q/k/v go into one fused qkv.
 DOUBLE = {"attn.to_out.0": "img_attn_proj", "attn.to_add_out": "txt_attn_proj", "ff.net.0.proj": "img_mlp_0",
@@ -160,17 +161,6 @@ def trt_manifest(trt_engines) -> dict:
     from kontext_trt.engines import cache, trt_api
 
     return cache.read_engine_manifest(trt_engines / "rtx4090-sm89" / trt_api.load_api("tensorrt-rtx").folder / "fp32")
-
-
-def rtx_engine(onnx_path, entry: dict, scratch: int = 4096, streamable: int = 0) -> FakeEngine:
-    """A FakeEngine with the I/O of the stage's TensorRT-RTX network and the engine manifest's profile."""
-    from kontext_trt.engines import trt_api
-
-    api = trt_api.load_api("tensorrt-rtx")
-    net = trt_api.parse_onnx(api, onnx_path).network
-    tensors = [*map(net.get_input, range(net.num_inputs)), *map(net.get_output, range(net.num_outputs))]
-    io = {t.name: (t.is_network_input, t.dtype, tuple(t.shape)) for t in tensors}
-    return FakeEngine(api.trt, io, entry["profile"], scratch, streamable)
 
 
 @pytest.fixture
