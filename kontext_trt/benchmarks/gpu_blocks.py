@@ -117,8 +117,8 @@ def plan(model: BlockModel, size: tuple[int, int], references: int, dtypes: tupl
         "warmup": warmup, "iters": iters, "steps_per_edit": steps,
         "timing": "CUDA events around each block forward after warm-up; p50 of the timed forwards",
         "extrapolation": f"step = {counts['double']} x double p50 + {counts['single']} x single p50 (the blocks are "
-                         f"{blocks_share:.2%} of the FLOP; embedders, shared modulations, final layer and gaps between "
-                         f"blocks left out); edit = {steps} steps ({model.family.label}'s default), one pass a step "
+                         f"{blocks_share:.2%} of the FLOP; what runs outside them (embedders, klein's shared "
+                         f"modulations, final layer) and gaps between blocks left out); edit = {steps} steps ({model.family.label}'s default), one pass a step "
                          "(no CFG), no text encoder or VAE",
     }
 

@@ -70,7 +70,8 @@ def test_dry_run_takes_dtypes_and_iterations(tmp_path):
     assert (report["plan"]["iters"], report["plan"]["warmup"]) == (20, 2)
 
 
-@pytest.mark.parametrize("size,config,counts,hidden", [("4B", KLEIN_4B, (5, 20), 3072), ("9b", KLEIN_9B, (8, 24), 4096)])
+@pytest.mark.parametrize("size,config,counts,hidden", [("4B", KLEIN_4B, (5, 20), 3072),
+                                                       ("9b", KLEIN_9B, (8, 24), 4096)])
 def test_klein_dry_run_plans_its_blocks_and_flop_model(tmp_path, size, config, counts, hidden):
     """FLUX.2 [klein] at the FLOP model's published widths, 3 references of 768x1024 (3072 tokens each)."""
     _, report = dry_run(tmp_path, "--family", "flux2-klein", "--model-size", size, "--size", "768x1024",
@@ -82,7 +83,8 @@ def test_klein_dry_run_plans_its_blocks_and_flop_model(tmp_path, size, config, c
     assert report["flops_per_step"] == flux2_flops(config, 3072, 9216, 512, 1)
     assert report["flops_per_block"] == flux2_block_flops(config, 3072, 9216, 512, 1)
     step, block = report["flops_per_step"], report["flops_per_block"]
-    assert counts[0] * block["double"] + counts[1] * block["single"] == step["double"] + step["single"] + step["attention"]
+    blocks_total = step["double"] + step["single"] + step["attention"]
+    assert counts[0] * block["double"] + counts[1] * block["single"] == blocks_total
     assert plan["width"] == {"hidden": hidden, "heads": hidden // 128, "head_dim": 128, "mlp_ratio": 3.0}
     assert {kind: b["per_step"] for kind, b in plan["blocks"].items()} == dict(zip(("double", "single"), counts))
     assert plan["blocks"]["double"]["class"] == "diffusers Flux2TransformerBlock"
