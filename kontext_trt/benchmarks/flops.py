@@ -98,12 +98,28 @@ KLEIN_9B = {**KLEIN_4B, "num_layers": 8, "num_single_layers": 24, "num_attention
             "joint_attention_dim": 12288}
 
 
+def _flux2_block_parts(c: dict, seq: int) -> tuple[int, int, int]:
+    """Per klein block and sample: the double block's linear FLOP, the single block's and one attention's (the shared
+    modulations run outside the blocks)."""
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    h = int(d * c["mlp_ratio"])
+    double = linear(d, d, 4 * seq) + linear(d, 2 * h, seq) + linear(h, d, seq)
+    single = linear(d, 3 * d + 2 * h, seq) + linear(d + h, d, seq)
+    return double, single, 4 * seq * seq * d
+
+
+def flux2_block_flops(config: dict, target_tokens: int, context_tokens: int = 0, text_tokens: int = 512,
+                      batch: int = 1) -> dict[str, int]:
+    """block_flops for Flux2Transformer2DModel: ONE double and ONE single klein block, each with its attention."""
+    double, single, attention = _flux2_block_parts({**KLEIN_4B, **config}, text_tokens + target_tokens + context_tokens)
+    return {"double": batch * (double + attention), "single": batch * (single + attention)}
+
+
 def flux2_flops(config: dict, target_tokens: int, context_tokens: int = 0, text_tokens: int = 512,
                 batch: int = 1) -> dict[str, int]:
     """FLOP of one Flux2Transformer2DModel forward (FLUX.2 [klein]), split as transformer_flops splits FLUX.1's."""
     c = {**KLEIN_4B, **config}
     d = c["num_attention_heads"] * c["attention_head_dim"]
-    h = int(d * c["mlp_ratio"])
     channels_out = c["patch_size"] ** 2 * (c["out_channels"] or c["in_channels"])
     image = target_tokens + context_tokens
     seq = text_tokens + image
@@ -111,10 +127,9 @@ def flux2_flops(config: dict, target_tokens: int, context_tokens: int = 0, text_
     embed = (linear(c["in_channels"], d, image) + linear(c["joint_attention_dim"], d, text_tokens)
              + time_mlps * (linear(c["timestep_guidance_channels"], d, 1) + linear(d, d, 1))
              + 2 * linear(d, 6 * d, 1) + linear(d, 3 * d, 1))  # the shared double (image, text) and single modulations
-    double = linear(d, d, 4 * seq) + linear(d, 2 * h, seq) + linear(h, d, seq)
-    single = linear(d, 3 * d + 2 * h, seq) + linear(d + h, d, seq)
+    double, single, attention = _flux2_block_parts(c, seq)
     parts = {"embed": embed, "double": c["num_layers"] * double, "single": c["num_single_layers"] * single,
-             "attention": (c["num_layers"] + c["num_single_layers"]) * 4 * seq * seq * d,
+             "attention": (c["num_layers"] + c["num_single_layers"]) * attention,
              "out": linear(d, 2 * d, 1) + linear(d, channels_out, image), "svdquant": 0}
     parts = {name: batch * value for name, value in parts.items()}
     return {**parts, "total": sum(parts.values())}
@@ -123,8 +138,20 @@ def flux2_flops(config: dict, target_tokens: int, context_tokens: int = 0, text_
 def step_flops(config: dict, target_tokens: int, context_tokens: int = 0, text_tokens: int = 512,
                batch: int = 1) -> dict[str, int]:
     """One transformer forward's FLOP by the model its config names: Flux2Transformer2DModel (klein) or FLUX.1's."""
-    model = flux2_flops if config.get("_class_name") == KLEIN_4B["_class_name"] else transformer_flops
+    model = flux2_flops if is_flux2(config) else transformer_flops
     return model(config, target_tokens, context_tokens, text_tokens, batch)
+
+
+def step_block_flops(config: dict, target_tokens: int, context_tokens: int = 0, text_tokens: int = 512,
+                     batch: int = 1) -> dict[str, int]:
+    """One double and one single block's FLOP by the model its config names (as step_flops chooses)."""
+    model = flux2_block_flops if is_flux2(config) else block_flops
+    return model(config, target_tokens, context_tokens, text_tokens, batch)
+
+
+def is_flux2(config: dict) -> bool:
+    """Whether a transformer config is a Flux2Transformer2DModel's (FLUX.2 [klein]) rather than FLUX.1's."""
+    return config.get("_class_name") == KLEIN_4B["_class_name"]
 
 
 def achieved(flops: float, seconds: float, peak_tflops: float | None) -> dict:

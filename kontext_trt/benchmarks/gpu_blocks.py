@@ -1,19 +1,24 @@
-"""Time one FLUX.1 double-stream and one single-stream block at real width on a CUDA GPU, in bf16, fp8 and nvfp4.
+"""Time one double-stream and one single-stream block of a FLUX transformer at real width on a CUDA GPU, in bf16,
+fp8 and nvfp4, and extrapolate the transformer step and the edit.
 
-    python -m kontext_trt.benchmarks.gpu_blocks [--out out/gpu-blocks.json] [--dry-run] [--dtypes bf16,fp8,nvfp4]
-                                                [--iters 50] [--warmup 10]
+    python -m kontext_trt.benchmarks.gpu_blocks [--family flux1-kontext|flux2-klein] [--model-size 4B|9B]
+                                                [--size 1024x1024] [--references 1] [--out out/gpu-blocks.json]
+                                                [--dry-run] [--dtypes bf16,fp8,nvfp4] [--iters 50] [--warmup 10]
 
-No checkpoint and nothing to download: the blocks are built at the FLUX.1 width (hidden 3072 = 24 heads x 128, MLP
-ratio 4) with random bf16 weights and run as the torch backend runs them (block_timing.py) on the 1024x1024 edit's
-sequence: 512 text + 4096 target + 4096 context tokens, batch 1. Each dtype times `iters` forwards of each block with
-CUDA events after `warmup`: bf16; fp8 (torch._scaled_mm, sm89+: every nn.Linear of the blocks in float8_e4m3fn,
-weights per tensor, activations per tensor at every call; attention stays bf16); nvfp4 (sm100+, else a skip with the
-reason). See lowp_linear.py. The JSON has the device, per dtype and block the latency (p50, p95, ...), achieved
-TFLOP/s and MFU against the device's dense peak (engines/skus.py; FLOP from flops.block_flops), the output's error
-against bf16, the transformer step extrapolated from its 19 double and 38 single blocks and a 28-step edit, and
-flops_per_step from the FLOP model (flops.transformer_flops). --dry-run needs no GPU and imports no torch: the plan
-and flops_per_step only. Progress goes to stderr, the JSON file's path to stdout; without a CUDA GPU (and without
---dry-run) one line and exit 2.
+No checkpoint and nothing to download: the blocks are built at the real widths of the model asked
+(block_models.py: FLUX.1 Kontext [dev] 12B, hidden 3072 = 24 heads x 128, MLP ratio 4, 19 double + 38 single blocks;
+FLUX.2 [klein] 4B, 3072 = 24 x 128, SwiGLU ratio 3, 5 + 20 blocks; klein 9B, 4096 = 32 x 128, 8 + 24 blocks; the
+FLOP model's configs) with random bf16 weights and run as the torch backend runs them (block_timing.py) on an
+edit's sequence: 512 text tokens + the target + each reference image at the size asked (1024x1024: 4096 tokens
+each), batch 1. Each dtype times `iters` forwards of each block with CUDA events after `warmup`: bf16; fp8
+(torch._scaled_mm, sm89+: every nn.Linear of the blocks in float8_e4m3fn, weights per tensor, activations per tensor
+at every call; attention stays bf16); nvfp4 (sm100+, else a skip with the reason). See lowp_linear.py. The JSON has
+the device, per dtype and block the latency (p50, p95, ...), achieved TFLOP/s and MFU against the device's dense
+peak (engines/skus.py; FLOP from flops.step_block_flops), the output's error against bf16, the transformer step
+extrapolated from the model's block counts and the edit from its family's default steps (core.family: FLUX.1 28,
+klein 4), and flops_per_step from the FLOP model (flops.step_flops). --dry-run needs no GPU and imports no torch:
+the plan and flops_per_step only. Progress goes to stderr, the JSON file's path to stdout; without a CUDA GPU (and
+without --dry-run) one line and exit 2.
 """
 from __future__ import annotations
 
@@ -24,15 +29,21 @@ import sys
 import time
 from pathlib import Path
 
-from kontext_trt.benchmarks.flops import DEFAULTS, MLP_RATIO, block_flops, transformer_flops
+from kontext_trt.benchmarks.block_models import (
+    FAMILY_NAMES,
+    BlockModel,
+    block_input_shapes,
+    block_model,
+    edit_tokens,
+)
+from kontext_trt.benchmarks.flops import step_block_flops, step_flops
 from kontext_trt.core.errors import KontextError, arg_type
+from kontext_trt.core.files import write_atomic
 from kontext_trt.engines.skus import PRECISION_MIN_SM, architecture
 
 SCHEMA = "kontext-trt/gpu-blocks/1"
-CONFIG = dict(DEFAULTS)  # diffusers' FluxTransformer2DModel defaults: FLUX.1's widths and depth (19 + 38 blocks)
-SIZE = (1024, 1024)  # the edit: output and context image
-TEXT_TOKENS = 512  # FLUX.1 Kontext [dev]'s T5 length, core.text.T5_MAX_LEN (imports torch; a test checks they agree)
-STEPS = 28  # runtime.flow.EditRequest's default steps (likewise)
+SIZE = (1024, 1024)  # the default edit: output and each reference image
+MULTIPLE, SIDES = 16, (64, 2048)  # core.image's size rule (imports torch; a test checks they agree)
 METHODS = {
     "bf16": "every nn.Linear, attention and the elementwise ops in bf16 (the torch backend's dtype)",
     "fp8": "every nn.Linear as float8_e4m3fn over torch._scaled_mm: weights quantized per tensor once, activations "
@@ -70,45 +81,52 @@ def bounded(name: str, low: int, high: int):
     return arg_type(parse)
 
 
-def edit_tokens(width: int, height: int) -> dict[str, int]:
-    """Token counts of an edit of this size with a same-size context image."""
-    image = (width // 16) * (height // 16)
-    return {"target": image, "context": image, "text": TEXT_TOKENS, "sequence": 2 * image + TEXT_TOKENS}
+def parse_image_size(text: str) -> tuple[int, int]:
+    """--size: WIDTHxHEIGHT, each side a multiple of 16 from 64 to 2048 (core.image.parse_size's rule)."""
+    try:
+        width, height = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        raise KontextError(f"--size {text!r} is not WIDTHxHEIGHT: write it like 1024x1024") from None
+    for side in (width, height):
+        if side % MULTIPLE or not SIDES[0] <= side <= SIDES[1]:
+            raise KontextError(f"--size {text!r}: each side must be a multiple of {MULTIPLE} from {SIDES[0]} to "
+                               f"{SIDES[1]}")
+    return width, height
 
 
-def plan(dtypes: tuple[str, ...], iters: int, warmup: int) -> dict:
-    """What a run measures: the width, tokens, blocks and their inputs, the dtypes and what each needs, iterations."""
-    hidden = CONFIG["num_attention_heads"] * CONFIG["attention_head_dim"]
-    tokens = edit_tokens(*SIZE)
-    inputs = {"hidden_states": [1, tokens["target"] + tokens["context"], hidden],
-              "encoder_hidden_states": [1, tokens["text"], hidden], "temb": [1, hidden],
-              "image_rotary_emb": [[tokens["sequence"], CONFIG["attention_head_dim"]]] * 2}
+def plan(model: BlockModel, size: tuple[int, int], references: int, dtypes: tuple[str, ...], iters: int,
+         warmup: int) -> dict:
+    """What a run measures: the model, width, tokens, blocks and their inputs, the dtypes and what each needs,
+    iterations, and how the step and the edit are extrapolated."""
+    tokens = edit_tokens(model, *size, references)
+    shapes = block_input_shapes(model, tokens)
+    step = flop_model(model, tokens)["flops_per_step"]
+    blocks_share = (step["double"] + step["single"] + step["attention"]) / step["total"]
+    counts, steps = model.per_step, model.family.default_steps
     return {
-        "size": f"{SIZE[0]}x{SIZE[1]}", "batch": 1, "tokens": tokens,
-        "width": {"hidden": hidden, "heads": CONFIG["num_attention_heads"], "head_dim": CONFIG["attention_head_dim"],
-                  "mlp_ratio": MLP_RATIO},
-        "blocks": {
-            "double": {"class": "diffusers FluxTransformerBlock", "per_step": CONFIG["num_layers"], "inputs": inputs},
-            "single": {"class": "diffusers FluxSingleTransformerBlock", "per_step": CONFIG["num_single_layers"],
-                       "inputs": inputs},
-        },
-        "attention": "diffusers FluxAttnProcessor (torch scaled_dot_product_attention), bf16 in every dtype",
+        "family": model.family.name, "model_size": model.size, "model_class": f"diffusers {model.model_class}",
+        "size": f"{size[0]}x{size[1]}", "batch": 1, "tokens": tokens,
+        "width": {"hidden": model.hidden, "heads": model.heads, "head_dim": model.head_dim,
+                  "mlp_ratio": model.mlp_ratio},
+        "blocks": {kind: {"class": f"diffusers {model.block_classes[kind]}", "per_step": counts[kind],
+                          "inputs": shapes[kind]} for kind in shapes},
+        "attention": model.attention,
         "dtypes": {name: {"method": METHODS[name], "needs_sm": PRECISION_MIN_SM[name],
                           "needs": f"sm{PRECISION_MIN_SM[name]} ({architecture(PRECISION_MIN_SM[name])}) or later"}
                    for name in dtypes},
-        "warmup": warmup, "iters": iters, "steps_per_edit": STEPS,
+        "warmup": warmup, "iters": iters, "steps_per_edit": steps,
         "timing": "CUDA events around each block forward after warm-up; p50 of the timed forwards",
-        "extrapolation": f"step = {CONFIG['num_layers']} x double p50 + {CONFIG['num_single_layers']} x single p50 "
-                         f"(the blocks are 99% of the FLOP; embedders, final layer and gaps between blocks left out); "
-                         f"edit = {STEPS} steps, no text encoders or VAE",
+        "extrapolation": f"step = {counts['double']} x double p50 + {counts['single']} x single p50 (the blocks are "
+                         f"{blocks_share:.2%} of the FLOP; what runs outside them (embedders, klein's shared "
+                         f"modulations, final layer) and gaps between blocks left out); edit = {steps} steps ({model.family.label}'s default), one pass a step "
+                         "(no CFG), no text encoder or VAE",
     }
 
 
-def flop_model() -> dict:
-    """flops_per_step (flops.transformer_flops) and each block's FLOP (flops.block_flops) for the edit."""
-    tokens = edit_tokens(*SIZE)
-    args = (CONFIG, tokens["target"], tokens["context"], tokens["text"], 1)
-    return {"flops_per_step": transformer_flops(*args), "flops_per_block": block_flops(*args)}
+def flop_model(model: BlockModel, tokens: dict[str, int]) -> dict:
+    """flops_per_step (flops.step_flops) and each block's FLOP (flops.step_block_flops) for the edit's tokens."""
+    args = (model.config, tokens["target"], tokens["context"], tokens["text"], 1)
+    return {"flops_per_step": step_flops(*args), "flops_per_block": step_block_flops(*args)}
 
 
 def package_version(name: str) -> str | None:
@@ -119,11 +137,12 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def dry_run(dtypes: tuple[str, ...], iters: int, warmup: int) -> dict:
+def dry_run(model: BlockModel, size: tuple[int, int], references: int, dtypes: tuple[str, ...], iters: int,
+            warmup: int) -> dict:
     """The report without a GPU: plan and FLOP model, no device and no results."""
     return {"schema": SCHEMA, "mode": "dry-run", "device": None, "torch": package_version("torch"),
-            "diffusers": package_version("diffusers"), "plan": plan(dtypes, iters, warmup), **flop_model(),
-            "results": None}
+            "diffusers": package_version("diffusers"), "plan": plan(model, size, references, dtypes, iters, warmup),
+            **flop_model(model, edit_tokens(model, *size, references)), "results": None}
 
 
 def device_report(device) -> dict:
@@ -144,19 +163,21 @@ def mfu_reason(device: dict, dtype: str) -> str | None:
     return None
 
 
-def extrapolate(entry: dict, flops: dict[str, int]) -> dict:
-    """The transformer step from its blocks' p50s (19 double + 38 single) and the edit of STEPS steps."""
-    doubles, singles = CONFIG["num_layers"], CONFIG["num_single_layers"]
-    step_ms = doubles * entry["double"]["ms"]["p50"] + singles * entry["single"]["ms"]["p50"]
-    step_flops = doubles * flops["double"] + singles * flops["single"]
-    tflops = step_flops / (step_ms / 1e3) / 1e12
+def extrapolate(model: BlockModel, entry: dict, flops: dict[str, int]) -> dict:
+    """The transformer step from its blocks' p50s and the model's block counts, and the edit of the family's default
+    steps."""
+    counts = model.per_step
+    step_ms = sum(counts[kind] * entry[kind]["ms"]["p50"] for kind in counts)
+    blocks_flops = sum(counts[kind] * flops[kind] for kind in counts)
+    tflops = blocks_flops / (step_ms / 1e3) / 1e12
     peak = entry["double"]["peak_tflops"]
-    return {"step": {"ms": step_ms, "blocks_flops": step_flops, "tflops": tflops,
+    return {"step": {"ms": step_ms, "blocks_flops": blocks_flops, "tflops": tflops,
                      "mfu": tflops / peak if peak else None},
-            "edit_ms": STEPS * step_ms}
+            "edit_ms": model.family.default_steps * step_ms}
 
 
-def measure(dtypes: tuple[str, ...], iters: int, warmup: int) -> dict:
+def measure(model: BlockModel, size: tuple[int, int], references: int, dtypes: tuple[str, ...], iters: int,
+            warmup: int) -> dict:
     """The full report on this process's CUDA device."""
     import torch
 
@@ -164,35 +185,45 @@ def measure(dtypes: tuple[str, ...], iters: int, warmup: int) -> dict:
 
     dev = torch.device("cuda", torch.cuda.current_device())
     device = device_report(dev)
-    print(f"gpu_blocks: {device['name']} (sm{device['sm']}, SKU {device['sku']}), torch {torch.__version__}",
-          file=sys.stderr, flush=True)
-    model = flop_model()
-    tokens = edit_tokens(*SIZE)
+    print(f"gpu_blocks: {model.family.label} {model.size} on {device['name']} (sm{device['sm']}, SKU "
+          f"{device['sku']}), torch {torch.__version__}", file=sys.stderr, flush=True)
+    flops = flop_model(model, edit_tokens(model, *size, references))
     start = time.perf_counter()
-    results = measure_blocks(CONFIG, SIZE, tokens["text"], dtypes, warmup, iters, dev,
+    results = measure_blocks(model, size, references, dtypes, warmup, iters, dev,
                              {name: device["peak_tflops"].get(name) for name in dtypes}, device["sm"])
     for dtype, entry in results.items():
         if "double" in entry and "single" in entry:
-            entry.update(extrapolate(entry, model["flops_per_block"]))
+            entry.update(extrapolate(model, entry, flops["flops_per_block"]))
             if mfu_reason(device, dtype):
                 entry["mfu_reason"] = mfu_reason(device, dtype)
     return {"schema": SCHEMA, "mode": "measured", "device": device, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "diffusers": package_version("diffusers"), "plan": plan(dtypes, iters, warmup),
-            **model, "results": results, "seconds": time.perf_counter() - start}
+            "cuda": torch.version.cuda, "diffusers": package_version("diffusers"),
+            "plan": plan(model, size, references, dtypes, iters, warmup), **flops, "results": results,
+            "seconds": time.perf_counter() - start}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: see the module docstring."""
     p = argparse.ArgumentParser(prog="python -m kontext_trt.benchmarks.gpu_blocks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=FAMILY_NAMES, default=FAMILY_NAMES[0], help="the model family's blocks")
+    p.add_argument("--model-size", help="flux2-klein: 4B (default) or 9B; flux1-kontext: 12B")
+    p.add_argument("--size", type=arg_type(parse_image_size), default=SIZE, help="output and each reference image")
+    p.add_argument("--references", type=int, default=1, help="reference images (default 1; klein takes up to 4)")
     p.add_argument("--out", type=Path, default=OUT, help=f"the JSON file to write (default: {OUT})")
     p.add_argument("--dry-run", action="store_true", help="no GPU: write the plan and flops_per_step only")
     p.add_argument("--dtypes", type=arg_type(parse_dtypes), default=tuple(METHODS), help="default: bf16,fp8,nvfp4")
     p.add_argument("--iters", type=bounded("--iters", 1, MAX_ITERS), default=50, help="timed forwards per block")
     p.add_argument("--warmup", type=bounded("--warmup", 0, MAX_WARMUP), default=10, help="untimed forwards first")
     args = p.parse_args(argv)
+    try:
+        model = block_model(args.family, args.model_size)
+        edit_tokens(model, *args.size, args.references)
+    except KontextError as exc:
+        p.error(str(exc))
+    run = (args.size, args.references, args.dtypes, args.iters, args.warmup)
     if args.dry_run:
-        report = dry_run(args.dtypes, args.iters, args.warmup)
+        report = dry_run(model, *run)
     else:
         import torch
 
@@ -200,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             print("error: gpu_blocks times the blocks on a CUDA GPU and torch sees none here: run it on a GPU host, "
                   "or add --dry-run for the plan and flops_per_step alone", file=sys.stderr)
             return 2
-        report = measure(args.dtypes, args.iters, args.warmup)
+        report = measure(model, *run)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_atomic(args.out, json.dumps(report, indent=1) + "\n")
     print(args.out)
     return 0
 

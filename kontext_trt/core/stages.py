@@ -33,11 +33,12 @@ Optional abilities are Protocols below: a stage has one when it has its methods 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Hashable, Iterable, Protocol, runtime_checkable
 
 from kontext_trt.core.errors import KontextError
+
+if TYPE_CHECKING:  # annotations only: core.family (and gpu_blocks --dry-run through it) stays free of torch
+    import torch
 
 STAGE_NAMES = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder")
 TRANSFORMER_PARTS = ("transformer_head", "transformer_body", "transformer_tail")

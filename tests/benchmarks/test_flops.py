@@ -84,3 +84,31 @@ def test_klein_real_widths_on_meta_match_torch_counter(name):
     assert round(sum(p.numel() for p in model.parameters()) / 1e8) == {"KLEIN_4B": 39, "KLEIN_9B": 91}[name]
     assert flops.step_flops(config, 64, 48, 32)["total"] == counter.get_total_flops()
     assert flops.step_flops(config, 64, 48, 32) == flops.flux2_flops(config, 64, 48, 32)
+
+
+@pytest.mark.parametrize("name", ["KLEIN_4B", "KLEIN_9B"])
+def test_klein_block_flops_match_torch_counter_on_meta(name):
+    """One Flux2TransformerBlock and one Flux2SingleTransformerBlock at the published widths, on the meta device with
+    their inputs as the model hands them over (target 64 + references 48 tokens, 32 text tokens): torch's count equals
+    flux2_block_flops (what gpu_blocks' MFU divides), and step_block_flops picks it by the config's class."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransformerBlock, Flux2TransformerBlock
+
+    from kontext_trt.benchmarks import flops
+
+    config = getattr(flops, name)
+    d, heads, head_dim = config["num_attention_heads"] * 128, config["num_attention_heads"], 128
+    with torch.device("meta"):
+        blocks = {"double": Flux2TransformerBlock(d, heads, head_dim, config["mlp_ratio"]),
+                  "single": Flux2SingleTransformerBlock(d, heads, head_dim, config["mlp_ratio"])}
+        states = dict(hidden_states=torch.zeros(1, 112, d), encoder_hidden_states=torch.zeros(1, 32, d),
+                      image_rotary_emb=(torch.zeros(144, head_dim), torch.zeros(144, head_dim)))
+        extra = {"double": dict(temb_mod_img=torch.zeros(1, 6 * d), temb_mod_txt=torch.zeros(1, 6 * d)),
+                 "single": dict(temb_mod=torch.zeros(1, 3 * d), split_hidden_states=True)}
+        counted_flops = {}
+        for kind, block in blocks.items():
+            counter = FlopCounterMode(display=False)
+            with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
+                block(**states, **extra[kind])
+            counted_flops[kind] = counter.get_total_flops()
+    assert flops.flux2_block_flops(config, 64, 48, 32) == counted_flops
+    assert flops.step_block_flops(config, 64, 48, 32) == counted_flops
