@@ -53,14 +53,15 @@ class KontextPipeline:
         return cls(k, policy)
 
     def __call__(self, prompt: str | list[str], image: Image.Image | str | Path | None = None,
-                 num_inference_steps: int = 28, guidance_scale: float | None = None, generator_seed: int = 0,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None, generator_seed: int = 0,
                  height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
                  true_cfg_scale: float = 1.0, auto_resize: bool = True, cache: str | CacheSpec = "off",
                  images: list[Image.Image | str | Path] | None = None) -> EditResult:
         """Edit `image` with `prompt` (text-to-image without an image); a list of prompts is a batch on one image;
         `images=[...]` gives several reference images in order instead (FLUX.2 [klein]: up to 4; on a base klein
         checkpoint guidance_scale is the CFG scale); guidance_scale None is the family's default (FLUX.1 2.5, klein
-        4.0); `cache` is a step cache (off, fbcache:T, teacache:T). The result
+        4.0), num_inference_steps None the model's (FLUX.1 28; klein 4 step-distilled, 50 base; the result's
+        metadata["steps"] records it); `cache` is a step cache (off, fbcache:T, teacache:T). The result
         has .images (PIL, watermarked), .latents and .metadata (with the safety verdicts), as `kontext-trt edit`
         writes them; a flagged input or output raises ContentFlagged."""
         req = self.request(prompt, image, num_inference_steps, guidance_scale, generator_seed, height, width,
@@ -68,7 +69,7 @@ class KontextPipeline:
         return guard.edit(self.kontext, req, self.policy)
 
     def request(self, prompt: str | list[str], image: Image.Image | str | Path | None = None,
-                num_inference_steps: int = 28, guidance_scale: float | None = None, generator_seed: int = 0,
+                num_inference_steps: int | None = None, guidance_scale: float | None = None, generator_seed: int = 0,
                 height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
                 true_cfg_scale: float = 1.0, auto_resize: bool = True, cache: str | CacheSpec = "off",
                 images: list[Image.Image | str | Path] | None = None) -> EditRequest:
@@ -88,13 +89,13 @@ class KontextPipeline:
         """One EditRequest under the pipeline's output policy (what the CLI's `edit` runs)."""
         return guard.edit(self.kontext, req, self.policy, prompt, context)
 
-    def session(self, image: Image.Image | str | Path | None = None, num_inference_steps: int = 28,
+    def session(self, image: Image.Image | str | Path | None = None, num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, generator_seed: int = 0, auto_resize: bool = True,
                 images: list[Image.Image | str | Path] | None = None) -> EditSession:
         """Multi-turn editing from `image`: session.edit("add a hat") edits the current image and makes the result
         current; prompt encodings and input latents are cached across turns; every turn is checked and marked.
         `images=[...]` (FLUX.2 [klein]) starts from several references: each turn's output replaces the first, the
-        others stay."""
+        others stay. num_inference_steps and guidance_scale None: the model's defaults, as in __call__."""
         if images is not None and image is not None:
             raise KontextError("pass image= (one reference) or images=[...] (several), not both", "image")
         refs = [as_image(img) for img in images] if images is not None else [as_image(image)]

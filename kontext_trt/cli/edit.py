@@ -41,7 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="edit a shapes scene with the trained shapes model (input | output in one PNG)")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
-    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 28 for the shapes model)")
     add_output_arguments(p)
     p.set_defaults(func=run_demo)
 
@@ -82,7 +82,8 @@ def add_engine_selection(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """Sampling options shared by edit and demo."""
-    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's: FLUX.1 28; FLUX.2 [klein] 4 "
+                   "step-distilled, 50 base)")
     p.add_argument("--guidance", type=float, default=None,
                    help="FLUX.1: distilled guidance (default 2.5); FLUX.2 [klein] base: the CFG scale (default 4.0)")
     p.add_argument("--seed", type=int, default=0)
@@ -138,7 +139,7 @@ def run_edit(args: argparse.Namespace) -> int:
     result = pipe.run(request)
     for path in pipe.save(result, args.out):
         print(path)
-    print(f"{result.width}x{result.height}, {args.steps} steps in {time.perf_counter() - start:.2f}s")
+    print(f"{result.width}x{result.height}, {result.metadata['steps']} steps in {time.perf_counter() - start:.2f}s")
     cache = result.metadata["cache"]
     if cache["spec"] != "off":
         print(f"cache {cache['spec']}: {cache['steps_computed']} steps computed, {cache['steps_skipped']} skipped")
@@ -182,7 +183,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from kontext_trt.synth import write_synthetic_checkpoint
 
     checks.check_output_folder(args.out)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise KontextError(f"--steps {args.steps}: the demo needs at least 1 step", "steps", "out_of_range")
     args.out.mkdir(parents=True, exist_ok=True)
     policy = output_policy(args)
@@ -194,9 +195,9 @@ def run_demo(args: argparse.Namespace) -> int:
     render(demo.source).save(source)
     with progress("loading the checkpoint (torch backend, fp32, cpu)"):
         pipe = KontextPipeline(build_pipeline(LoadSpec(model, backend="torch", dtype="fp32", device="cpu")), policy)
-    request = flow.EditRequest(prompts=[demo.prompt], image=image.load_image(source), steps=args.steps,
-                               auto_resize=False)
-    with progress(f'editing {source} with "{demo.prompt}" ({args.steps} steps, 128x128)'):
+    steps = flow.default_steps(pipe.kontext) if args.steps is None else args.steps
+    request = flow.EditRequest(prompts=[demo.prompt], image=image.load_image(source), steps=steps, auto_resize=False)
+    with progress(f'editing {source} with "{demo.prompt}" ({steps} steps, 128x128)'):
         result = pipe.run(request)
     out = pipe.save(result, args.out / "edited.png")[0]
     verdict = score(demo, result.images[0])

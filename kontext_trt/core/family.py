@@ -32,8 +32,9 @@ KLEIN_STAGE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 @dataclass(frozen=True)
 class Family:
     """One model family: its name, the diffusers pipeline class that marks it, its components (model_index.json
-    keys), its stages with their named I/O, the most reference images one edit takes, and the guidance a request
-    that gives none runs at (FLUX.1: the distilled guidance embedding's 2.5; klein: diffusers' CFG scale 4.0)."""
+    keys), its stages with their named I/O, the most reference images one edit takes, and the guidance and steps a
+    request that gives none runs at (FLUX.1: the distilled guidance embedding's 2.5, 28 steps; klein: diffusers' CFG
+    scale 4.0, 4 steps distilled, 50 base)."""
 
     name: str
     pipeline_class: str
@@ -45,9 +46,15 @@ class Family:
     default_guidance: float
     tokenizers: dict[str, str]  # role -> folder, in the checkpoint and in an export folder alike
     parts: tuple[str, ...] = ()  # the transformer split in parts for step caching (core.stages.TRANSFORMER_PARTS)
-    # denoising steps of a plain edit: FLUX.1 Kontext [dev]'s 28 (runtime.flow.EditRequest); klein's step-distilled
-    # checkpoints run 4 (BFL's model cards; a base checkpoint takes diffusers' 50, with CFG)
+    # denoising steps of a request that gives none (runtime.flow.with_defaults): FLUX.1 Kontext [dev]'s 28; klein's
+    # step-distilled checkpoints 4 (BFL's model cards), its base checkpoints diffusers' 50 (with CFG)
     default_steps: int = 28
+    base_steps: int | None = None  # a base (not step-distilled) checkpoint's count; None: default_steps
+
+    def steps(self, distilled: bool) -> int:
+        """The denoising steps a request that gives none runs on a checkpoint of this family (KontextConfig's
+        `distilled`: klein's model_index.json is_distilled)."""
+        return self.default_steps if distilled or self.base_steps is None else self.base_steps
 
     def io(self, stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(input names, output names) of one of this family's stages (or of a transformer part)."""
@@ -73,7 +80,7 @@ FLUX2_KLEIN = Family(
     "flux2-klein", "Flux2KleinPipeline", "FLUX.2 [klein]",
     ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
     ("text_encoder", "vae_encoder", "transformer", "vae_decoder"), KLEIN_STAGE_IO, 4, 4.0, {"qwen": "tokenizer"},
-    default_steps=4)
+    default_steps=4, base_steps=50)
 FAMILIES: dict[str, Family] = {family.name: family for family in (FLUX1_KONTEXT, FLUX2_KLEIN)}
 MAX_REFERENCES = max(family.max_references for family in FAMILIES.values())
 

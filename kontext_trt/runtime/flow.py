@@ -107,7 +107,7 @@ class EditRequest:
     image: Image.Image | None = None
     width: int | None = None
     height: int | None = None
-    steps: int = 28
+    steps: int | None = None  # None: the model's default (FLUX.1 28; klein 4 distilled, 50 base), see with_defaults
     guidance: float | None = None  # None: the family's default_guidance (FLUX.1 2.5, klein 4.0), see with_defaults
     seed: int = 0
     auto_resize: bool = True
@@ -205,7 +205,7 @@ def check_request(req: EditRequest) -> None:
     code."""
     if not req.prompts:
         raise KontextError("no prompt given: pass --prompt \"what to change\"", "prompt", "missing_argument")
-    if req.steps < 1:
+    if req.steps is not None and req.steps < 1:
         raise KontextError(f"steps must be at least 1, got {req.steps}", "steps", "out_of_range")
     if (req.width is None) != (req.height is None):
         raise KontextError("give both --width and --height, or neither", "width" if req.width is None else "height",
@@ -248,9 +248,18 @@ def edit(k: Kontext, req: EditRequest, prompt: Prompt | None = None, context: Co
     return edit_batch(k, [req], [prompt], [context])[0]
 
 
+def default_steps(k: Kontext) -> int:
+    """The denoising steps a request that gives none runs on pipeline k: its family's count for its checkpoint
+    (Family.steps: FLUX.1 28; klein 4 step-distilled, 50 base)."""
+    return k.ops.family.steps(k.config.distilled)
+
+
 def with_defaults(k: Kontext, req: EditRequest) -> EditRequest:
-    """The request with what it left to the model family filled in: guidance (Family.default_guidance)."""
-    return req if req.guidance is not None else replace(req, guidance=k.ops.family.default_guidance)
+    """The request with what it left to the model family filled in: guidance (Family.default_guidance) and steps
+    (default_steps)."""
+    filled = {**({} if req.guidance is not None else {"guidance": k.ops.family.default_guidance}),
+              **({} if req.steps is not None else {"steps": default_steps(k)})}
+    return replace(req, **filled) if filled else req
 
 
 def batch_key(k: Kontext, req: EditRequest) -> tuple:
