@@ -71,8 +71,8 @@ def add_limit_arguments(p: argparse.ArgumentParser) -> None:
     """--max-steps, --max-pixels, --max-upload-mib, --max-prompt-bytes: what one request may ask."""
     g = p.add_argument_group("limits (what one request may ask; over them: 400, or 413 for uploads)")
     g.add_argument("--max-steps", type=positive, default=100, metavar="N",
-                   help="most denoising steps a request may ask (default 100; a request that sends none runs "
-                   "min(28, N))")
+                   help="most denoising steps a request may ask (default 100; a request that sends none runs the "
+                   "model's default, FLUX.1 28, FLUX.2 [klein] 4 step-distilled or 50 base, at most N)")
     g.add_argument("--max-pixels", type=positive, default=4096 * 4096, metavar="N",
                    help="most pixels of an input image, read from its header before decoding (default 4096x4096)")
     g.add_argument("--max-upload-mib", type=positive, default=32, metavar="MIB",

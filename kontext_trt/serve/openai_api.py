@@ -152,7 +152,7 @@ def lora_names(value: Any) -> str:
 # Extension fields: name -> (parser, what a valid value looks like). Each becomes the EditRequest field of its name.
 OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "seed": (integer, "an integer like 42"),
-    "steps": (integer, "an integer like 28"),
+    "steps": (integer, "an integer like 28 (or none: the model's default, FLUX.1 28, klein 4 distilled or 50 base)"),
     "guidance": (number, "a number like 2.5 (FLUX.1's default; klein's CFG scale defaults to 4)"),
     "negative_prompt": (text, "text"),
     "true_cfg": (number, "a number like 4.0 (above 1 with negative_prompt)"),
@@ -245,8 +245,6 @@ def parse_request(fields: Mapping[str, Any], images: Image.Image | list[Image.Im
     if not 1 <= n <= limits.max_n:
         raise bad_request(f"n {shown(fields.get('n'))} must be an integer from 1 to {limits.max_n}", "n", code)
     options = dict(defaults or {})
-    if limits.max_steps < EditRequest.steps:  # a request that sends no steps runs as many as the server allows
-        options.setdefault("steps", limits.max_steps)
     for name, (parse, looks_like) in OPTIONS.items():
         if name in fields and fields[name] not in (None, ""):
             try:
@@ -268,8 +266,9 @@ def parse_request(fields: Mapping[str, Any], images: Image.Image | list[Image.Im
 
 
 def check_ranges(req: EditRequest, limits: Limits) -> None:
-    """Refuse what is finite but not sane: steps over limits.max_steps, guidance and true_cfg outside RANGES."""
-    if req.steps > limits.max_steps:
+    """Refuse what is finite but not sane: steps over limits.max_steps, guidance and true_cfg outside RANGES (steps
+    not sent: the model's default, capped at max_steps by EditService.with_defaults)."""
+    if req.steps is not None and req.steps > limits.max_steps:
         raise bad_request(f"steps {req.steps} is over this server's limit: send 1 to {limits.max_steps}", "steps",
                           "out_of_range")
     for name, (low, high) in RANGES.items():

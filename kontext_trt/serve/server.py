@@ -89,7 +89,7 @@ class ServeConfig:
         policy = OutputPolicy.from_options(self.safety.checker, self.safety.c2pa_cert, self.safety.c2pa_key,
                                            self.load.device)
         return EditService(lambda: build_pipeline(self.load), warm_request, policy=policy, lora_dir=self.lora_dir,
-                           default_loras=list(self.load.loras))
+                           default_loras=list(self.load.loras), max_steps=self.max_steps)
 
     def batch_size(self, k: Kontext) -> int:
         """Images per batch: --max-batch, else the engine profile's largest batch, else DEFAULT_MAX_BATCH."""

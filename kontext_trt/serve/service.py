@@ -93,8 +93,9 @@ class EditService:
 
     def __init__(self, load: Callable[[], Kontext], warm_request: Callable[[Kontext], EditRequest] = small_edit,
                  cache_size: int = 64, policy: guard.OutputPolicy | None = None, lora_dir: Path | None = None,
-                 default_loras: list[tuple[Path, float]] = ()) -> None:
+                 default_loras: list[tuple[Path, float]] = (), max_steps: int | None = None) -> None:
         self.load_pipeline, self.warm_request, self.cache_size = load, warm_request, cache_size
+        self.max_steps = max_steps  # serve --max-steps: a request that sends no steps runs the model's, at most this
         self.lora_dir, self.default_loras = lora_dir, list(default_loras)  # the --lora set serves requests without one
         self.lora: str | None = None  # the request `lora` whose set the transformer holds now (None: the default)
         self.policy = policy  # None: the default (NudeNet on the pipeline's device, watermark), made at load
@@ -120,12 +121,19 @@ class EditService:
         self.ready = True
         log.info("model loaded and warmed in %.2fs (%s)", time.perf_counter() - start, self.k.info)
 
+    def with_defaults(self, req: EditRequest) -> EditRequest:
+        """flow.with_defaults on the loaded pipeline; a request that sent no steps runs the model's default
+        (flow.default_steps), at most max_steps."""
+        if req.steps is None and self.max_steps is not None:
+            req = replace(req, steps=min(flow.default_steps(self.k), self.max_steps))
+        return flow.with_defaults(self.k, req)
+
     def admit(self, req: EditRequest, times: StageTimes) -> Verdict | None:
         """The family's checks (KontextError) and the input safety check of a request, before it is queued (any
         thread): its verdict (None: no image or no checker), or ContentFlagged, and then the request reaches no
         stage."""
         try:  # what this model family refuses, before queueing, in the API's field names
-            self.k.ops.check(self.k, flow.with_defaults(self.k, req))
+            self.k.ops.check(self.k, self.with_defaults(req))
         except KontextError as exc:
             raise KontextError(field_names(exc.message), exc.param, exc.code) from None
         with self.checking:
@@ -201,8 +209,10 @@ async def serve_request(service: EditService, pool: Executor, req: EditRequest,
                         run: Callable[[EditRequest], Awaitable[Served]], metrics: Metrics | None = None) -> Served:
     """One request through a runner (`run`: queue, batch, model thread), its safety steps on `pool` around it. The
     request gets a cancel event, set if the caller gives up (timeout, disconnect: this coroutine is cancelled), so
-    its batch stops between steps once every request in it was cancelled."""
+    its batch stops between steps once every request in it was cancelled. What the request left to the model (steps,
+    guidance) is filled in first, so its batch key, result and metadata carry the values run."""
     loop = asyncio.get_running_loop()
+    req = service.with_defaults(req)
     req.cancel = req.cancel or threading.Event()
     times = StageTimes()
     try:

@@ -41,6 +41,18 @@ def test_batch_writes_one_file_per_prompt(capsys, tiny_ckpt, tmp_path):
     assert json.loads(Image.open(tmp_path / "t2i-1.png").text["kontext-trt"])["prompt"] == "a dog"
 
 
+def test_klein_edit_and_generate_without_steps_run_and_print_four(capsys, klein_tiny_ckpt, sample, tmp_path):
+    """No --steps: klein-tiny (step-distilled) runs its 4 steps, printed and recorded; --steps still wins."""
+    for name, extra in (("edit", ["--image", sample]), ("generate", ["--width", 64, "--height", 64]),
+                        ("given", ["--width", 64, "--height", 64, "--steps", 2])):
+        out = tmp_path / f"{name}.png"
+        code, stdout, _ = run(capsys, "edit", "--model", klein_tiny_ckpt, "--dtype", "fp32", "--prompt", "add snow",
+                              "--safety-checker", "none", "--out", out, *extra)
+        steps = 2 if name == "given" else 4
+        assert code == 0 and f" {steps} steps in " in stdout
+        assert json.loads(Image.open(out).text["kontext-trt"])["steps"] == steps
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--steps", "0"], "steps must be at least 1"),
     (["--width", "100", "--height", "64"], "not a multiple of 16"),

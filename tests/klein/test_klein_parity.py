@@ -1,6 +1,8 @@
 """Same seed, same references: our loop against diffusers' Flux2KleinPipeline on tiny klein checkpoints in fp32, with
 1, 2 and 4 references, swapped order, references of different sizes, text alone, distilled (no CFG) and base (true
 CFG against the empty prompt)."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import tiny_klein
@@ -76,6 +78,18 @@ def test_base_default_guidance_is_diffusers_default(base):
     assert req.guidance is None
     assert_parity(base, req)
     assert edit(base[1], req).metadata["guidance"] == 4.0
+
+
+def test_distilled_default_is_four_steps_as_bfl_runs_it(distilled):
+    """No steps given: a step-distilled checkpoint runs 4 (BFL's model cards), the image diffusers makes with
+    num_inference_steps=4."""
+    pipe, ours = distilled
+    req = request(["add snow"], REFS[:1], seed=6)
+    ours.reset_times()
+    result = edit(ours, req)
+    assert len(ours.reset_times().seconds["transformer"]) == 4 and result.metadata["steps"] == 4
+    got = np.stack([np.asarray(img) for img in result.images])
+    assert np.abs(got.astype(int) - tiny_klein.diffusers_uint8(pipe, replace(req, steps=4)).astype(int)).max() <= 1
 
 
 def test_large_reference_is_resized_then_cropped_as_diffusers(distilled):

@@ -1,12 +1,14 @@
 """FLUX.2 [klein] through the server (the real app over synth's klein-tiny): several references as `image[]` form
 fields from the openai SDK and as a JSON list, equal to the Python API's edit; at most the family's references (FLUX.1
-refuses a second one); requests of a base checkpoint with and without CFG run as separate batches."""
+refuses a second one); a request without steps runs the checkpoint's (4, distilled); requests of a base checkpoint
+with and without CFG run as separate batches."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
 import json
+import re
 from dataclasses import replace
 
 import httpx
@@ -57,6 +59,9 @@ def test_three_references_from_the_openai_sdk_and_json_equal_the_api(app_server,
                               files=[("image[]", (f"{i}.png", png(REFS[0]), "image/png")) for i in range(5)])
         fetch = httpx.post(f"{url}/v1/images/edits", timeout=60,
                            json={"prompt": "x", "images": [{"image_url": "https://example.com/a.png"}]})
+        default = httpx.post(f"{url}/v1/images/edits", data={"prompt": "add snow", "seed": "3"}, timeout=120,
+                             files=[("image[]", ("a.png", png(REFS[0]), "image/png"))])
+        page = httpx.get(f"{url}/", timeout=30).text
     got = decoded(sdk.data[0].b64_json)
     assert got.size == (64, 64)  # the first reference's size
     assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(expected.images[0]))
@@ -70,6 +75,10 @@ def test_three_references_from_the_openai_sdk_and_json_equal_the_api(app_server,
     assert {k: too_many.json()["error"][k] for k in ("param", "code")} == {"param": "image", "code": "out_of_range"}
     assert "at most 4" in too_many.json()["error"]["message"]
     assert fetch.status_code == 400 and fetch.json()["error"]["code"] == "unsupported_value"
+    assert default.status_code == 200, default.text  # no steps sent: klein-tiny (step-distilled) runs its 4
+    assert json.loads(decoded(default.json()["data"][0]["b64_json"]).text["kontext-trt"])["steps"] == 4
+    steps_box = re.search(r'<input id="steps"[^>]*>', page)[0]
+    assert "value=" not in steps_box and 'placeholder="default"' in steps_box  # the page leaves steps to the model
 
 
 def test_flux1_refuses_a_second_image_naming_the_field(app_server, tiny_pipeline):

@@ -54,6 +54,8 @@ def test_flags_make_the_settings(tiny_ckpt, monkeypatch):
     assert (settings.limits.max_steps, settings.limits.max_pixels, settings.limits.max_upload_bytes,
             settings.limits.max_prompt_bytes) == (12, 2_000_000, 3 * 2**20, 2048)
     assert settings.model_id == "tiny" and str(tiny_ckpt) in settings.hidden_paths
+    quiet = serve_config(serve_args("--model", str(tiny_ckpt), "--max-steps", "12", "--safety-checker", "none"))
+    assert quiet.service().max_steps == 12  # the service caps the model's default steps at --max-steps
     assert settings.cors_origins == () and settings.allowed_hosts == ("localhost", "127.0.0.1", "::1")
     monkeypatch.delenv("KONTEXT_TRT_API_KEY")
     assert serve_config(serve_args("--model", str(tiny_ckpt))).api_key is None
@@ -107,9 +109,24 @@ def test_error_bodies_name_no_server_path():
     assert message == "cannot open model.safetensors (tiny/vae); POST /v1/images/edits"
 
 
-def test_requests_without_steps_run_at_most_max_steps():
-    from kontext_trt.serve.openai_api import Limits, parse_request
+def test_requests_without_steps_run_the_models_default_at_most_max_steps(klein_tiny_base_ckpt):
+    """parse_request leaves steps to the model; the service fills the model's (klein base: 50) capped at --max-steps,
+    and refuses a count sent over it."""
+    from dataclasses import replace
 
-    assert parse_request({"prompt": "x"}, None).steps == 28
-    assert parse_request({"prompt": "x"}, None, Limits(max_steps=8)).steps == 8
+    from kontext_trt.assemble import build_pipeline
+    from kontext_trt.core.specs import LoadSpec
+    from kontext_trt.safety.guard import OutputPolicy
+    from kontext_trt.serve.openai_api import ApiError, Limits, parse_request
+    from kontext_trt.serve.service import EditService
+
+    assert parse_request({"prompt": "x"}, None, Limits(max_steps=8)).steps is None
     assert parse_request({"prompt": "x", "steps": 3}, None, Limits(max_steps=8)).steps == 3
+    with pytest.raises(ApiError, match="steps 9 is over this server's limit: send 1 to 8"):
+        parse_request({"prompt": "x", "steps": 9}, None, Limits(max_steps=8))
+    k = build_pipeline(LoadSpec(klein_tiny_base_ckpt, dtype="fp32"))
+    capped, free = (EditService(lambda: k, policy=OutputPolicy(None, "none"), max_steps=m) for m in (8, None))
+    capped.k = free.k = k  # with_defaults reads the loaded pipeline only
+    req = parse_request({"prompt": "x"}, None, Limits(max_steps=8))
+    assert (capped.with_defaults(req).steps, free.with_defaults(req).steps) == (8, 50)
+    assert capped.with_defaults(replace(req, steps=3)).steps == 3 and capped.with_defaults(req).guidance == 4.0
