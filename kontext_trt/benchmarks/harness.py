@@ -32,13 +32,14 @@ SAFETY_STAGES = (CHECK_STAGE, MARK_STAGE)  # timed after the model family's own 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One measured configuration: output size (= each reference image's size), batch, steps, CUDA graphs, step
-    cache and the number of reference images (FLUX.2 [klein]: 1 to 4)."""
+    """One measured configuration: output size (= each reference image's size), batch, steps (None: the model's
+    default, filled in by bench.run_bench before it runs), CUDA graphs, step cache and the number of reference
+    images (FLUX.2 [klein]: 1 to 4)."""
 
     width: int
     height: int
     batch: int
-    steps: int
+    steps: int | None
     cuda_graphs: bool
     cache: CacheSpec = field(default_factory=CacheSpec)  # the step cache (core/specs.py)
     references: int = 1
@@ -51,7 +52,7 @@ class RunConfig:
                 + ("" if self.references == 1 else f" r{self.references}"))
 
 
-def run_configs(sizes: list[tuple[int, int]], batches: list[int], steps: int, graphs: list[bool],
+def run_configs(sizes: list[tuple[int, int]], batches: list[int], steps: int | None, graphs: list[bool],
                 caches: list[CacheSpec] = (CacheSpec(),), references: list[int] = (1,)) -> list[RunConfig]:
     """Every combination, sizes outermost, reference counts innermost."""
     return [RunConfig(w, h, b, steps, g, c, r)

@@ -99,14 +99,15 @@ def calls(stage: str, steps: int, batch: int) -> int:
     return {"transformer": steps, "vae_decoder": 1}.get(stage, batch)
 
 
-def run_entry(replies: list[dict], wall: float, warm: list[dict], concurrency: int, width: int, height: int,
-              steps: int) -> dict:
-    """One run of `bench run`'s schema, plus `load`: concurrency, outcomes, throughput, server batch sizes."""
+def run_entry(replies: list[dict], wall: float, warm: list[dict], concurrency: int, width: int, height: int) -> dict:
+    """One run of `bench run`'s schema, plus `load`: concurrency, outcomes, throughput, server batch sizes; its steps
+    those the server ran (its images' metadata: the request's, or the model's default when none was sent)."""
     ok = [r for r in replies if r["status"] == 200]
     if not ok:
         statuses = Counter(str(r["status"]) for r in replies)
         raise KontextError(f"no edit succeeded at concurrency {concurrency} (statuses {dict(statuses)}): check the "
                            "server's log")
+    steps = ok[0]["metadata"]["steps"]
     stages_ms = {}
     for stage in STAGES:
         per_call = [r["timings"][stage] / calls(stage, steps, r["batch"]) for r in ok if stage in r["timings"]]
@@ -136,9 +137,10 @@ def sample_png(width: int, height: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def run_load(url: str, concurrencies: list[int], requests: int, warmup: int, width: int, height: int, steps: int,
-             prompt: str = PROMPT, max_seconds: float = 600.0) -> dict:
-    """Warm the server, then each concurrency level in turn; the results dict (`bench run`'s schema)."""
+def run_load(url: str, concurrencies: list[int], requests: int, warmup: int, width: int, height: int,
+             steps: int | None = None, prompt: str = PROMPT, max_seconds: float = 600.0) -> dict:
+    """Warm the server, then each concurrency level in turn; the results dict (`bench run`'s schema). steps None
+    sends none: the server runs its model's default."""
     check_loopback(url)
     url = url.rstrip("/")
     try:
@@ -149,7 +151,8 @@ def run_load(url: str, concurrencies: list[int], requests: int, warmup: int, wid
     if health.status_code != 200:
         raise KontextError(f"the server at {url} is not ready (healthz {health.status_code}): wait for it to load")
     pngs = [sample_png(width, height, seed) for seed in range(warmup + requests * len(concurrencies))]
-    fields = {"prompt": prompt, "steps": str(steps), "auto_resize": "false", "size": f"{width}x{height}"}
+    fields = {"prompt": prompt, "auto_resize": "false", "size": f"{width}x{height}",
+              **({} if steps is None else {"steps": str(steps)})}
     system = system_info(torch.device("cpu"))  # loopback: the server's machine
     warm, _ = asyncio.run(level(url, pngs, fields, 1, warmup, max_seconds)) if warmup else ([], 0.0)
     runs = []
@@ -157,7 +160,7 @@ def run_load(url: str, concurrencies: list[int], requests: int, warmup: int, wid
         log.info("concurrency %d: %d requests", concurrency, requests)
         first = warmup + n * requests
         replies, wall = asyncio.run(level(url, pngs, fields, concurrency, requests, max_seconds, first))
-        runs.append(run_entry(replies, wall, warm, concurrency, width, height, steps))
+        runs.append(run_entry(replies, wall, warm, concurrency, width, height))
         print(f"concurrency {concurrency}: {runs[-1]['load']['requests_per_s']:.2f} req/s, p50 "
               f"{runs[-1]['e2e_ms']['p50']:.0f} ms, p99 {runs[-1]['e2e_ms']['p99']:.0f} ms", flush=True)
     meta = next(r["metadata"] for r in replies if r["status"] == 200)

@@ -40,7 +40,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sizes", type=arg_type(parse_sizes), default=[(1024, 1024)],
                    help="output sizes WxH, comma-separated; "
                    "the input image has the same size")
-    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--steps", type=int, help="denoising steps per edit (default: the model's: FLUX.1 28; FLUX.2 "
+                   "[klein] 4 step-distilled, 50 base); the results record the steps run")
     p.add_argument("--batch", type=int_list, default=[1], help="batch sizes, comma-separated")
     p.add_argument("--references", type=int_list, default=[1], help="reference images per edit, comma-separated "
                    "(FLUX.2 [klein]: 1 to 4, latency by count; FLUX.1 Kontext: 1)")
@@ -68,7 +69,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2, help="edits before the first level, not counted")
     p.add_argument("--size", type=arg_type(parse_sizes), default=[(512, 512)],
                    help="WxH of the input image and the output")
-    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--steps", type=int, help="denoising steps per edit (default: none sent, the server runs the "
+                   "model's; the results record the steps run)")
     p.add_argument("--max-seconds", type=float, default=600.0, help="per level: no request starts after this")
     p.add_argument("--out", type=Path, default=Path("out/bench-serve"))
     p.set_defaults(func=run_serve_bench_command)
@@ -94,7 +96,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise KontextError("--backend onnxruntime and --onnx DIR (made by `kontext-trt export`) go together")
     if args.cuda_graphs != "off" and (args.device != "cuda" or args.warmup < 1):
         raise KontextError("--cuda-graphs on|both needs --device cuda and --warmup 1 or more (capture is warm-up)")
-    if args.steps < 1 or args.iters < 1 or args.warmup < 0:
+    if (args.steps is not None and args.steps < 1) or args.iters < 1 or args.warmup < 0:
         raise KontextError("--steps and --iters must be at least 1 and --warmup at least 0")
     for width, height in args.sizes:
         check_size(width, height)
@@ -129,7 +131,8 @@ def run_serve_bench_command(args: argparse.Namespace) -> int:
     from kontext_trt.benchmarks.report import markdown, write_all
     from kontext_trt.core.image import check_size
 
-    if len(args.size) != 1 or args.requests < 1 or args.warmup < 0 or args.steps < 1 or args.max_seconds <= 0:
+    steps_ok = args.steps is None or args.steps >= 1
+    if len(args.size) != 1 or args.requests < 1 or args.warmup < 0 or not steps_ok or args.max_seconds <= 0:
         raise KontextError("bench serve takes one --size, --requests and --steps of at least 1, --warmup of 0 or "
                            "more and a positive --max-seconds")
     check_size(*args.size[0])

@@ -163,3 +163,13 @@ def test_klein_latency_by_reference_count(capsys, klein_tiny_ckpt, tmp_path):
     assert [r["roofline"]["flops_per_step"] for r in runs] == [step_flops(config, 16, 16 * n, 512)["total"]
                                                                 for n in (1, 2, 3, 4)]
     assert "64x64 b1 r4" in stdout and "qwen3 p50 ms" in stdout and "t5 p50 ms" not in stdout
+
+
+def test_klein_without_steps_runs_and_records_its_default(capsys, klein_tiny_ckpt, tmp_path):
+    """bench run without --steps: klein-tiny (step-distilled) runs its 4 steps, and the results say so."""
+    code, stdout, _ = bench(capsys, klein_tiny_ckpt, tmp_path, "--sizes", "64x64", "--warmup", "0", "--iters", "1",
+                            "--dtype", "fp32", "--device", "cpu", "--safety-checker", "none")
+    assert code == 0
+    [run] = load_results(tmp_path / "results.json")["runs"]
+    assert run["steps"] == 4 and run["stages_ms"]["transformer"]["n"] == 4 and run["cache"]["steps_computed"] == 4
+    assert "| 64x64 b1 | 4 |" in stdout

@@ -25,7 +25,6 @@ from kontext_trt.core import image
 from kontext_trt.core.family import FLUX1_KONTEXT, FLUX2_KLEIN
 from kontext_trt.core.text import T5_MAX_LEN
 from kontext_trt.runtime import klein
-from kontext_trt.runtime.flow import EditRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -132,7 +131,7 @@ def test_constants_agree_with_the_runtime():
     flux1, klein_4b, klein_9b = (block_models.block_model(family, size) for family, size in
                                  (("flux1-kontext", None), ("flux2-klein", None), ("flux2-klein", "9B")))
     assert flux1.text_tokens == T5_MAX_LEN and klein_4b.text_tokens == klein_9b.text_tokens == klein.TEXT_LEN
-    assert FLUX1_KONTEXT.default_steps == EditRequest(prompts=["x"]).steps and FLUX2_KLEIN.default_steps == 4
+    assert (FLUX1_KONTEXT.default_steps, FLUX2_KLEIN.default_steps, FLUX2_KLEIN.base_steps) == (28, 4, 50)
     assert flux1.config == preset_config("full") and (klein_4b.config, klein_9b.config) == (KLEIN_4B, KLEIN_9B)
     assert (flux1.family, klein_4b.family, klein_9b.family) == (FLUX1_KONTEXT, FLUX2_KLEIN, FLUX2_KLEIN)
     assert (gpu_blocks.MULTIPLE, gpu_blocks.SIDES) == (image.MULTIPLE, (image.MIN_SIDE, image.MAX_SIDE))

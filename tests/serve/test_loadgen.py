@@ -23,6 +23,22 @@ def test_bench_serve_writes_bench_results(served, tmp_path, capsys):
     assert "64x64 b1 c3" in (out / "results.md").read_text() and "64x64 b1 c3" in stdout
 
 
+def test_bench_serve_without_steps_records_the_steps_the_server_ran(app_server, klein_tiny_ckpt, tmp_path, capsys):
+    """No --steps: none is sent, the server runs its model's default (klein-tiny: 4), and the results record 4."""
+    from kontext_trt.assemble import build_pipeline
+    from kontext_trt.core.specs import LoadSpec
+    from kontext_trt.safety.guard import OutputPolicy
+
+    k = build_pipeline(LoadSpec(klein_tiny_ckpt, dtype="fp32"))
+    out = tmp_path / "bench"
+    with app_server(k, {}, policy=OutputPolicy(None, "none")) as url:
+        code = main(["bench", "serve", "--url", url, "--concurrency", "1", "--requests", "1", "--warmup", "0",
+                     "--size", "64x64", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    [run] = json.loads((out / "results.json").read_text())["runs"]
+    assert run["steps"] == 4 and run["load"]["statuses"] == {"200": 1}
+
+
 def test_bench_serve_refuses_other_hosts_and_absent_servers(capsys):
     assert main(["bench", "serve", "--url", "http://192.0.2.1:8000"]) == 2
     assert "loopback servers only" in capsys.readouterr().err
