@@ -55,6 +55,15 @@ def test_given_steps_win_over_the_default(klein):
     assert calls == 2 and result.metadata["steps"] == 2
 
 
+def test_a_session_without_steps_runs_the_models_default_every_turn(klein):
+    from kontext_trt.pipeline import KontextPipeline
+    from kontext_trt.safety.guard import OutputPolicy
+
+    session = KontextPipeline(klein[0], OutputPolicy(None, "none")).session(REF)
+    turns = [session.edit(PROMPT), session.edit(PROMPT, steps=2)]
+    assert [turn.metadata["steps"] for turn in turns] == [4, 2]
+
+
 def test_a_base_klein_request_without_steps_runs_fifty(klein_tiny_base_ckpt):
     k = load(klein_tiny_base_ckpt)
     req = flow.request(["add snow"], [REF])
