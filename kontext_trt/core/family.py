@@ -45,6 +45,7 @@ class Family:
     default_guidance: float
     tokenizers: dict[str, str]  # role -> folder, in the checkpoint and in an export folder alike
     parts: tuple[str, ...] = ()  # the transformer split in parts for step caching (core.stages.TRANSFORMER_PARTS)
+    text_layers: tuple[int, ...] = ()  # hidden states of the text encoder stacked as the prompt embedding (klein)
 
     def io(self, stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(input names, output names) of one of this family's stages (or of a transformer part)."""
@@ -59,7 +60,8 @@ FLUX1_KONTEXT = Family(
 FLUX2_KLEIN = Family(
     "flux2-klein", "Flux2KleinPipeline", "FLUX.2 [klein]",
     ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
-    ("text_encoder", "vae_encoder", "transformer", "vae_decoder"), KLEIN_STAGE_IO, 4, 4.0, {"qwen": "tokenizer"})
+    ("text_encoder", "vae_encoder", "transformer", "vae_decoder"), KLEIN_STAGE_IO, 4, 4.0, {"qwen": "tokenizer"},
+    text_layers=(9, 18, 27))  # Flux2KleinPipeline's text_encoder_out_layers
 FAMILIES: dict[str, Family] = {family.name: family for family in (FLUX1_KONTEXT, FLUX2_KLEIN)}
 MAX_REFERENCES = max(family.max_references for family in FAMILIES.values())
 
