@@ -140,3 +140,30 @@ def test_fp8_attention_processors_are_diffusers_flux2_ones_around_the_fp8_matmul
     # such sharp softmaxes alone (0.12..0.14 on random q, k, v; FLUX.1's processor runs the same function)
     rel = ((fp8 - ref).norm() / ref.norm()).item()
     assert 0.01 < rel <= 0.2, rel
+
+
+def test_fp8_attention_parses_and_builds_with_tensorrt_rtx(fp8, tmp_path):
+    """TensorRT-RTX keeps the Q/DQ of klein's FP8 attention: per block, q, k, v and the probabilities quantized and both
+    attention matmuls fed by FP8 activations on both sides, beside the 19 FP8 linears; the FP8 plan builds for sm89."""
+    from kontext_trt.engines import trt_api
+
+    pytest.importorskip("tensorrt_rtx")
+    net = trt_api.parse_onnx(trt_api.load_api("tensorrt-rtx"), fp8 / "transformer" / "model.onnx").network
+    layers = [net.get_layer(i) for i in range(net.num_layers)]
+    producer = {layer.get_output(j).name: layer for layer in layers for j in range(layer.num_outputs)}
+    kinds = Counter(layer.type.name for layer in layers)
+    assert (kinds["QUANTIZE"], kinds["DEQUANTIZE"]) == (13 + 3 * 4, 13 + 19 + 3 * 4)  # linears' inputs and weights
+
+    def quantized_activation(layer, j: int) -> bool:  # input j dequantizes what a QUANTIZE layer made at run time
+        dq = producer.get(layer.get_input(j).name)
+        q = dq is not None and dq.type.name == "DEQUANTIZE" and producer.get(dq.get_input(0).name)
+        return bool(q) and q.type.name == "QUANTIZE"
+
+    attention = [layer for layer in layers if layer.type.name == "MATRIX_MULTIPLY" and
+                 quantized_activation(layer, 0) and quantized_activation(layer, 1)]
+    assert len(attention) == 3 * 2  # q k^T and p v of each block (a linear's other side is a constant weight)
+    engines = tmp_path / "engines"
+    assert main(["build", "--onnx", str(fp8), "--out", str(engines), "--sku", "rtx4090", "--precision", "fp8",
+                 "--static", "128x128"]) == 0
+    plans = list(engines.glob("*/*/fp8/transformer.plan"))
+    assert len(plans) == 1 and trt_api.rtx_header(plans[0].read_bytes())[1] == (89,)
