@@ -10,7 +10,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from accelerate import init_empty_weights
@@ -107,10 +107,10 @@ def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
     return digest.hexdigest()
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, read through the safetensors library's mmap."""
+def read_safetensors(path: Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (those whose name `keep` accepts), read through the library's mmap."""
     with _safetensors(path) as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+        return {name: f.get_tensor(name) for name in f.keys() if keep is None or keep(name)}
 
 
 def load_transformer(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
@@ -317,11 +317,13 @@ def _check_vae(config: dict, source: Path) -> None:
         )
 
 
-def _read_cast(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors of all `files`, read and cast shard by shard (no copy when already in `dtype`)."""
+def _read_cast(files: list[Path], dtype: torch.dtype, keep: Callable[[str], bool] | None = None,
+               ) -> dict[str, torch.Tensor]:
+    """Tensors of all `files` (those `keep` accepts; others never read), read and cast shard by shard (no copy when
+    already in `dtype`)."""
     tensors = {}
     for path in files:
-        tensors.update((key, _cast(t, dtype)) for key, t in read_safetensors(path).items())
+        tensors.update((key, _cast(t, dtype)) for key, t in read_safetensors(path, keep).items())
     return tensors
 
 

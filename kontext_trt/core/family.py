@@ -50,6 +50,7 @@ class Family:
     # step-distilled checkpoints 4 (BFL's model cards), its base checkpoints diffusers' 50 (with CFG)
     default_steps: int = 28
     base_steps: int | None = None  # a base (not step-distilled) checkpoint's count; None: default_steps
+    text_layers: tuple[int, ...] = ()  # hidden states of the text encoder stacked as the prompt embedding (klein)
 
     def steps(self, distilled: bool) -> int:
         """The denoising steps a request that gives none runs on a checkpoint of this family (KontextConfig's
@@ -80,7 +81,7 @@ FLUX2_KLEIN = Family(
     "flux2-klein", "Flux2KleinPipeline", "FLUX.2 [klein]",
     ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
     ("text_encoder", "vae_encoder", "transformer", "vae_decoder"), KLEIN_STAGE_IO, 4, 4.0, {"qwen": "tokenizer"},
-    default_steps=4, base_steps=50)
+    default_steps=4, base_steps=50, text_layers=(9, 18, 27))  # Flux2KleinPipeline's text_encoder_out_layers
 FAMILIES: dict[str, Family] = {family.name: family for family in (FLUX1_KONTEXT, FLUX2_KLEIN)}
 MAX_REFERENCES = max(family.max_references for family in FAMILIES.values())
 

@@ -3,6 +3,7 @@ Flux2Transformer2DModel, the AutoencoderKLFlux2 (with its batch-norm latent stat
 its tokenizer with the chat template. Weights are assigned into meta-built models, as core/checkpoint.py does."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,10 +47,12 @@ def _check(transformer: dict, vae: dict, text: dict, root: Path) -> None:
     if heads * head_dim <= 0 or sum(transformer.get("axes_dims_rope", (32, 32, 32, 32))) != head_dim:
         raise KontextError(f"{root / 'transformer/config.json'}: attention heads/head dim/axes_dims_rope missing or "
                            f"inconsistent; {KLEIN_REFETCH}", "model", "invalid_value")
-    layers = text.get("num_hidden_layers", 0)
-    if text.get("model_type") != "qwen3" or layers < 27:
-        raise KontextError(f"{root / 'text_encoder/config.json'}: not a Qwen3 of at least 27 layers (klein stacks "
-                           f"layers 9, 18 and 27); {KLEIN_REFETCH}", "model", "model_mismatch")
+    layers, depth = text.get("num_hidden_layers", 0), qwen3_depth(FLUX2_KLEIN.text_layers)
+    if text.get("model_type") != "qwen3" or layers < depth:
+        raise KontextError(f"{root / 'text_encoder/config.json'}: a {text.get('model_type')} of {layers} layers, not a "
+                           f"Qwen3 of at least {depth} (klein stacks the hidden states of layers "
+                           f"{', '.join(map(str, FLUX2_KLEIN.text_layers))}); {KLEIN_REFETCH}", "model",
+                           "model_mismatch")
 
 
 def load_klein_transformer(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -74,16 +77,46 @@ def load_klein_vae(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16) -> nn.
                    files)
 
 
+def qwen3_depth(text_layers: tuple[int, ...]) -> int:
+    """How many Qwen3 decoder layers a family that stacks hidden states `text_layers` runs: up to the deepest it
+    reads (hidden_states[0] is the embedding output, hidden_states[k] decoder layer k's)."""
+    return max(text_layers)
+
+
 def load_qwen3(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """The Qwen3 decoder stack of `ckpt`'s text encoder (Qwen3Model: the causal LM's `model`, no LM head)."""
+    """The Qwen3 decoder stack of `ckpt`'s text encoder (Qwen3Model: the causal LM's `model`, no LM head), cut to the
+    layers klein reads (qwen3_depth: 27 of Qwen3-4B/8B's 36); the deeper layers' weights are never read.
+
+    transformers returns the final-normed output as the last of `hidden_states` (5.x ties it to last_hidden_state,
+    4.x appends it), so Flux2KleinPipeline's hidden_states[27] is decoder layer 27's raw output when the encoder has
+    more layers (Qwen3-4B/8B: 36) and the normed one when it has exactly 27. The cut model keeps the final norm only
+    in that second case and is an identity otherwise: its hidden_states[k] for k in FLUX2_KLEIN.text_layers equal the
+    full encoder's bit for bit (tests/klein/test_klein_qwen3.py)."""
     from transformers import Qwen3Config, Qwen3Model
 
     config = Qwen3Config.from_pretrained(ckpt.root / "text_encoder", local_files_only=True)
+    depth = qwen3_depth(FLUX2_KLEIN.text_layers)
+    normed = config.num_hidden_layers == depth
+    config.num_hidden_layers = depth
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:depth]
     with init_empty_weights(include_buffers=False):
         model = Qwen3Model(config)
+    if not normed:
+        model.norm = nn.Identity()
     files = _component_files(ckpt, "text_encoder")
-    sd = {key.removeprefix("model."): t for key, t in _read_cast(files, dtype).items() if key != "lm_head.weight"}
+    keep = partial(_read_qwen3, depth, normed)
+    sd = {key.removeprefix("model."): t for key, t in _read_cast(files, dtype, keep).items()}
     return _assign(model, sd, files)
+
+
+def _read_qwen3(depth: int, normed: bool, key: str) -> bool:
+    """Whether a Qwen3ForCausalLM weight is one of the first `depth` layers' (the final norm's when `normed`), the
+    embedding's included; the LM head never."""
+    name = key.removeprefix("model.")
+    if name.startswith("layers."):
+        return int(name.split(".")[1]) < depth
+    return name != "lm_head.weight" and (normed or name != "norm.weight")
 
 
 def load_qwen_tokenizer(folder: Path):

@@ -41,7 +41,7 @@ from kontext_trt.runtime.klein_stages import (
     Flux2TransformerModule,
     KleinVaeDecoderModule,
     KleinVaeEncoderModule,
-    Qwen3TextModule,
+    load_qwen3_text,
 )
 from kontext_trt.runtime.lora import LoraSpec, fuse_into
 from kontext_trt.runtime.torch_stages import ClipModule, T5Module, TransformerModule, VaeDecoderModule, VaeEncoderModule
@@ -169,10 +169,9 @@ def load_stage(ckpt, stage: str, dtype: torch.dtype) -> nn.Module:
 def load_klein_stage(ckpt, stage: str, dtype: torch.dtype) -> nn.Module:
     """One FLUX.2 [klein] stage's module (runtime.klein_stages), in dtype; the transformer with fp32 RoPE."""
     from kontext_trt.core import klein_checkpoint as kc
-    from kontext_trt.runtime.inputs import KLEIN_TEXT_LAYERS
 
     if stage == "text_encoder":
-        return Qwen3TextModule(kc.load_qwen3(ckpt, dtype), KLEIN_TEXT_LAYERS)
+        return load_qwen3_text(ckpt, dtype)
     if stage == "transformer":
         return Flux2TransformerModule(fp32_rope(kc.load_klein_transformer(ckpt, dtype)))
     vae = kc.load_klein_vae(ckpt, dtype)

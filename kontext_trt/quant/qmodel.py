@@ -73,35 +73,93 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: nn.Mo
     return torch.matmul(ops.fp8_qdq(p, attn.p_scale), ops.fp8_qdq(v, attn.v_scale))
 
 
+def fp8_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn: nn.Module,
+              image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """RoPE on query and key (B, S, H, d), then fp8_attention; the output (B, S, H*d) in query's dtype."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    out = fp8_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn)
+    return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+
+def joint_qkv(attn: nn.Module, projections: tuple) -> tuple[torch.Tensor, ...]:
+    """(query, key, value) (B, S, H, d) of a joint attention from its six projections: q/k normed, the text tokens'
+    (added projections) first."""
+    query, key, value, e_query, e_key, e_value = projections
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if attn.added_kv_proj_dim is not None:
+        query = torch.cat([attn.norm_added_q(e_query.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
+        key = torch.cat([attn.norm_added_k(e_key.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
+        value = torch.cat([e_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
+    return query, key, value
+
+
+def joint_out(attn: nn.Module, out: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """A joint attention's output projections: image tokens through to_out, text tokens (first) through to_add_out."""
+    if encoder_hidden_states is None:
+        return out
+    n_text = encoder_hidden_states.shape[1]
+    text, image = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
+    return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
+
+
 class Fp8AttnProcessor:
-    """diffusers' FluxAttnProcessor (0.35 .. 0.42) with fp8_attention in place of scaled_dot_product_attention."""
+    """diffusers' FluxAttnProcessor (FLUX.1, 0.35 .. 0.42) with fp8_attention in place of
+    scaled_dot_product_attention."""
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
         if attention_mask is not None:
             raise KontextError("FP8 attention takes no attention mask (Kontext's transformer passes none)")
-        query, key, value, e_query, e_key, e_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, S, H, d)
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            query = torch.cat([attn.norm_added_q(e_query.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
-            key = torch.cat([attn.norm_added_k(e_key.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
-            value = torch.cat([e_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = fp8_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn)
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, S, H*d)
-        if encoder_hidden_states is None:
-            return out
-        n_text = encoder_hidden_states.shape[1]
-        text, image = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
-        return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
+        projections = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        out = fp8_heads(*joint_qkv(attn, projections), attn, image_rotary_emb)
+        return joint_out(attn, out, encoder_hidden_states)
+
+
+class Fp8Flux2AttnProcessor:
+    """diffusers' Flux2AttnProcessor (FLUX.2 [klein]'s double blocks, 0.42) with fp8_attention in place of
+    dispatch_attention_fn."""
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
+
+        if attention_mask is not None:
+            raise KontextError("FP8 attention takes no attention mask (klein's transformer passes none)")
+        projections = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        out = fp8_heads(*joint_qkv(attn, projections), attn, image_rotary_emb)
+        if encoder_hidden_states is None:  # unlike FLUX.1's, Flux2's processor projects a lone image stream too
+            return attn.to_out[1](attn.to_out[0](out))
+        return joint_out(attn, out, encoder_hidden_states)
+
+
+class Fp8Flux2ParallelAttnProcessor:
+    """diffusers' Flux2ParallelSelfAttnProcessor (FLUX.2 [klein]'s single blocks, 0.42: one fused QKV + MLP-in
+    projection, one fused output projection) with fp8_attention in place of dispatch_attention_fn."""
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if attention_mask is not None:
+            raise KontextError("FP8 attention takes no attention mask (klein's transformer passes none)")
+        qkv, mlp = attn.to_qkv_mlp_proj(hidden_states).split(
+            [3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor], dim=-1)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))
+        out = fp8_heads(attn.norm_q(query), attn.norm_k(key), value, attn, image_rotary_emb)
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+
+
+# The FP8 processor of each attention module class the recipe lists (recipe.FP8_ATTENTION)
+FP8_PROCESSORS = {"FluxAttention": Fp8AttnProcessor, "Flux2Attention": Fp8Flux2AttnProcessor,
+                  "Flux2ParallelSelfAttention": Fp8Flux2ParallelAttnProcessor}
 
 
 def quantize_transformer(model: nn.Module, recipe: Recipe, amax: dict[str, torch.Tensor],
@@ -126,5 +184,5 @@ def quantize_transformer(model: nn.Module, recipe: Recipe, amax: dict[str, torch
         for q, factor in (("q", head_scale), ("k", 1.0), ("v", 1.0)):
             attn.register_buffer(f"{q}_scale", formats.scale_for(amax[f"{name}.{q}"] * factor, formats.E4M3_MAX, dtype))
         attn.register_buffer("p_scale", formats.scale_for(1.0, formats.E4M3_MAX, dtype))  # softmax output in [0, 1]
-        attn.set_processor(Fp8AttnProcessor())
+        attn.set_processor(FP8_PROCESSORS[type(attn).__name__]())
     return model

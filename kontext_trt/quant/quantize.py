@@ -24,7 +24,7 @@ from kontext_trt.quant.export import transformer_stage as family_transformer_sta
 from kontext_trt.quant.qmodel import quantize_transformer
 from kontext_trt.quant.report import quality_report, write_report
 from kontext_trt.runtime.flow import Kontext, KontextConfig, PipelineInfo
-from kontext_trt.runtime.klein_stages import KleinVaeDecoderModule, KleinVaeEncoderModule, Qwen3TextModule
+from kontext_trt.runtime.klein_stages import KleinVaeDecoderModule, KleinVaeEncoderModule, load_qwen3_text
 from kontext_trt.runtime.torch_stages import (
     ClipModule,
     T5Module,
@@ -163,9 +163,8 @@ def flux1_aux_modules(ckpt, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
 def klein_aux_modules(ckpt, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     """FLUX.2 [klein]'s stages but the transformer: the Qwen3 text encoder and the VAE's halves."""
     from kontext_trt.core import klein_checkpoint as kc
-    from kontext_trt.runtime.inputs import KLEIN_TEXT_LAYERS
     vae = kc.load_klein_vae(ckpt, dtype)
-    return {"text_encoder": Qwen3TextModule(kc.load_qwen3(ckpt, dtype), KLEIN_TEXT_LAYERS),
+    return {"text_encoder": load_qwen3_text(ckpt, dtype),
             "vae_encoder": KleinVaeEncoderModule(vae), "vae_decoder": KleinVaeDecoderModule(vae)}
 
 

@@ -17,7 +17,8 @@ SVDQuant (nvfp4 with svd_rank > 0, the default rank 32): every NVFP4 layer runs 
 a per-input-channel smoothing s from calibration (quant/svdquant.py); svd_rank 0 is plain NVFP4.
 
 FP8 attention quantizes q (pre-multiplied by 1/sqrt(d)), k, v with calibrated per-tensor scales and the softmax output
-with the fixed scale 1/448 (it lies in [0, 1]); this is ModelOpt's and demoDiffusion's FP8 MHA for Flux.
+with the fixed scale 1/448 (it lies in [0, 1]); this is ModelOpt's and demoDiffusion's FP8 MHA for Flux. FLUX.1's
+FluxAttention and FLUX.2 [klein]'s Flux2Attention and Flux2ParallelSelfAttention have it (FP8_ATTENTION).
 """
 from __future__ import annotations
 
@@ -64,9 +65,10 @@ KLEIN_EXCLUSIONS: tuple[tuple[str, str | None, str], ...] = (
      "every token's scale and gate; FP8 keeps its memory halved"),
 )
 FAMILY_EXCLUSIONS = {"flux1-kontext": EXCLUSIONS, "flux2-klein": KLEIN_EXCLUSIONS}
-# The families FP8 attention (qmodel.Fp8AttnProcessor, over FLUX.1's FluxAttention) runs on; the others quantize their
-# linears only (--attention bf16).
-FP8_ATTENTION = ("flux1-kontext",)
+# family -> the diffusers attention module classes whose matmuls FP8 attention quantizes (qmodel.FP8_PROCESSORS holds
+# each class's processor): FLUX.1's FluxAttention; klein's Flux2Attention (double blocks) and
+# Flux2ParallelSelfAttention (single blocks). A family not listed quantizes its linears only (--attention bf16).
+FP8_ATTENTION = {"flux1-kontext": ("FluxAttention",), "flux2-klein": ("Flux2Attention", "Flux2ParallelSelfAttention")}
 
 
 @dataclass
@@ -102,8 +104,8 @@ def check_precision(precision: str, attention: str | None, family: str = "flux1-
     if precision not in PRECISIONS:
         raise KontextError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
     if attention == "fp8" and family not in FP8_ATTENTION:
-        raise KontextError(f"--attention fp8: FP8 attention is FLUX.1 Kontext's (FluxAttention); a {label or family} "
-                           "transformer quantizes its linear layers only: use --attention bf16 (the default)")
+        raise KontextError(f"--attention fp8: a {label or family} transformer has no FP8 attention here; it quantizes "
+                           "its linear layers only: use --attention bf16 (the default)")
     attention = attention or (DEFAULT_ATTENTION[precision] if family in FP8_ATTENTION else "bf16")
     if attention not in ATTENTIONS:
         raise KontextError(f"unknown attention precision {attention!r}: use {' or '.join(ATTENTIONS)}")
@@ -146,8 +148,6 @@ def make_recipe(transformer: nn.Module, precision: str, attention: str, svd_rank
                 svd_alpha: float | None = None, family: str = "flux1-kontext") -> Recipe:
     """Every linear layer's format (the family's exclusions) and the attention modules to quantize, for a
     FluxTransformer2DModel or a Flux2Transformer2DModel."""
-    from diffusers.models.transformers.transformer_flux import FluxAttention
-
     modules, exclusions = list(transformer.named_modules()), FAMILY_EXCLUSIONS[family]
     layers, narrowed = {}, {}
     for name, m in modules:
@@ -155,7 +155,8 @@ def make_recipe(transformer: nn.Module, precision: str, attention: str, svd_rank
             layers[name], why = fit_width(layer_format(name, precision, exclusions), m.in_features)
             if why:
                 narrowed[name] = why
-    attn = [name for name, m in modules if isinstance(m, FluxAttention)] if attention == "fp8" else []
+    kinds = FP8_ATTENTION.get(family, ()) if attention == "fp8" else ()
+    attn = [name for name, m in modules if type(m).__name__ in kinds]
     return Recipe(precision, attention, layers, attn, exclusions=[list(e) for e in exclusions], narrowed=narrowed,
                   svd_rank=svd_rank, svd_alpha=svd_alpha)
 

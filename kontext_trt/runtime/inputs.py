@@ -11,8 +11,6 @@ from kontext_trt.core.flux_constants import LATENT_CHANNELS, VAE_SCALING_FACTOR,
 from kontext_trt.core.text import T5_MAX_LEN
 from kontext_trt.runtime.schedule import ShiftConfig
 
-KLEIN_TEXT_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers
-
 
 @dataclass(frozen=True)
 class KontextConfig:
@@ -27,7 +25,7 @@ class KontextConfig:
     family: str = FLUX1_KONTEXT.name
     distilled: bool = True  # klein: step-distilled (no CFG); False: a base checkpoint (true CFG, empty negative)
     vae_scale_factor: int = 8  # pixels per latent cell: 2 ** (len(vae block_out_channels) - 1)
-    text_layers: tuple[int, ...] = KLEIN_TEXT_LAYERS
+    text_layers: tuple[int, ...] = FLUX2_KLEIN.text_layers
     text_length: int = T5_MAX_LEN  # FLUX.1: T5 tokens a prompt is padded to (manifests from before it: 512)
 
     def to_dict(self) -> dict:

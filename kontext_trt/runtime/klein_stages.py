@@ -26,6 +26,15 @@ class Qwen3TextModule(nn.Module):
         return (stacked.permute(0, 2, 1, 3).reshape(b, length, n * d),)
 
 
+def load_qwen3_text(ckpt, dtype: torch.dtype) -> Qwen3TextModule:
+    """The text encoder stage of a klein checkpoint in dtype: its Qwen3 cut to the layers klein reads
+    (core.klein_checkpoint.load_qwen3), stacking FLUX2_KLEIN.text_layers; the torch backend, export and quant's."""
+    from kontext_trt.core import klein_checkpoint as kc
+    from kontext_trt.core.family import FLUX2_KLEIN
+
+    return Qwen3TextModule(kc.load_qwen3(ckpt, dtype), FLUX2_KLEIN.text_layers)
+
+
 def bn_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE batch norm's running mean and sqrt(var + eps), (1, 4C, 1, 1) in like's dtype and device."""
     mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
@@ -81,11 +90,10 @@ class Flux2TransformerModule(nn.Module):
 def klein_stage_modules(ckpt, dtype: torch.dtype) -> dict[str, nn.Module]:
     """The four stage modules of a klein checkpoint in dtype, on the CPU."""
     from kontext_trt.core import klein_checkpoint as kc
-    from kontext_trt.runtime.inputs import KLEIN_TEXT_LAYERS
 
     vae = kc.load_klein_vae(ckpt, dtype)
     return {
-        "text_encoder": Qwen3TextModule(kc.load_qwen3(ckpt, dtype), KLEIN_TEXT_LAYERS),
+        "text_encoder": load_qwen3_text(ckpt, dtype),
         "vae_encoder": KleinVaeEncoderModule(vae),
         "transformer": Flux2TransformerModule(kc.load_klein_transformer(ckpt, dtype)),
         "vae_decoder": KleinVaeDecoderModule(vae),

@@ -49,6 +49,14 @@ def test_unknown_names_are_refused(precision, attention, message):
     with pytest.raises(KontextError, match=message):
         rc.check_precision(precision, attention)
     assert rc.check_precision("nvfp4", None) == "fp8" and rc.check_precision("fp8", None) == "bf16"
+    assert rc.check_precision("nvfp4", None, "flux2-klein") == "fp8"  # klein's attention has FP8 processors too
+
+
+def test_fp8_attention_for_a_family_without_it_is_one_line():
+    with pytest.raises(KontextError, match=r"^--attention fp8: a FLUX.2 \[dev\] transformer has no FP8 attention "
+                                           r"here; .*use --attention bf16 \(the default\)$"):
+        rc.check_precision("nvfp4", "fp8", "flux2-dev", "FLUX.2 [dev]")
+    assert rc.check_precision("nvfp4", None, "flux2-dev") == "bf16"
 
 
 def test_shipped_set_cycles_categories_and_is_deterministic():
