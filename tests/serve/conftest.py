@@ -2,6 +2,7 @@
 thread over a pipeline with fake stages (slow or failing) for the timing and fault paths. Every wait is bounded."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -80,6 +81,16 @@ def served(tiny_ckpt) -> Iterator[ServerProcess]:
     with server_process("--model", str(tiny_ckpt), "--dtype", "fp32", "--max-batch", "4",
                         "--batch-window-ms", "500") as server:
         yield server
+
+
+EDIT = {"prompt": "add a moon", "steps": "2", "auto_resize": "false"}
+
+
+async def post(client: httpx.AsyncClient, url: str, png: bytes, delay_s: float = 0.0, **fields) -> httpx.Response:
+    """POST an edit of `png` (EDIT's fields, overridden by `fields`) after `delay_s`."""
+    await asyncio.sleep(delay_s)
+    return await client.post(f"{url}/v1/images/edits", data={**EDIT, **fields},
+                             files={"image": ("in.png", png, "image/png")})
 
 
 class SlowStage:

@@ -77,8 +77,9 @@ def test_three_references_from_the_openai_sdk_and_json_equal_the_api(app_server,
     assert fetch.status_code == 400 and fetch.json()["error"]["code"] == "unsupported_value"
     assert default.status_code == 200, default.text  # no steps sent: klein-tiny (step-distilled) runs its 4
     assert json.loads(decoded(default.json()["data"][0]["b64_json"]).text["kontext-trt"])["steps"] == 4
-    steps_box = re.search(r'<input id="steps"[^>]*>', page)[0]
-    assert "value=" not in steps_box and 'placeholder="default"' in steps_box  # the page leaves steps to the model
+    for name in ("steps", "guidance"):  # the page leaves both to the model (an empty field is not sent as a value)
+        box = re.search(rf'<input id="{name}"[^>]*>', page)[0]
+        assert "value=" not in box and 'placeholder="default"' in box, box
 
 
 def test_flux1_refuses_a_second_image_naming_the_field(app_server, tiny_pipeline):
