@@ -29,10 +29,13 @@ class Flux1Kontext:
     family: Family = FLUX1_KONTEXT
 
     def check(self, k: Kontext, req: EditRequest) -> None:
-        """Refuse what this family cannot run."""
+        """Refuse what this family cannot run: more than one image, or one it cannot take at its own size (without
+        auto_resize, a side outside 64..2048)."""
         if len(req.images) > 1:
             raise KontextError(f"{self.family.label} edits from one image, {len(req.images)} were given: pass one "
                                "--image (FLUX.2 [klein] checkpoints take up to 4)", "image", "out_of_range")
+        for img in req.images:
+            im.check_context_size(*img.size, req.auto_resize)
 
     def reference_sizes(self, config: KontextConfig, req: EditRequest) -> tuple[tuple[int, int], ...]:
         """The size each reference is resized to (bucket or own size, floored to 16)."""

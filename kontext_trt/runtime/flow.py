@@ -229,8 +229,6 @@ def check_request(req: EditRequest) -> None:
     if len(req.images) > MAX_REFERENCES:
         raise KontextError(f"{len(req.images)} reference images were given; at most {MAX_REFERENCES} are taken (by "
                            "FLUX.2 [klein]; FLUX.1 Kontext takes one): pass fewer --image", "image", "out_of_range")
-    if req.image is not None:
-        im.check_context_size(*req.image.size, req.auto_resize)
 
 
 def stopper(reqs: list[EditRequest]) -> Callable[[], bool] | None:

@@ -56,6 +56,12 @@ def test_requests_each_family_refuses(tiny_ckpt, klein_distilled):
             edit(klein, request(["x"], refs[:1], steps=1, **fields))
     with pytest.raises(KontextError, match="a reference image is 40x64"):
         edit(klein, request(["x"], [im.sample_image(40, 64)], steps=1))
+    # FLUX.1 cannot take a 2112-pixel side at its own size; klein shrinks any reference to 1 MP, auto_resize or not
+    wide = request(["x"], [Image.new("RGB", (2112, 1056))], steps=1, auto_resize=False)
+    check_request(wide)
+    klein.ops.check(klein, wide)
+    with pytest.raises(KontextError, match="the input image is 2112x1056: too large to edit at its own size"):
+        flux1.ops.check(flux1, wide)
 
 
 def test_api_images_list_is_the_loop_on_the_same_request(klein_distilled):

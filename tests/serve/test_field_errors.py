@@ -3,11 +3,13 @@ parse_request, through the real app (form and JSON), for a request that fails wh
 missing --model as one `error:` line."""
 from __future__ import annotations
 
+import io
 import json
 import math
 
 import httpx
 import pytest
+from PIL import Image
 
 from kontext_trt.safety.guard import OutputPolicy
 from kontext_trt.serve import openai_api
@@ -51,13 +53,7 @@ def test_parse_request_names_the_field_and_a_code(fields, param, code, message):
                                       "code": code}}
 
 
-def test_a_tiny_input_image_is_the_image_field():
-    from PIL import Image
-
-    with pytest.raises(openai_api.ApiError) as info:
-        openai_api.parse_request({"prompt": "x", "auto_resize": "false"}, Image.new("RGB", (8, 8)))
-    assert (info.value.param, info.value.code) == ("image", "out_of_range")
-    assert "auto_resize=false needs 64 to 2048 pixels a side" in info.value.message
+def test_an_unreadable_image_is_the_image_field():
     with pytest.raises(openai_api.ApiError) as info:
         openai_api.read_image(b"not an image")
     assert (info.value.param, info.value.code) == ("image", "unsupported_format")
@@ -100,6 +96,13 @@ def test_app_and_run_time_errors_name_their_field(app_server, tiny_pipeline, sam
         error = error_of(httpx.post(f"{url}/v1/images/edits", data={"prompt": "x"}, timeout=60,
                                     files={"image": png, "mask": png}))
         assert (error["param"], error["code"]) == ("mask", "unsupported_parameter")
+        # what size an image may be at its own size is the model family's to say (FLUX.1: 64..2048 a side), at admission
+        tiny = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(tiny, format="PNG")
+        error = error_of(httpx.post(f"{url}/v1/images/edits", data={"prompt": "x", "auto_resize": "false"}, timeout=60,
+                                    files={"image": ("tiny.png", tiny.getvalue(), "image/png")}))
+        assert (error["param"], error["code"]) == ("image", "out_of_range")
+        assert "auto_resize=false needs 64 to 2048 pixels a side" in error["message"]
         error = error_of(httpx.post(f"{url}/v1/images/generations", content=b"{not json", timeout=60,
                                     headers={"content-type": "application/json"}))
         assert (error["param"], error["code"]) == (None, "invalid_body")
