@@ -24,10 +24,12 @@ if WORKER is not None:  # one thread per worker: two workers on two cores, torch
     os.environ["OMP_NUM_THREADS"] = "1"  # and in the subprocesses the tests start
     torch.set_num_threads(1)
 
-# Test files that run on one worker together under xdist: the users of the package fixture `served` (one server).
-GROUPED = {f"tests/serve/{name}": "tests/serve (served)"
-           for name in ("test_abuse_limits.py", "test_loadgen.py", "test_openai_api.py", "test_page.py",
-                        "test_safety.py")}
+# Test files that run on one worker together under xdist: the users of the package fixture `served` (one server),
+# and the two users of the quantization runs (tests/quant/conftest.py), which would otherwise wait on each other.
+GROUPED = {**{f"tests/serve/{name}": "tests/serve (served)"
+              for name in ("test_abuse_limits.py", "test_loadgen.py", "test_openai_api.py", "test_page.py",
+                           "test_safety.py")},
+           **{f"tests/quant/{name}": "tests/quant (runs)" for name in ("test_qdq_onnx.py", "test_quantize.py")}}
 
 
 def run_folder(config: pytest.Config) -> Path | None:
