@@ -24,9 +24,9 @@ from kontext_trt.benchmarks.report import SCHEMA_VERSION
 from kontext_trt.benchmarks.system import system_info
 from kontext_trt.core import image as im
 from kontext_trt.core.errors import KontextError
+from kontext_trt.core.family import FLUX1_KONTEXT, family_named
 
 log = logging.getLogger(__name__)
-STAGES = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder")
 
 
 def check_loopback(url: str) -> None:
@@ -108,12 +108,14 @@ def run_entry(replies: list[dict], wall: float, warm: list[dict], concurrency: i
         raise KontextError(f"no edit succeeded at concurrency {concurrency} (statuses {dict(statuses)}): check the "
                            "server's log")
     steps = ok[0]["metadata"]["steps"]
+    # the stages of the server's model family (its images' metadata; a server from before it was recorded: FLUX.1)
+    stages = family_named(ok[0]["metadata"].get("family", FLUX1_KONTEXT.name)).stage_names
     stages_ms = {}
-    for stage in STAGES:
+    for stage in stages:
         per_call = [r["timings"][stage] / calls(stage, steps, r["batch"]) for r in ok if stage in r["timings"]]
         stages_ms[stage] = summarize([ms / 1e3 for ms in per_call] or [0.0])  # 0: every call answered from a cache
     e2e = summarize([r["seconds"] for r in ok])
-    breakdown = {name: float(np.mean([r["timings"].get(name, 0.0) for r in ok])) for name in ("queue", *STAGES)}
+    breakdown = {name: float(np.mean([r["timings"].get(name, 0.0) for r in ok])) for name in ("queue", *stages)}
     breakdown["other"] = max(0.0, e2e["mean"] - sum(breakdown.values()))
     tokens = (width // 16) * (height // 16)
     return {

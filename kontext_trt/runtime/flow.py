@@ -323,11 +323,12 @@ def edit_batch(k: Kontext, reqs: list[EditRequest], prompts: list[Prompt | None]
 
 
 def metadata(k: Kontext, req: EditRequest, width: int, height: int, cache: dict | None = None) -> dict:
-    """What produced an image: prompt, seed, steps, guidance, size, T5 text length, step cache, backend and
-    checkpoint."""
+    """What produced an image: prompt, seed, steps, guidance, size, text length, model family, step cache, backend
+    and checkpoint."""
     return {"prompts": req.prompts, "negative_prompt": req.negative_prompt, "true_cfg": req.true_cfg, "seed": req.seed,
             "steps": req.steps, "guidance": req.guidance, "width": width, "height": height,
             "auto_resize": req.auto_resize, "edited": req.image is not None, "text_length": k.config.text_length,
+            "family": k.config.family,
             **({"references": len(req.images)} if len(req.images) > 1 else {}),
             "cache": cache or uncached_report(req.steps), **k.info.to_dict()}
 

@@ -18,6 +18,7 @@ def test_bench_serve_writes_bench_results(served, tmp_path, capsys):
         assert run["load"]["statuses"] == {"200": 3} and run["iters"] == 3
         assert 0 < run["e2e_ms"]["p50"] <= run["e2e_ms"]["p99"] and run["images_per_s"] > 0
         assert run["stages_ms"]["transformer"]["p50"] > 0 and run["stages_ms"]["vae_encoder"]["p50"] > 0
+        assert list(run["stages_ms"]) == ["clip", "t5", "vae_encoder", "transformer", "vae_decoder"]
     assert results["runs"][1]["load"]["mean_server_batch"] > 1  # three at once share the server's window
     assert results["target"]["backend"] == "torch" and results["target"]["dtype"] == "fp32"
     assert "64x64 b1 c3" in (out / "results.md").read_text() and "64x64 b1 c3" in stdout
@@ -37,6 +38,8 @@ def test_bench_serve_without_steps_records_the_steps_the_server_ran(app_server, 
     assert code == 0, capsys.readouterr().err
     [run] = json.loads((out / "results.json").read_text())["runs"]
     assert run["steps"] == 4 and run["load"]["statuses"] == {"200": 1}
+    assert list(run["stages_ms"]) == ["text_encoder", "vae_encoder", "transformer", "vae_decoder"]  # klein's stages
+    assert run["stages_ms"]["text_encoder"]["p50"] > 0 and "text_encoder" in run["breakdown_ms"]
 
 
 def test_bench_serve_refuses_other_hosts_and_absent_servers(capsys):
