@@ -112,34 +112,32 @@ class Fp8AttnProcessor:
     """diffusers' FluxAttnProcessor (FLUX.1, 0.35 .. 0.42) with fp8_attention in place of
     scaled_dot_product_attention."""
 
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None,
-                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        if attention_mask is not None:
-            raise KontextError("FP8 attention takes no attention mask (Kontext's transformer passes none)")
-        projections = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        out = fp8_heads(*joint_qkv(attn, projections), attn, image_rotary_emb)
-        return joint_out(attn, out, encoder_hidden_states)
-
-
-class Fp8Flux2AttnProcessor:
-    """diffusers' Flux2AttnProcessor (FLUX.2 [klein]'s double blocks, 0.42) with fp8_attention in place of
-    dispatch_attention_fn."""
+    projections_module = "diffusers.models.transformers.transformer_flux"  # where its _get_qkv_projections lives
+    transformer = "Kontext's"  # how the mask refusal names the model
+    projects_lone_stream = False  # an image stream without text goes through to_out too
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
+        import importlib
 
         if attention_mask is not None:
-            raise KontextError("FP8 attention takes no attention mask (klein's transformer passes none)")
-        projections = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+            raise KontextError(f"FP8 attention takes no attention mask ({self.transformer} transformer passes none)")
+        projections = importlib.import_module(self.projections_module)._get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
         out = fp8_heads(*joint_qkv(attn, projections), attn, image_rotary_emb)
-        if encoder_hidden_states is None:  # unlike FLUX.1's, Flux2's processor projects a lone image stream too
+        if encoder_hidden_states is None and self.projects_lone_stream:
             return attn.to_out[1](attn.to_out[0](out))
         return joint_out(attn, out, encoder_hidden_states)
+
+
+class Fp8Flux2AttnProcessor(Fp8AttnProcessor):
+    """diffusers' Flux2AttnProcessor (FLUX.2 [klein]'s double blocks, 0.42) with fp8_attention in place of
+    dispatch_attention_fn: FLUX.1's but for its projections and, unlike FLUX.1's, a lone image stream projected too."""
+
+    projections_module = "diffusers.models.transformers.transformer_flux2"
+    transformer = "klein's"
+    projects_lone_stream = True
 
 
 class Fp8Flux2ParallelAttnProcessor:
