@@ -255,8 +255,11 @@ def default_steps(k: Kontext) -> int:
 def with_defaults(k: Kontext, req: EditRequest) -> EditRequest:
     """The request with what it left to the model family filled in: guidance (Family.default_guidance) and steps
     (default_steps)."""
-    filled = {**({} if req.guidance is not None else {"guidance": k.ops.family.default_guidance}),
-              **({} if req.steps is not None else {"steps": default_steps(k)})}
+    filled = {}
+    if req.guidance is None:
+        filled["guidance"] = k.ops.family.default_guidance
+    if req.steps is None:
+        filled["steps"] = default_steps(k)
     return replace(req, **filled) if filled else req
 
 
