@@ -24,6 +24,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-text", action="store_true", help="train the text encoders with the transformer")
     p.add_argument("--edit-weight", type=float, help="loss weight of the target tokens an edit changes (default 1: "
                    "all tokens alike; e.g. 4 to learn the edit itself faster)")
+    p.add_argument("--ema", type=float, help="end with the moving average of the transformer's weights over the "
+                   "steps, this decay per step (e.g. 0.999; default 0: the last step's weights)")
     p.set_defaults(func=run_train_shapes)
 
     p = sub.add_parser("eval", help="edit accuracy and untouched-region PSNR of a shapes model on held-out scenes")
@@ -58,7 +60,7 @@ def run_train_shapes(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out")
     check_seed(args.seed)
     changes = {"steps": args.steps, "lr": args.lr, "train_text": args.train_text or None,
-               "edit_weight": args.edit_weight}
+               "edit_weight": args.edit_weight, "ema": args.ema}
     recipe = replace(FlowRecipe(), **{k: v for k, v in changes.items() if v is not None})
     if recipe.steps < 1:
         raise KontextError(f"--steps {recipe.steps}: use 1 or more", "steps", "out_of_range")
@@ -67,6 +69,8 @@ def run_train_shapes(args: argparse.Namespace) -> int:
     if not recipe.edit_weight >= 1 or recipe.edit_weight == float("inf"):
         raise KontextError(f"--edit-weight {recipe.edit_weight}: use a finite weight of 1 or more, such as 4",
                            "edit_weight", "out_of_range")
+    if not 0 <= recipe.ema < 1:
+        raise KontextError(f"--ema {recipe.ema}: use a decay in [0, 1), such as 0.999", "ema", "out_of_range")
     if args.resume is not None and not all(path.is_file() for path in trained_files("shapes", args.resume)):
         raise KontextError(f"--resume {args.resume}: no shapes.json and shapes.safetensors there; give the --out of "
                            "an earlier `kontext-trt train shapes`", "resume", "not_found")

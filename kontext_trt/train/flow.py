@@ -20,7 +20,7 @@ from kontext_trt.core.timing import bar
 from kontext_trt.runtime.latents import latent_ids, pack_latents, text_ids
 from kontext_trt.runtime.schedule import ShiftConfig, shift_mu
 from kontext_trt.shapes.scenes import EDITS, Edit, make_edit, render
-from kontext_trt.train.optim import take_step
+from kontext_trt.train.optim import MovingAverage, take_step
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class FlowRecipe:
     warmup: int = 200
     train_text: bool = False  # also train the text encoders (their outputs for the 57 prompts, every step)
     edit_weight: float = 1.0  # loss weight of the target tokens an edit changes (1: every token alike)
+    ema: float = 0.0  # decay of the weights' exponential moving average the run ends with (0: the last step's)
 
 
 # A target token counts as changed by its edit when its packed latent differs from the context's by more than this
@@ -113,6 +114,7 @@ def train_transformer(model: nn.Module, data: EncodedEdits, prompt_table: Callab
     opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup) * (
         0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / recipe.steps)))))
+    average = MovingAverage(params, recipe.ema)
     model.train()
     for step in bar(range(recipe.steps), "training the transformer", unit="step"):
         pool = without if step % len(EDITS) == len(EDITS) - 1 else with_ctx
@@ -134,7 +136,11 @@ def train_transformer(model: nn.Module, data: EncodedEdits, prompt_table: Callab
         weight = token_weights(x0, data.context[pick], recipe.edit_weight if context else 1.0)
         loss = ((out - (noise - x0)).pow(2).mean(-1) * weight).sum() / weight.sum()
         take_step(loss, params, opt, sched)
+        average.update()
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == recipe.steps:
             log(f"transformer step {step + 1}/{recipe.steps}: loss {np.mean(losses[-100:]):.4f}")
+    average.copy_to_params()
+    if recipe.ema:
+        log(f"transformer: the weights are the moving average of the steps' (decay {recipe.ema})")
     model.eval()

@@ -12,3 +12,22 @@ def take_step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: torch.o
     opt.step()
     opt.zero_grad(set_to_none=True)
     sched.step()
+
+
+class MovingAverage:
+    """The exponential moving average of params over the optimizer's steps: after each step `update()`; at the end
+    `copy_to_params()` leaves the averaged weights in params. decay 0 keeps no copy and changes nothing."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
+        self.params, self.decay = params, decay
+        self.average = [p.detach().clone() for p in params] if decay else []
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for a, p in zip(self.average, self.params):
+            a.lerp_(p, 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for p, a in zip(self.params, self.average):
+            p.copy_(a)

@@ -66,6 +66,7 @@ def test_changed_tokenizers_refuse_the_trained_weights(tmp_path, monkeypatch):
     (["--lr", "nan"], "--lr nan: use a positive learning rate"),
     (["--edit-weight", "0.5"], "--edit-weight 0.5: use a finite weight of 1 or more"),
     (["--edit-weight", "nan"], "--edit-weight nan: use a finite weight of 1 or more"),
+    (["--ema", "1"], "--ema 1.0: use a decay in [0, 1)"),
     (["--resume", "."], "no shapes.json and shapes.safetensors there"),
 ])
 def test_bad_training_flags_fail_in_one_line_before_writing(flags, message, tmp_path, capsys):
@@ -88,3 +89,21 @@ def test_edit_weight_counts_the_changed_tokens_only():
     target[1, 2] += (CHANGED_TOKEN_MSE / 2) ** 0.5  # under the threshold: unchanged
     assert token_weights(target, context, 4.0).tolist() == [[1, 4, 1, 1], [1, 1, 1, 1]]
     assert token_weights(target, context, 1.0).tolist() == [[1, 1, 1, 1]] * 2  # weight 1: the plain mean
+
+
+def test_moving_average_ends_with_the_average_of_the_steps_weights():
+    from kontext_trt.train.optim import MovingAverage
+
+    weight = torch.nn.Parameter(torch.tensor([0.0, 4.0]))
+    average = MovingAverage([weight], 0.5)
+    for value in ([2.0, 0.0], [4.0, 8.0]):
+        weight.data = torch.tensor(value)
+        average.update()
+    average.copy_to_params()
+    assert weight.tolist() == [2.5, 5.0]  # 0.5 * (0.5 * start + 0.5 * step 1) + 0.5 * step 2
+    unchanged = torch.nn.Parameter(torch.tensor([1.0]))
+    off = MovingAverage([unchanged], 0.0)
+    unchanged.data = torch.tensor([3.0])
+    off.update()
+    off.copy_to_params()
+    assert unchanged.tolist() == [3.0]  # decay 0: the last step's weights
