@@ -89,10 +89,9 @@ def pick_api(root: Path, sku: Sku) -> trt_api.TrtApi:
     return next((api for api in installed if (Path(root) / sku.tag / api.folder).is_dir()), installed[0])
 
 
-def default_geometry(folder: Path) -> Geometry:
-    """The geometry an engine set covers if it covers anything: its opt size, batch at its low end, an edit when it
-    has a VAE encoder."""
-    manifest = cache.read_engine_manifest(folder)
+def default_geometry(manifest: cache.EngineManifest | None) -> Geometry:
+    """The geometry an engine set (its manifest) covers if it covers anything: its opt size, batch at its low end, an
+    edit when it has a VAE encoder."""
     build = manifest.build if manifest else {}
     width, height = profiles.opt_size(profiles.parse_sizes(build.get("static") or build.get("sizes") or "1024x1024"))
     edit = manifest is None or "vae_encoder" in manifest.stages
@@ -114,9 +113,10 @@ def select_engines(engines: Path, precision: str | None = None, sku: str = "auto
         raise KontextError(f"{gpu.name} cannot run {precision} engines: {refusal}: run {fallback} engines instead "
                            f"(--precision {fallback.split()[0]})", "precision", "gpu_mismatch")
     folder = cache.engine_folder(engines, chosen, api.folder, precision)
-    family = cache.set_family(cache.read_engine_manifest(folder))
+    manifest = cache.read_engine_manifest(folder)
+    family = cache.set_family(manifest)
     stages = family.engine_stages(split)
-    g = (geometry(family) if callable(geometry) else geometry) or default_geometry(folder)
+    g = (geometry(family) if callable(geometry) else geometry) or default_geometry(manifest)
     found = cache.find_engines(engines, chosen, api.folder, precision, g.width, g.height, g.batch, g.context, stages,
                                g.references)
     return EngineSet(gpu, api, precision, found, family, stages)

@@ -104,9 +104,10 @@ def warm_request(k: Kontext) -> EditRequest:
 
     if not k.info.backend.startswith("tensorrt"):
         return small_edit(k)
+    from kontext_trt.engines import cache
     from kontext_trt.engines.select import default_geometry
 
-    g = default_geometry(Path(k.info.source))
+    g = default_geometry(cache.read_engine_manifest(Path(k.info.source)))
     image = None if g.context is None else im.sample_image(*g.context)
     return EditRequest(prompts=["warm up"] * g.batch, image=image, width=g.width, height=g.height, steps=1,
                        auto_resize=False)

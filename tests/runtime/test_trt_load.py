@@ -30,7 +30,8 @@ def test_request_geometry():
 
 
 def test_default_geometry_is_the_sets_opt_edit(trt_engines):
-    assert es.default_geometry(trt_engines / "rtx4090-sm89" / API.folder / "fp32") == pl.Geometry(96, 64, 1, (96, 64))
+    manifest = cache.read_engine_manifest(trt_engines / "rtx4090-sm89" / API.folder / "fp32")
+    assert es.default_geometry(manifest) == pl.Geometry(96, 64, 1, (96, 64))
 
 
 def test_tokenizers_and_config_come_from_the_export(trt_manifest, tiny_ckpt, tmp_path):
