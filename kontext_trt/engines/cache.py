@@ -170,7 +170,7 @@ def _rebuild(root: Path, sku: Sku, flavor_version: str, precision: str, sizes: l
 
 def reference_count_refusal(family: Family, count: int) -> list[str]:
     """[why] when a request has more reference images than the family's engines are built for, else []."""
-    most = profiles.FAMILY_AXES[family.name].max_references
+    most = family.max_references
     return [f"{count} reference images, {family.label} engines take at most {most} (pass fewer --image)"] \
         if count > most else []
 

@@ -58,16 +58,15 @@ KLEIN_STAGE_AXES: dict[str, dict[str, tuple[str | int | None, ...]]] = {
 
 @dataclass(frozen=True)
 class FamilyAxes:
-    """What a family's profiles are made of: each stage's input axes, pixels per decoder latent cell (the h/w axes),
-    and how many reference images an edit adds to the transformer's tokens (the L axis)."""
+    """What a family's profiles are made of: each stage's input axes and pixels per decoder latent cell (the h/w
+    axes). How many reference images an edit adds to the transformer's tokens (the L axis) is the family's own
+    max_references."""
 
     stage_axes: dict[str, dict[str, tuple[str | int | None, ...]]]
     latent_cell: int
-    max_references: int
 
 
-FAMILY_AXES = {FLUX1_KONTEXT.name: FamilyAxes(STAGE_AXES, 8, FLUX1_KONTEXT.max_references),
-               FLUX2_KLEIN.name: FamilyAxes(KLEIN_STAGE_AXES, 16, FLUX2_KLEIN.max_references)}
+FAMILY_AXES = {FLUX1_KONTEXT.name: FamilyAxes(STAGE_AXES, 8), FLUX2_KLEIN.name: FamilyAxes(KLEIN_STAGE_AXES, 16)}
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ def token_ranges(shapes: Shapes, family: Family = FLUX1_KONTEXT) -> dict[str, Ra
     """(min, opt, max) tokens for the target, the context (0: text-to-image; up to the family's most references, each
     at most the largest size) and both together (the L axis); opt is an edit from one reference of the opt size."""
     counts = [tokens(*s) for s in shapes.sizes]
-    opt, refs = tokens(*opt_size(shapes.sizes)), FAMILY_AXES[family.name].max_references
+    opt, refs = tokens(*opt_size(shapes.sizes)), family.max_references
     if shapes.static:
         return {"target": (opt, opt, opt), "context": (opt, opt, refs * opt),
                 "total": (2 * opt, 2 * opt, (1 + refs) * opt)}
