@@ -24,8 +24,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-text", action="store_true", help="train the text encoders with the transformer")
     p.add_argument("--edit-weight", type=float, help="loss weight of the target tokens an edit changes (default 1: "
                    "all tokens alike; e.g. 4 to learn the edit itself faster)")
-    p.add_argument("--ema", type=float, help="end with the moving average of the transformer's weights over the "
-                   "steps, this decay per step (e.g. 0.999; default 0: the last step's weights)")
+    p.add_argument("--ema", type=float, help="end with the moving average of the trained weights (transformer, and "
+                   "text encoders with --train-text) over the steps, this decay per step (e.g. 0.999; default 0: the "
+                   "last step's weights)")
     p.set_defaults(func=run_train_shapes)
 
     p = sub.add_parser("eval", help="edit accuracy and untouched-region PSNR of a shapes model on held-out scenes")

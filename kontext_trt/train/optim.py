@@ -1,4 +1,5 @@
-"""The optimizer step both trainings take (VAE and transformer)."""
+"""The optimizer step both trainings take (VAE and transformer), and the moving average of the weights a run may
+end with."""
 from __future__ import annotations
 
 import torch
